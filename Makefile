@@ -1,0 +1,33 @@
+# `make demo` runs the main job on the embedded default config; `make test` runs the suite.
+# Both create/refresh .venv; a stamp file keeps a second run from reinstalling anything.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+EXTRAS ?= dev,8bit,deepspeed
+export TRITON_INTERPRET ?= 1
+
+.PHONY: demo test venv clean
+
+venv: $(VENV)/.installed
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first: the CPU wheel; everything after it is installed under a constraint that pins it.
+$(VENV)/.torch: | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch setup.py constraints.txt
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: venv
+	$(PY) -m fastnabla.train --config configs/toy2d.yaml --output-dir runs/toy2d $(ARGS)
+
+test: venv
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

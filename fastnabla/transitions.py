@@ -1,0 +1,285 @@
+"""Per-transition coefficients of diffusers samplers (ALGORITHM §2).
+
+Every sampler fastnabla trains through has a Gaussian transition whose mean is affine in the current state x and
+the network output ``out``::
+
+    μ  = coef_x · x + coef_out · out          x' = μ + std · z,  z ~ N(0, I)
+    x̂0 = x0_coef_x · x + x0_coef_out · out    (the predicted clean sample)
+
+so one set of per-transition scalars describes the sampler and everything downstream (the loss, the kernels,
+the trainer) is sampler-agnostic. ``transition_coefficients`` reads those scalars off a diffusers scheduler
+after ``set_timesteps``; the tests check that ``μ + std·z`` equals the scheduler's own ``step(...)``.
+
+Supported: ``DDIMScheduler`` (η > 0 for training; η = 0 gives std = 0), ``DDPMScheduler`` (fixed_small,
+fixed_small_log and fixed_large variances) and first-order ``sde-dpmsolver++``
+(``DPMSolverMultistepScheduler``/``DPMSolverSinglestepScheduler`` with ``solver_order=1``), each with ε-, v- or
+sample-prediction. Everything is computed in float64 and cast at the end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+
+__all__ = ["TransitionCoefficients", "transition_coefficients"]
+
+_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class TransitionCoefficients:
+    """Per-transition scalars, each a (B,) tensor (see the module docstring for their meaning).
+
+    ``alpha_prod`` is ᾱ at the transition's start state x, ``alpha_prod_next`` ᾱ at its end state x' (1 for a
+    clean sample when the scheduler's convention says so). ``inv_var`` = 1/std² (inf where std = 0).
+    """
+
+    coef_x: torch.Tensor
+    coef_out: torch.Tensor
+    std: torch.Tensor
+    x0_coef_x: torch.Tensor
+    x0_coef_out: torch.Tensor
+    alpha_prod: torch.Tensor
+    alpha_prod_next: torch.Tensor
+
+    @property
+    def inv_var(self) -> torch.Tensor:
+        return 1.0 / (self.std * self.std)
+
+    def to(self, *args, **kwargs) -> "TransitionCoefficients":
+        return TransitionCoefficients(**{f.name: getattr(self, f.name).to(*args, **kwargs) for f in fields(self)})
+
+    def __getitem__(self, index) -> "TransitionCoefficients":
+        return TransitionCoefficients(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def mean(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """μ = coef_x·x + coef_out·out, broadcasting the (B,) scalars over the sample dims."""
+        return _bcast(self.coef_x, x) * x + _bcast(self.coef_out, x) * out
+
+    def pred_x0(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x̂0 = x0_coef_x·x + x0_coef_out·out."""
+        return _bcast(self.x0_coef_x, x) * x + _bcast(self.x0_coef_out, x) * out
+
+    def step(self, x: torch.Tensor, out: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x' = μ + std·z (z = ``noise``; the mean alone when ``noise`` is None)."""
+        mu = self.mean(x, out)
+        return mu if noise is None else mu + _bcast(self.std, x) * noise
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def _as_timesteps(timesteps) -> torch.Tensor:
+    if isinstance(timesteps, torch.Tensor):
+        t = timesteps.detach().reshape(-1)
+    elif isinstance(timesteps, (int, float)):
+        t = torch.tensor([timesteps])
+    elif isinstance(timesteps, Sequence):
+        t = torch.as_tensor(list(timesteps))
+    else:
+        raise ValueError(f"timesteps must be an int, a sequence or a 1-D tensor, got {type(timesteps).__name__}")
+    if t.is_floating_point():
+        if not torch.equal(t, t.round()):
+            raise ValueError("timesteps must be integers (the scheduler's discrete timesteps)")
+    return t.to("cpu", torch.long)
+
+
+def _check_common(scheduler) -> None:
+    cfg = scheduler.config
+    name = type(scheduler).__name__
+    if getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError(f"{name}: set_timesteps was not called; call scheduler.set_timesteps(num_steps) first")
+    if cfg.get("clip_sample", False):
+        raise ValueError(
+            f"{name}: clip_sample=True makes the transition mean non-affine in the model output; "
+            "create the scheduler with clip_sample=False"
+        )
+    if cfg.get("thresholding", False):
+        raise ValueError(
+            f"{name}: thresholding=True makes the transition mean non-affine in the model output; "
+            "create the scheduler with thresholding=False"
+        )
+    pt = cfg.get("prediction_type", "epsilon")
+    if pt not in _PREDICTION_TYPES:
+        raise ValueError(f"{name}: prediction_type={pt!r} is not supported; use one of {_PREDICTION_TYPES}")
+    vt = cfg.get("variance_type", None)
+    if vt in ("learned", "learned_range"):
+        raise ValueError(f"{name}: variance_type={vt!r} (a learned variance) is not supported; use a fixed variance")
+
+
+def _x0_and_eps_coefs(pred_type: str, a: torch.Tensor, s: torch.Tensor):
+    """x̂0 and ε̂ as affine maps of (x, out) given x = a·x0 + s·ε (a = √ᾱ, s = √(1−ᾱ) for DDPM-style)."""
+    if pred_type == "epsilon":
+        x0 = (1.0 / a, -s / a)
+        eps = (torch.zeros_like(a), torch.ones_like(a))
+    elif pred_type == "sample":
+        x0 = (torch.zeros_like(a), torch.ones_like(a))
+        eps = (1.0 / s, -a / s)
+    else:  # v_prediction, with a² + s² = 1
+        x0 = (a, -s)
+        eps = (s, a)
+    return x0, eps
+
+
+def _position(scheduler, t: torch.Tensor) -> torch.Tensor:
+    """Index of each timestep in ``scheduler.timesteps`` (clear error for a timestep not in the schedule)."""
+    sched_t = scheduler.timesteps.detach().to("cpu").reshape(-1)
+    if sched_t.is_floating_point():
+        sched_t = sched_t.round()
+    sched_t = sched_t.long()
+    if torch.unique(sched_t).numel() != sched_t.numel():
+        raise ValueError(f"{type(scheduler).__name__}: the schedule repeats a timestep; the transition is ambiguous")
+    match = t.view(-1, 1) == sched_t.view(1, -1)
+    found = match.any(dim=1)
+    if not bool(found.all()):
+        bad = t[~found][:4].tolist()
+        raise ValueError(f"timesteps {bad} are not in the scheduler's schedule (scheduler.timesteps)")
+    return match.float().argmax(dim=1)
+
+
+def _ddim(scheduler, t: torch.Tensor, eta: float):
+    cfg = scheduler.config
+    ac = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
+    if bool(((t < 0) | (t >= ac.numel())).any()):
+        raise ValueError(f"timesteps must lie in [0, {ac.numel() - 1}]")
+    prev = t - cfg.num_train_timesteps // scheduler.num_inference_steps
+    final = float(scheduler.final_alpha_cumprod)
+    a_t = ac[t]
+    a_p = torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.full_like(a_t, final))
+    var = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+    std = eta * var.clamp(min=0).sqrt()
+    dir2 = 1 - a_p - std**2
+    if bool((dir2 < -1e-12).any()):
+        raise ValueError(f"eta={eta} is too large: the DDIM direction term 1 − ᾱ' − σ² is negative; use 0 < eta ≤ 1")
+    c = dir2.clamp(min=0).sqrt()
+    (x0x, x0o), (ex, eo) = _x0_and_eps_coefs(cfg.prediction_type, a_t.sqrt(), (1 - a_t).sqrt())
+    coef_x = a_p.sqrt() * x0x + c * ex
+    coef_out = a_p.sqrt() * x0o + c * eo
+    return coef_x, coef_out, std, x0x, x0o, a_t, a_p
+
+
+def _ddpm(scheduler, t: torch.Tensor, eta: float):
+    cfg = scheduler.config
+    if eta != 1.0:
+        raise ValueError("DDPMScheduler has no eta (its variance is fixed by variance_type); pass eta=1.0")
+    vt = cfg.variance_type
+    if vt not in ("fixed_small", "fixed_small_log", "fixed_large"):
+        raise ValueError(f"DDPMScheduler variance_type={vt!r} is not supported")
+    ac = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
+    pos = _position(scheduler, t)
+    sched_t = scheduler.timesteps.detach().to("cpu").long()
+    n = sched_t.numel()
+    # diffusers' own convention: the step after the last one lands on ᾱ = 1 (a clean sample, no noise).
+    prev = torch.where(pos < n - 1, sched_t[(pos + 1).clamp(max=n - 1)], torch.full_like(t, -1))
+    a_t = ac[t]
+    a_p = torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.ones_like(a_t))
+    alpha_cur = a_t / a_p
+    beta_cur = 1 - alpha_cur
+    (x0x, x0o), _ = _x0_and_eps_coefs(cfg.prediction_type, a_t.sqrt(), (1 - a_t).sqrt())
+    c0 = a_p.sqrt() * beta_cur / (1 - a_t)  # weight of x̂0
+    cx = alpha_cur.sqrt() * (1 - a_p) / (1 - a_t)  # weight of x
+    coef_x = cx + c0 * x0x
+    coef_out = c0 * x0o
+    if vt.startswith("fixed_small"):
+        # zero at the last step (ᾱ' = 1); diffusers clamps it to 1e-20, a numerical zero.
+        var = (1 - a_p) / (1 - a_t) * beta_cur
+    else:
+        var = beta_cur
+    std = var.clamp(min=0).sqrt()
+    std = torch.where(t <= 0, torch.zeros_like(std), std)  # diffusers adds no noise at t = 0
+    return coef_x, coef_out, std, x0x, x0o, a_t, a_p
+
+
+def _dpm_sde(scheduler, t: torch.Tensor, eta: float):
+    cfg = scheduler.config
+    name = type(scheduler).__name__
+    if cfg.algorithm_type != "sde-dpmsolver++":
+        raise ValueError(
+            f"{name} algorithm_type={cfg.algorithm_type!r} is deterministic (no transition density to train); "
+            "use algorithm_type='sde-dpmsolver++' with solver_order=1"
+        )
+    if cfg.solver_order != 1:
+        raise ValueError(
+            f"{name} solver_order={cfg.solver_order}: higher-order steps depend on earlier outputs, so the "
+            "transition is not affine in the current output; use solver_order=1"
+        )
+    if cfg.get("use_flow_sigmas", False):
+        raise ValueError(f"{name}: use_flow_sigmas=True is not supported")
+    if eta != 1.0:
+        raise ValueError(f"{name} has no eta parameter; pass eta=1.0")
+    pos = _position(scheduler, t)
+    sig = scheduler.sigmas.detach().to("cpu", torch.float64)
+    s_s, s_t = sig[pos], sig[pos + 1]
+
+    def alpha_sigma(s):
+        alpha = 1.0 / (s**2 + 1).sqrt()
+        return alpha, s * alpha
+
+    al_s, sg_s = alpha_sigma(s_s)
+    al_t, sg_t = alpha_sigma(s_t)
+    # e^{-h} with h = λ_t − λ_s, λ = log(α/σ): a ratio, so the final step (σ_t = 0) gives exactly 0.
+    e = (sg_t / al_t) / (sg_s / al_s)
+    (x0x, x0o), _ = _x0_and_eps_coefs(cfg.prediction_type, al_s, sg_s)
+    w0 = al_t * (1 - e**2)
+    coef_x = sg_t / sg_s * e + w0 * x0x
+    coef_out = w0 * x0o
+    std = sg_t * (1 - e**2).clamp(min=0).sqrt()
+    return coef_x, coef_out, std, x0x, x0o, al_s**2, al_t**2
+
+
+_HANDLERS = {
+    "DDIMScheduler": _ddim,
+    "DDPMScheduler": _ddpm,
+    "DPMSolverMultistepScheduler": _dpm_sde,
+    "DPMSolverSinglestepScheduler": _dpm_sde,
+}
+
+
+def transition_coefficients(
+    scheduler,
+    timesteps,
+    eta: float = 1.0,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> TransitionCoefficients:
+    """Per-transition coefficients of ``scheduler``'s step from each of ``timesteps`` (ALGORITHM §2/§4).
+
+    Args:
+        scheduler: a diffusers DDIM/DDPM/first-order SDE-DPM-Solver++ scheduler after ``set_timesteps``.
+        timesteps: (B,) tensor, list or int; the timestep τ_k each transition starts from (may differ per
+            sample).
+        eta: DDIM noise level (η = 1 is DDPM's posterior); must be 1.0 for the other schedulers.
+        dtype, device: of the returned tensors (computed in float64 on the CPU).
+
+    Returns:
+        ``TransitionCoefficients`` with (B,) fields; ``c.step(x, out, z)`` equals
+        ``scheduler.step(out, t, x, eta=eta, variance_noise=z).prev_sample``.
+
+    A deterministic transition (η = 0, or DDPM's last step) comes back with std = 0: fine for sampling, refused
+    by ``residual_db_loss`` (its inv_var is infinite).
+    """
+    cls = type(scheduler).__name__
+    handler = next((h for n, h in _HANDLERS.items() if any(c.__name__ == n for c in type(scheduler).__mro__)), None)
+    if handler is None:
+        raise ValueError(
+            f"unsupported scheduler class {cls}; supported: DDIMScheduler, DDPMScheduler, "
+            "DPMSolverMultistepScheduler/DPMSolverSinglestepScheduler (algorithm_type='sde-dpmsolver++', "
+            "solver_order=1)"
+        )
+    if not (isinstance(eta, (int, float)) and eta >= 0 and eta == eta):
+        raise ValueError(f"eta must be a number ≥ 0, got {eta!r}")
+    _check_common(scheduler)
+    if device is None:
+        device = timesteps.device if isinstance(timesteps, torch.Tensor) else "cpu"
+    t = _as_timesteps(timesteps)
+    vals = handler(scheduler, t, float(eta))
+    names = ("coef_x", "coef_out", "std", "x0_coef_x", "x0_coef_out", "alpha_prod", "alpha_prod_next")
+    out = {}
+    for n, v in zip(names, vals):
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{cls}: non-finite {n} for timesteps {t.tolist()[:8]}; check the scheduler config")
+        out[n] = v.to(device=device, dtype=dtype)
+    return TransitionCoefficients(**out)

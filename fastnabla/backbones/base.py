@@ -1,0 +1,93 @@
+"""The one interface the trainer talks to. A backbone owns the networks, the scheduler and the decoder.
+
+The trainer never touches a UNet, a VAE or a text encoder directly: it asks the backbone for
+
+- ``encode(prompts)``: the conditioning of a batch (None for an unconditional backbone);
+- ``sample_noise(n, generator)``: x_0 ~ N(0, I) in the backbone's state space, shape (n, *sample_shape);
+- ``policy(x, t, cond)``: the finetuned network's output at (x, t), classifier-free guidance applied when the
+  backbone is conditional; differentiable w.r.t. x and the policy parameters;
+- ``reference(x, t, cond)``: the pretrained network's output at (x, t) (guidance applied), without gradients;
+- ``flow(x, t, cond)``: the residual flow-score network g_φ(x, t, c), same shape as x; differentiable;
+- ``decode(x)``: the clean state → what the reward scores (images in [0, 1] for SD, 2-D points for toy2d);
+  differentiable w.r.t. x;
+- ``policy_parameters()`` / ``flow_parameters()``: the two trainable parameter groups;
+- ``trainable_state_dict()`` / ``load_trainable_state_dict(sd)``: what a checkpoint stores;
+- ``save_pretrained(directory)``: the finetuned weights in the backbone's native format (SD: a diffusers LoRA).
+
+``t`` is always a (B,) long tensor of the scheduler's timesteps (per-sample timesteps are allowed). All tensors
+live on ``self.device``; ``x`` is float32 in the trainer, the backbone casts to its weights' dtype inside.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+
+class Backbone(nn.Module):
+    """Base class of the backbones (see the module docstring for the contract)."""
+
+    #: shape of one state x, e.g. (2,) for toy2d, (4, 64, 64) for SD1.5 at 512×512.
+    sample_shape: tuple
+    #: whether ``encode`` returns a conditioning (and ``policy``/``reference`` apply CFG).
+    conditional: bool = False
+    #: the diffusers scheduler, ``set_timesteps`` already called with the sampling step count.
+    scheduler: Any
+    #: DDIM η used for sampling and for the transition coefficients.
+    eta: float = 1.0
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    # --- conditioning -------------------------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str]) -> Optional[torch.Tensor]:
+        return None
+
+    # --- networks -----------------------------------------------------------------------------------------------
+    def sample_noise(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return torch.randn((n, *self.sample_shape), generator=generator, device="cpu").to(self.device)
+
+    def policy(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reference(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def flow(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    # --- parameters and saving ----------------------------------------------------------------------------------
+    def policy_parameters(self) -> Iterable[nn.Parameter]:
+        raise NotImplementedError
+
+    def flow_parameters(self) -> Iterable[nn.Parameter]:
+        raise NotImplementedError
+
+    def trainable_state_dict(self) -> dict:
+        """Policy and flow trainables only (what a checkpoint needs), keyed by parameter name."""
+        names = {id(p) for p in list(self.policy_parameters()) + list(self.flow_parameters())}
+        return {k: v.detach().clone() for k, v in self.named_parameters() if id(v) in names}
+
+    def load_trainable_state_dict(self, state: dict) -> None:
+        params = dict(self.named_parameters())
+        missing = [k for k in self.trainable_state_dict() if k not in state]
+        if missing:
+            raise ValueError(f"checkpoint lacks trainable parameters {missing[:3]}…; was it saved by another model?")
+        with torch.no_grad():
+            for k, v in state.items():
+                if k not in params:
+                    raise ValueError(f"checkpoint has parameter {k!r} that this model does not; wrong model config?")
+                if params[k].shape != v.shape:
+                    raise ValueError(f"checkpoint parameter {k!r} has shape {tuple(v.shape)}, model expects "
+                                     f"{tuple(params[k].shape)}")
+                params[k].copy_(v)
+
+    def save_pretrained(self, directory: str) -> None:
+        torch.save(self.trainable_state_dict(), f"{directory}/trainables.pt")

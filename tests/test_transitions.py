@@ -1,0 +1,170 @@
+"""transition_coefficients against diffusers' own scheduler steps (float64 schedulers, so diffusers itself is exact)."""
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerDiscreteScheduler,
+)
+
+from fastnabla import transition_coefficients
+
+PRED = ["epsilon", "v_prediction", "sample"]
+
+
+def _f64(s):
+    """Make diffusers do its scalar math in float64 too (its float32 scalars cost ~1e-4 near t = 0)."""
+    s.alphas_cumprod = s.alphas_cumprod.double()
+    if hasattr(s, "final_alpha_cumprod"):
+        s.final_alpha_cumprod = torch.as_tensor(s.final_alpha_cumprod).double()
+    return s
+
+
+def ddim(pt, **kw):
+    cfg = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+               set_alpha_to_one=False, steps_offset=1, prediction_type=pt)
+    cfg.update(kw)
+    return DDIMScheduler(**cfg)
+
+
+def _pick(s):
+    ts = s.timesteps
+    return [int(ts[0]), int(ts[1]), int(ts[len(ts) // 2]), int(ts[-2]), int(ts[-1])]
+
+
+def _data(b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, 3, 4, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+@pytest.mark.parametrize("pt", PRED)
+@pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
+def test_ddim_matches_step_and_x0(pt, eta):
+    s = _f64(ddim(pt))
+    s.set_timesteps(50)
+    for t in _pick(s):
+        x, out, z = _data(2, seed=t)
+        c = transition_coefficients(s, torch.tensor([t, t]), eta=eta, dtype=torch.float64)
+        ref = s.step(out, t, x, eta=eta, variance_noise=z)
+        assert _rel(c.step(x, out, z), ref.prev_sample) <= 1e-5, (t, pt, eta)
+        assert _rel(c.pred_x0(x, out), ref.pred_original_sample) <= 1e-5
+        if eta == 0.0:
+            assert bool((c.std == 0).all())
+
+
+def test_ddim_per_sample_mixed_timesteps_first_and_last():
+    s = _f64(ddim("epsilon"))
+    s.set_timesteps(50)
+    ts = [int(s.timesteps[0]), int(s.timesteps[17]), int(s.timesteps[-1]), int(s.timesteps[3])]
+    x, out, z = _data(len(ts), seed=3)
+    c = transition_coefficients(s, torch.tensor(ts), eta=1.0, dtype=torch.float64)
+    mine = c.step(x, out, z)
+    for i, t in enumerate(ts):
+        ref = s.step(out[i : i + 1], t, x[i : i + 1], eta=1.0, variance_noise=z[i : i + 1]).prev_sample
+        assert _rel(mine[i : i + 1], ref) <= 1e-5
+    # ALGORITHM §2's closed form for DDIM ε-prediction
+    ac = s.alphas_cumprod
+    t = torch.tensor(ts)
+    a, ap = ac[t], torch.where(t - 20 >= 0, ac[(t - 20).clamp(min=0)], ac[0])
+    var = (1 - ap) / (1 - a) * (1 - a / ap)
+    assert torch.allclose(c.std, var.sqrt(), rtol=1e-12)
+    assert torch.allclose(c.coef_x, ap.sqrt() / a.sqrt(), rtol=1e-12)
+    assert torch.allclose(c.coef_out, (1 - ap - var).sqrt() - ap.sqrt() * (1 - a).sqrt() / a.sqrt(), rtol=1e-10)
+    assert torch.allclose(c.alpha_prod, a) and torch.allclose(c.alpha_prod_next, ap)
+
+
+def test_ddim_set_alpha_to_one_last_step_is_deterministic():
+    s = ddim("epsilon", set_alpha_to_one=True, steps_offset=0)
+    s.set_timesteps(10)
+    c = transition_coefficients(s, s.timesteps, eta=1.0)
+    assert float(c.std[-1]) == 0.0 and bool((c.std[:-1] > 0).all())
+
+
+@pytest.mark.parametrize("pt", PRED)
+@pytest.mark.parametrize("vt", ["fixed_small", "fixed_small_log", "fixed_large"])
+def test_ddpm_matches_step(pt, vt):
+    s = _f64(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                           prediction_type=pt, variance_type=vt))
+    s.one = torch.tensor(1.0, dtype=torch.float64)
+    s.set_timesteps(50)
+    for t in _pick(s):
+        x, out, _ = _data(2, seed=t)
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        ref = s.step(out, t, x, generator=torch.Generator().manual_seed(7))
+        c = transition_coefficients(s, [t, t], dtype=torch.float64)
+        assert _rel(c.step(x, out, z), ref.prev_sample) <= 1e-5, (t, pt, vt)
+        assert _rel(c.pred_x0(x, out), ref.pred_original_sample) <= 1e-5
+    # DDPM's own final-alpha convention: the last step lands on ᾱ = 1 with no noise (fixed_small)
+    c = transition_coefficients(s, s.timesteps[-1:])
+    assert float(c.alpha_prod_next[0]) == 1.0
+    if vt != "fixed_large":
+        assert float(c.std[0]) == 0.0
+
+
+@pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler])
+@pytest.mark.parametrize("pt", PRED)
+def test_sde_dpmsolver_first_order_matches_step(cls, pt):
+    s = cls(algorithm_type="sde-dpmsolver++", solver_order=1, prediction_type=pt, lower_order_final=True)
+    s.set_timesteps(20)
+    s.sigmas = s.sigmas.double()
+    for i in [0, 1, 10, len(s.timesteps) - 1]:
+        t = int(s.timesteps[i])
+        x, out, _ = _data(2, seed=i)
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        s._step_index = i
+        if cls is DPMSolverMultistepScheduler:
+            s.lower_order_nums = 0
+            ref = s.step(out, t, x, variance_noise=z).prev_sample
+        else:
+            ref = s.step(out, t, x, generator=torch.Generator().manual_seed(5)).prev_sample
+        c = transition_coefficients(s, [t, t], dtype=torch.float64)
+        # the multistep scheduler upcasts to float32 internally, so compare at float32 precision there
+        tol = 1e-5
+        assert _rel(c.step(x, out, z), ref.double()) <= tol, (i, pt)
+        s._step_index = i
+        x0 = s.convert_model_output(out, sample=x)
+        assert _rel(c.pred_x0(x, out), x0.double()) <= tol
+    c = transition_coefficients(s, s.timesteps[-1:])
+    assert float(c.std[0]) == 0.0  # final_sigmas_type='zero': the last step is deterministic
+
+
+def test_errors():
+    s = ddim("epsilon")
+    with pytest.raises(ValueError, match="set_timesteps"):
+        transition_coefficients(s, [981])
+    s = ddim("epsilon", clip_sample=True)
+    s.set_timesteps(10)
+    with pytest.raises(ValueError, match="clip_sample"):
+        transition_coefficients(s, [901])
+    s = ddim("epsilon", thresholding=True)
+    s.set_timesteps(10)
+    with pytest.raises(ValueError, match="thresholding"):
+        transition_coefficients(s, [901])
+    e = EulerDiscreteScheduler()
+    e.set_timesteps(10)
+    with pytest.raises(ValueError, match="unsupported scheduler class EulerDiscreteScheduler"):
+        transition_coefficients(e, [999])
+    d = DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)
+    d.set_timesteps(10)
+    with pytest.raises(ValueError, match="solver_order"):
+        transition_coefficients(d, [int(d.timesteps[0])])
+    d = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=1)
+    d.set_timesteps(10)
+    with pytest.raises(ValueError, match="deterministic"):
+        transition_coefficients(d, [int(d.timesteps[0])])
+    p = DDPMScheduler(clip_sample=False)
+    p.set_timesteps(10)
+    with pytest.raises(ValueError, match="not in the scheduler's schedule"):
+        transition_coefficients(p, [5])
+    s = ddim("epsilon")
+    s.set_timesteps(10)
+    with pytest.raises(ValueError, match="eta"):
+        transition_coefficients(s, [901], eta=-1.0)
+    with pytest.raises(ValueError, match="eta=3.0 is too large"):
+        transition_coefficients(s, [901], eta=3.0)

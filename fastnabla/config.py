@@ -1,0 +1,373 @@
+"""Run configuration: dataclasses, YAML loading, dotted CLI overrides, aliases, one validation pass.
+
+A config is YAML with the sections ``model reward prompts sampling gfn train eval logging checkpoint`` plus a
+top-level ``seed``. Overrides are ``key=value`` with dotted keys and YAML values
+(``reward.center=[1.0,0.5] gfn.reward_scale=2.0 seed=3``). The reference implementation's option names are
+accepted as aliases (e.g. ``unet_reg_scale`` → ``gfn.trust_region_scale``), at the top level or in their
+section. Every problem raises ``ConfigError`` with one line naming the key and the fix; the CLI exits 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "load_config", "config_to_dict", "ALIASES"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line that names the key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "toy2d"  # toy2d | sd
+    # --- Stable Diffusion -------------------------------------------------------------------------------------
+    pretrained: Optional[str] = None  # local diffusers directory or hub id
+    revision: Optional[str] = None
+    dtype: str = "fp32"  # weights of the frozen parts: fp32 | bf16 | fp16 (trainables are always fp32)
+    lora_rank: int = 8  # 0 = full finetuning of the UNet
+    lora_alpha: Optional[float] = None  # default: = lora_rank
+    lora_target_modules: list = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    attention: str = "sdpa"  # sdpa | xformers
+    resolution: int = 512
+    flow_channels: list = field(default_factory=lambda: [64, 128, 256, 256])
+    flow_text_conditioning: Optional[bool] = None  # None: on iff the reward reads prompts
+    # --- toy2d ------------------------------------------------------------------------------------------------
+    grid: list = field(default_factory=lambda: [-2.0, 0.0, 2.0])  # mixture means: grid × grid
+    component_std: float = 0.25
+    weights: Optional[list] = None  # mixture weights (default equal)
+    hidden: int = 128  # width of the residual policy MLP and of the flow MLP
+    layers: int = 3
+
+
+@dataclass
+class RewardConfig:
+    name: str = "gaussian_bump"
+    center: list = field(default_factory=lambda: [1.0, 0.5])  # gaussian_bump
+    width: float = 1.0  # gaussian_bump
+    model: Optional[str] = None  # CLIP/PickScore/HPS weights: local path or hub id
+    head: Optional[str] = None  # aesthetic MLP checkpoint file
+    processor: Optional[str] = None
+    weights: Optional[dict] = None  # combo: {name: weight}
+    options: dict = field(default_factory=dict)  # extra options passed to the reward factory
+    checkpointing: bool = False  # activation checkpointing of the reward model
+    vae_checkpointing: bool = False  # activation checkpointing of the VAE decode
+    micro_batch: int = 0  # reward-gradient micro-batch (0 = whole batch)
+
+
+@dataclass
+class PromptsConfig:
+    train: str = "simple_animals"  # built-in set name, or a .txt/.json/.csv file
+    eval: Optional[str] = None  # default: the training set
+    column: Optional[str] = None  # csv column
+    num_eval: int = 16
+    eval_seed: int = 1234
+
+
+@dataclass
+class SamplingConfig:
+    scheduler: str = "ddim"  # ddim | ddpm | sde-dpmsolver++
+    num_steps: int = 50
+    eta: float = 1.0
+    guidance_scale: float = 5.0
+    batch_size: int = 256  # trajectories per sampling batch (per device)
+    num_batches: int = 1  # sampling batches per epoch (per device)
+
+
+@dataclass
+class GFNConfig:
+    reward_scale: float = 1.0  # β
+    pretrained_strength: float = 1.0  # λ
+    timestep_fraction: float = 0.1
+    low_var_subsampling: bool = True
+    reverse_scale: float = 1.0
+    trust_region_scale: float = 0.0
+    terminal_scale: float = 1.0
+    no_flow: bool = False
+    reward_adaptive_mode: str = "squared"  # squared | sqrt | none
+    reward_grad_through_model: bool = True
+    sample_lag: int = 1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 0  # transitions per micro-batch (0 = all trained transitions of the epoch at once)
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-3  # policy
+    weight_decay: float = 1e-4
+    flow_lr: float = 1e-3
+    flow_weight_decay: float = 1e-2
+    flow_warmup_updates: int = 0  # updates during which the flow net's lr ramps linearly from 0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    max_grad_norm: float = 1.0  # per parameter group; 0 = off
+    optimizer: str = "adamw"  # adamw | adamw8bit | lion8bit
+    gradient_checkpointing: bool = False
+    max_bad_steps: int = 10
+    deepspeed: Optional[str] = None  # path of a DeepSpeed JSON config
+    backend: str = "auto"  # residual_db_loss backend
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10  # epochs; 0 = only at the end
+    num_samples: int = 4096
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True
+    plots: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50  # epochs; 0 = only at the end and on signals
+    keep_last: int = 3
+    resume_from: Optional[str] = None  # a checkpoint directory, or "latest"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    gfn: GFNConfig = field(default_factory=GFNConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 0
+    output_dir: str = "runs/default"
+
+
+SECTIONS = ("model", "reward", "prompts", "sampling", "gfn", "train", "eval", "logging", "checkpoint")
+
+#: the reference implementation's names → ours (accepted at the top level or inside their section)
+ALIASES = {
+    "reward_scale": "gfn.reward_scale",
+    "timestep_fraction": "gfn.timestep_fraction",
+    "low_var_subsampling": "gfn.low_var_subsampling",
+    "reverse_loss_scale": "gfn.reverse_scale",
+    "pretrained_strength": "gfn.pretrained_strength",
+    "unet_reg_scale": "gfn.trust_region_scale",
+    "no_flow": "gfn.no_flow",
+    "reward_adaptive_mode": "gfn.reward_adaptive_mode",
+    "gfn.reverse_loss_scale": "gfn.reverse_scale",
+    "gfn.unet_reg_scale": "gfn.trust_region_scale",
+}
+
+
+def _all_keys() -> list[str]:
+    keys = ["seed", "output_dir"]
+    for s in SECTIONS:
+        keys += [f"{s}.{f.name}" for f in dataclasses.fields(getattr(Config, "__dataclass_fields__")[s].default_factory())]
+    return keys
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys() + list(ALIASES), n=1, cutoff=0.5)
+    if not close:  # try the last component alone: "gfn.rewrd_scale" → "gfn.reward_scale"
+        tail = key.split(".")[-1]
+        close = [k for k in _all_keys() if difflib.get_close_matches(tail, [k.split(".")[-1]], cutoff=0.75)][:1]
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid sections: {', '.join(SECTIONS)}, seed"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if prefix == "" and k in SECTIONS:
+            if v is None:
+                continue
+            if not isinstance(v, dict):
+                raise ConfigError(f"config section {k!r} must be a mapping, got {type(v).__name__}")
+            out.update(_flatten(v, prefix=f"{k}."))
+        else:
+            out[key] = v
+    return out
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    key = ALIASES.get(key, key)
+    if key in ("seed", "output_dir"):
+        setattr(cfg, key, value)
+        return
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise _unknown(key)
+    section = getattr(cfg, parts[0])
+    if parts[1] not in {f.name for f in dataclasses.fields(section)}:
+        raise _unknown(key)
+    setattr(section, parts[1], value)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. gfn.reward_scale=2.0)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse {raw!r} as YAML ({str(e).splitlines()[0]})") from None
+    return key.strip(), value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                output_dir: Optional[str] = None) -> Config:
+    """Defaults ← YAML file ← overrides, then one validation pass. Raises ``ConfigError``."""
+    cfg = Config()
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"--config {path}: file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {path}: the top level must be a mapping of sections")
+        for k, v in _flatten(data).items():
+            _set(cfg, k, v)
+    for o in overrides or []:
+        _set(cfg, *parse_override(o))
+    if output_dir is not None:
+        cfg.output_dir = output_dir
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# --- validation --------------------------------------------------------------------------------------------------
+
+def _typed(key: str, value: Any, kind) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: must be true or false")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}={value!r}: must be an integer")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: must be a number")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{key}={value!r}: must be finite")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r}: must be a string")
+        return value
+    if kind is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: must be a list, e.g. [1.0, 0.5]")
+        return list(value)
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: must be a mapping, e.g. {{aesthetic: 0.7, hpsv2: 0.3}}")
+        return value
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Coerce types and check every value once; raises ``ConfigError`` naming the first bad key."""
+    import typing
+
+    hints_cache = {}
+    for s in SECTIONS:
+        section = getattr(cfg, s)
+        cls = type(section)
+        hints = hints_cache.setdefault(cls, typing.get_type_hints(cls))
+        for f in dataclasses.fields(section):
+            v = getattr(section, f.name)
+            h = hints[f.name]
+            optional = typing.get_origin(h) is typing.Union and type(None) in typing.get_args(h)
+            base = next((a for a in typing.get_args(h) if a is not type(None)), h) if optional else h
+            if v is None:
+                if optional:
+                    continue
+                raise ConfigError(f"{s}.{f.name}: must be set (got null)")
+            setattr(section, f.name, _typed(f"{s}.{f.name}", v, base))
+    cfg.seed = _typed("seed", cfg.seed, int)
+    cfg.output_dir = _typed("output_dir", cfg.output_dir, str)
+
+    def choice(key, v, options):
+        if v not in options:
+            close = difflib.get_close_matches(str(v), options, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}={v!r}: must be one of {', '.join(options)}{hint}")
+
+    def check(cond, key, msg):
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    m, r, sa, g, t = cfg.model, cfg.reward, cfg.sampling, cfg.gfn, cfg.train
+    choice("model.backbone", m.backbone, ["toy2d", "sd"])
+    choice("model.dtype", m.dtype, ["fp32", "bf16", "fp16"])
+    choice("model.attention", m.attention, ["sdpa", "xformers"])
+    check(m.lora_rank >= 0, "model.lora_rank", f"{m.lora_rank} must be ≥ 0 (0 = full finetuning)")
+    check(m.component_std > 0, "model.component_std", "must be > 0")
+    check(m.hidden > 0 and m.layers >= 1, "model.hidden", "hidden must be > 0 and layers ≥ 1")
+    check(m.resolution % 8 == 0 and m.resolution > 0, "model.resolution", f"{m.resolution} must be a multiple of 8")
+    if m.backbone == "sd":
+        check(m.pretrained is not None, "model.pretrained",
+              "required for model.backbone=sd: a local diffusers directory or a hub id (e.g. "
+              "stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    check(len(r.center) == 2 and all(isinstance(c, (int, float)) for c in r.center), "reward.center",
+          f"{r.center!r} must be two numbers, e.g. [1.0, 0.5]")
+    check(r.width > 0, "reward.width", "must be > 0")
+    check(r.micro_batch >= 0, "reward.micro_batch", "must be ≥ 0 (0 = whole batch)")
+    choice("sampling.scheduler", sa.scheduler, ["ddim", "ddpm", "sde-dpmsolver++"])
+    check(sa.num_steps >= 1, "sampling.num_steps", "must be ≥ 1")
+    check(sa.batch_size >= 1 and sa.num_batches >= 1, "sampling.batch_size", "batch_size and num_batches must be ≥ 1")
+    check(sa.guidance_scale >= 0, "sampling.guidance_scale", "must be ≥ 0")
+    if sa.scheduler == "ddim":
+        check(0 < sa.eta <= 1, "sampling.eta",
+              f"{sa.eta} must be in (0, 1]: with eta = 0 every transition is deterministic (σ = 0) and cannot be "
+              "trained; use eta=1.0")
+    check(g.reward_scale > 0, "gfn.reward_scale", "β must be > 0")
+    check(0 < g.timestep_fraction <= 1, "gfn.timestep_fraction", f"{g.timestep_fraction} must be in (0, 1]")
+    k = int(sa.num_steps * g.timestep_fraction)
+    if g.timestep_fraction < 1:
+        check(k >= 1, "gfn.timestep_fraction",
+              f"{g.timestep_fraction} × sampling.num_steps={sa.num_steps} trains no transition; raise it")
+        if g.low_var_subsampling:
+            check(sa.num_steps % k == 0, "gfn.timestep_fraction",
+                  f"low-variance subsampling splits num_steps={sa.num_steps} into int(num_steps × fraction)={k} "
+                  f"equal chunks, which needs num_steps divisible by {k}; pick a fraction giving a divisor, or set "
+                  "gfn.low_var_subsampling=false")
+        else:
+            check(k <= sa.num_steps - 1, "gfn.timestep_fraction", "draws more transitions than there are")
+    for key in ("reverse_scale", "trust_region_scale", "terminal_scale"):
+        check(getattr(g, key) >= 0, f"gfn.{key}", "must be ≥ 0")
+    choice("gfn.reward_adaptive_mode", g.reward_adaptive_mode, ["squared", "sqrt", "none"])
+    check(g.sample_lag in (0, 1), "gfn.sample_lag", f"{g.sample_lag} must be 0 (on-policy) or 1 (one epoch behind)")
+    check(t.epochs >= 1, "train.epochs", "must be ≥ 1")
+    check(t.batch_size >= 0, "train.batch_size", "must be ≥ 0 (0 = all transitions of the epoch in one batch)")
+    check(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be ≥ 1")
+    check(t.lr > 0 and t.flow_lr >= 0, "train.lr", "lr must be > 0 and flow_lr ≥ 0")
+    check(t.weight_decay >= 0 and t.flow_weight_decay >= 0, "train.weight_decay", "must be ≥ 0")
+    check(t.flow_warmup_updates >= 0, "train.flow_warmup_updates", "must be ≥ 0")
+    check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", f"{t.betas} must be two values in [0, 1)")
+    check(t.max_grad_norm >= 0, "train.max_grad_norm", "must be ≥ 0 (0 = no clipping)")
+    choice("train.optimizer", t.optimizer, ["adamw", "adamw8bit", "lion8bit"])
+    check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be ≥ 1")
+    choice("train.backend", t.backend, ["auto", "reference", "triton"])
+    choice("train.device", t.device, ["auto", "cpu", "cuda"])
+    check(cfg.eval.every >= 0 and cfg.eval.num_samples >= 1, "eval.every", "every ≥ 0 and num_samples ≥ 1")
+    check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be ≥ 0")
+    check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be ≥ 1")

@@ -1,0 +1,129 @@
+"""Differentiable rewards: a registry name → factory.
+
+    reward_fn = build_reward("aesthetic", {"head": "/path/sac+logos+ava1-l14-linearMSE.pth"}, device="cuda")
+    log_reward, info = reward_fn(images, prompts, metadata)   # images (B, 3, H, W) in [0, 1]; log_reward (B,) fp32
+
+Every reward follows the contract in ``fastnabla.rewards.base`` (fp32, autocast off, frozen weights, gradients
+w.r.t. the images, optional ``checkpointing``). Registered names:
+
+==============  =======================================================================  =========
+name            log R                                                                    prompts
+==============  =======================================================================  =========
+gaussian_bump   −‖x − center‖²/(2·width²) on points (B, D) (toy2d)                        no
+brightness      mean intensity                                                            no
+contrast        RMS contrast of the luma                                                  no
+colorfulness    Hasler–Süsstrunk colourfulness on [0, 1] images                           no
+aesthetic       LAION aesthetic MLP on normalised CLIP ViT-L/14 image features            no
+pickscore       exp(logit_scale)·cos(image, prompt) with the PickScore CLIP               yes
+hpsv2, hpsv2.1  cos(image, prompt) with the HPS OpenCLIP ViT-H-14 (converted on load)     yes
+combo           Σ_k w_k·log R_k over other registered rewards                             if any is
+imagereward     not available yet (raises a ValueError that says what to use instead)     —
+==============  =======================================================================  =========
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Callable, Optional
+
+import torch
+
+from fastnabla.rewards.base import RewardFn
+
+_REGISTRY: dict[str, Callable[..., RewardFn]] = {}
+
+
+def register_reward(name: str):
+    """Decorator: register ``factory(**options) -> RewardFn`` under ``name`` (a class works as the factory)."""
+
+    def deco(factory):
+        if name in _REGISTRY:
+            raise ValueError(f"reward {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def available_rewards() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_reward(name: str, options: Optional[dict] = None, device="cpu") -> RewardFn:
+    """Build the reward ``name`` with ``options`` (the factory's keyword arguments) on ``device``.
+
+    Unknown names and unknown options raise a ValueError naming the closest valid choice.
+    """
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1, cutoff=0.0)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown reward {name!r}{hint} (available: {', '.join(available_rewards())})")
+    options = dict(options or {})
+    factory = _REGISTRY[name]
+    if factory is _build_combo:
+        options["device"] = device
+    try:
+        reward = factory(**options)
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e):
+            bad = str(e).split("'")[1] if "'" in str(e) else str(e)
+            raise ValueError(f"reward.{bad}: not an option of reward {name!r} ({e})") from None
+        raise
+    reward.name = name
+    reward.needs_prompts = bool(getattr(reward, "needs_prompts", False))
+    if isinstance(reward, torch.nn.Module):
+        reward = reward.to(device).freeze()
+    return reward
+
+
+# --- built-in rewards ---------------------------------------------------------------------------------------------
+from fastnabla.rewards.simple import Brightness, Colorfulness, Contrast, GaussianBump  # noqa: E402
+
+register_reward("gaussian_bump")(GaussianBump)
+register_reward("brightness")(Brightness)
+register_reward("contrast")(Contrast)
+register_reward("colorfulness")(Colorfulness)
+
+
+@register_reward("aesthetic")
+def _build_aesthetic(**options):
+    from fastnabla.rewards.aesthetic import AestheticReward
+
+    return AestheticReward(**options)
+
+
+@register_reward("pickscore")
+def _build_pickscore(**options):
+    from fastnabla.rewards.pickscore import PickScoreReward
+
+    return PickScoreReward(**options)
+
+
+@register_reward("hpsv2")
+def _build_hpsv2(**options):
+    from fastnabla.rewards.hpsv2 import HPSv2Reward
+
+    return HPSv2Reward(variant="hpsv2", **options)
+
+
+@register_reward("hpsv2.1")
+def _build_hpsv21(**options):
+    from fastnabla.rewards.hpsv2 import HPSv2Reward
+
+    return HPSv2Reward(variant="hpsv2.1", **options)
+
+
+@register_reward("combo")
+def _build_combo(**options):
+    from fastnabla.rewards.combo import ComboReward
+
+    return ComboReward(**options)
+
+
+@register_reward("imagereward")
+def _build_imagereward(**options):
+    from fastnabla.rewards.imagereward import build_imagereward
+
+    return build_imagereward(**options)
+
+
+__all__ = ["RewardFn", "build_reward", "register_reward", "available_rewards"]

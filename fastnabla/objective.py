@@ -1,0 +1,157 @@
+"""Per-transition terms of residual ∇-DB (ALGORITHM §3–§5, step 3) for a batch of transitions x_k → x_{k+1}.
+
+For each transition the objective computes, from the backbone and the reward:
+
+- ``out``      policy output at x (gradients to the policy), ``out_ref`` the pretrained output at x;
+- ``r'``       the forward-looking reward gradient at x': β·γ(τ')·∇_{x'} log R(decode(x̂0_θ(x', τ'))), through the
+               network's Jacobian unless ``reward_grad_through_model`` is off (then ``out`` is held constant);
+               at the terminal state x̂0 = x_N and γ = 1;
+- ``g'``, ``g`` the flow network at x' and x (gradients to the flow);
+- reverse scores s_R = (∂μ/∂x)ᵀ (x' − μ)/σ² by one VJP for the policy and one for the pretrained model;
+- ``out_old``  the sampling-time output (trust region).
+
+and hands them to ``fastnabla.residual_db_loss``. One policy forward at x serves the loss, the reverse score and
+the reward gradient at x (the graph is kept until the loss backward).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from fastnabla.loss import residual_db_loss
+from fastnabla.transitions import TransitionCoefficients
+
+__all__ = ["TransitionBatch", "Objective"]
+
+
+@dataclass
+class TransitionBatch:
+    x: torch.Tensor  # (B, *S) state at τ_k
+    x_next: torch.Tensor  # (B, *S) state after the step
+    k: torch.Tensor  # (B,) long: step index, 0..N-1 (k = N-1 is the terminal transition)
+    out_old: torch.Tensor  # (B, *S) sampling-time policy output at x
+    cond: Optional[torch.Tensor]
+    prompts: Optional[list]
+
+
+def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+class Objective:
+    def __init__(self, backbone, reward_fn, coeffs: TransitionCoefficients, gfn, backend: str = "auto",
+                 micro_batch: int = 0):
+        self.backbone = backbone
+        self.reward_fn = reward_fn
+        self.c = coeffs  # (N,) per-step coefficients
+        self.N = coeffs.coef_x.numel()
+        self.timesteps = backbone.scheduler.timesteps.to(backbone.device)
+        self.gfn = gfn
+        self.backend = backend
+        self.micro_batch = micro_batch
+
+    # --- γ(τ) -------------------------------------------------------------------------------------------------
+    def gamma(self, j: torch.Tensor) -> torch.Tensor:
+        """FL attenuation at state index j (0..N; N = the clean sample, where γ = 1)."""
+        a = self.c.alpha_prod[j.clamp(max=self.N - 1)]
+        mode = self.gfn.reward_adaptive_mode
+        g = a if mode == "squared" else a.sqrt() if mode == "sqrt" else torch.ones_like(a)
+        return torch.where(j >= self.N, torch.ones_like(g), g)
+
+    def _reward_grad(self, x: torch.Tensor, x0: torch.Tensor, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """∇_x log R(decode(x0(x))) and log R, for x0 a differentiable function of x."""
+        log_r, _ = self.reward_fn(self.backbone.decode(x0), prompts, None)
+        (grad,) = torch.autograd.grad(log_r.sum(), x, retain_graph=True)
+        return grad.detach(), log_r.detach()
+
+    def reward_grad(self, x: torch.Tensor, j: torch.Tensor, cond, prompts, out: Optional[torch.Tensor] = None):
+        """Forward-looking reward gradient r = β·γ·∇_x log R(x̂0_θ(x)) at states x with indices j (detached).
+
+        ``out`` (with a graph to ``x``, which must require grad) reuses an existing policy forward at x.
+        """
+        B, mb = x.shape[0], self.micro_batch
+        if out is None and 0 < mb < B:  # bound the decode/reward activations: one leaf and forward per chunk
+            parts = [self.reward_grad(x[s:s + mb], j[s:s + mb], None if cond is None else cond[s:s + mb],
+                                      None if prompts is None else prompts[s:s + mb]) for s in range(0, B, mb)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        beta = self.gfn.reward_scale
+        jj = j.clamp(max=self.N - 1)
+        term = (j >= self.N).view(-1, *([1] * (x.dim() - 1)))
+        with torch.enable_grad():
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            if bool(term.all()):
+                x0 = x
+            else:
+                if out is None:
+                    if self.gfn.reward_grad_through_model:
+                        out = self.backbone.policy(x, self.timesteps[jj], cond).float()
+                    else:
+                        with torch.no_grad():
+                            out = self.backbone.policy(x, self.timesteps[jj], cond).float()
+                if not self.gfn.reward_grad_through_model:
+                    out = out.detach()
+                x0 = _col(self.c.x0_coef_x[jj], x) * x + _col(self.c.x0_coef_out[jj], x) * out
+                x0 = torch.where(term, x, x0)
+            g, lr = self._reward_grad(x, x0, prompts)
+        return beta * _col(self.gamma(j), g) * g, lr
+
+    def __call__(self, b: TransitionBatch, return_stats: bool = True):
+        bb, gfn, c = self.backbone, self.gfn, self.c
+        k = b.k
+        t = self.timesteps[k]
+        terminal = k == self.N - 1
+        coef = c[k]
+        reverse = gfn.reverse_scale > 0 and not gfn.no_flow
+        lam = gfn.pretrained_strength
+
+        # r' at x' (state index k+1; index N is the clean sample)
+        r_next, _ = self.reward_grad(b.x_next, k + 1, b.cond, b.prompts)
+
+        need_x_grad = reverse
+        x = b.x.detach().requires_grad_(need_x_grad)
+        out = bb.policy(x, t, b.cond).float()
+        if reverse:
+            with torch.enable_grad():
+                x_ref = b.x.detach().requires_grad_(True)
+                out_ref_g = bb.reference(x_ref, t, b.cond).float()
+            out_ref = out_ref_g.detach()
+        else:
+            with torch.no_grad():
+                out_ref = bb.reference(b.x, t, b.cond).float()
+
+        flow_next = flow_cur = score_rev = score_rev_ref = r_cur = None
+        if not gfn.no_flow:
+            t_next = self.timesteps[(k + 1).clamp(max=self.N - 1)]
+            # the flow at a clean x_N is evaluated at τ = 0; L_T trains it toward 0 there
+            t_next = torch.where(terminal, torch.zeros_like(t_next), t_next)
+            if reverse:
+                both = bb.flow(torch.cat([b.x_next, b.x]), torch.cat([t_next, t]),
+                               None if b.cond is None else torch.cat([b.cond, b.cond])).float()
+                flow_next, flow_cur = both.chunk(2)
+            else:
+                flow_next = bb.flow(b.x_next, t_next, b.cond).float()
+        if reverse:
+            inv_var = _col(coef.inv_var, x)
+            mu = _col(coef.coef_x, x) * x + _col(coef.coef_out, x) * out
+            v = ((b.x_next - mu) * inv_var).detach()
+            (score_rev,) = torch.autograd.grad(mu, x, grad_outputs=v, retain_graph=True)
+            if lam != 0:
+                mu_ref = _col(coef.coef_x, x_ref) * x_ref + _col(coef.coef_out, x_ref) * out_ref_g
+                v_ref = ((b.x_next - mu_ref) * inv_var).detach()
+                (score_rev_ref,) = torch.autograd.grad(mu_ref, x_ref, grad_outputs=v_ref)
+            r_cur, _ = self.reward_grad(x, k, b.cond, b.prompts, out=out)
+            score_rev = score_rev.detach()
+            score_rev_ref = None if score_rev_ref is None else score_rev_ref.detach()
+
+        return residual_db_loss(
+            out, out_ref, coef_out=coef.coef_out, inv_var=coef.inv_var, reward_grad_next=r_next,
+            flow_next=flow_next, terminal=terminal, strength=lam,
+            x=b.x if lam != 1 else None, x_next=b.x_next if lam != 1 else None, coef_x=coef.coef_x if lam != 1 else None,
+            out_old=b.out_old if gfn.trust_region_scale > 0 else None, trust_region_scale=gfn.trust_region_scale,
+            reverse_scale=gfn.reverse_scale if reverse else 0.0, score_rev=score_rev, score_rev_ref=score_rev_ref,
+            flow_cur=flow_cur, reward_grad_cur=r_cur, terminal_scale=gfn.terminal_scale, backend=self.backend,
+            return_stats=return_stats,
+        )

@@ -1,0 +1,148 @@
+"""Trajectory collection and transition sub-sampling (ALGORITHM §5, steps 1–2).
+
+A trajectory is x_0 (noise) … x_N (clean) with the sampling-time policy outputs ``out_old`` of each step. The
+sampler is the transition of ``transition_coefficients``: x' = coef_x·x + coef_out·out + std·z, which equals
+diffusers' ``scheduler.step`` (tested), so training and sampling read the same coefficients.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from fastnabla.transitions import TransitionCoefficients, transition_coefficients
+
+__all__ = ["make_scheduler", "Trajectories", "sample_trajectories", "select_transitions", "step_coefficients"]
+
+
+def make_scheduler(kind: str, base_config: dict, num_steps: int):
+    """A diffusers scheduler of ``kind`` (ddim | ddpm | sde-dpmsolver++) built from a model's scheduler config, with
+    the settings fastnabla needs (no clipping/thresholding), after ``set_timesteps(num_steps)``."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    cfg = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
+    cfg.update(clip_sample=False, thresholding=False)
+    if kind == "ddim":
+        sched = DDIMScheduler.from_config(cfg)
+    elif kind == "ddpm":
+        cfg.setdefault("variance_type", "fixed_small")
+        sched = DDPMScheduler.from_config(cfg)
+    elif kind == "sde-dpmsolver++":
+        cfg.update(algorithm_type="sde-dpmsolver++", solver_order=1, lower_order_final=True)
+        sched = DPMSolverMultistepScheduler.from_config(cfg)
+    else:
+        raise ValueError(f"sampling.scheduler={kind!r}: must be ddim, ddpm or sde-dpmsolver++")
+    sched.set_timesteps(num_steps)
+    return sched
+
+
+def step_coefficients(backbone) -> TransitionCoefficients:
+    """Coefficients of every sampling step, (N,) fields, float32 on the backbone's device."""
+    s = backbone.scheduler
+    return transition_coefficients(s, s.timesteps, eta=backbone.eta, device=backbone.device)
+
+
+@dataclass
+class Trajectories:
+    """A batch of n trajectories of N steps."""
+
+    xs: torch.Tensor  # (n, N+1, *S) states x_0..x_N, float32
+    outs: torch.Tensor  # (n, N, *S) sampling-time policy outputs at x_0..x_{N-1}
+    log_reward: torch.Tensor  # (n,) log R(x_N) (float32)
+    prompts: Optional[list]  # n prompts, or None for an unconditional backbone
+    cond: Optional[torch.Tensor]  # (n, ...) conditioning, or None
+
+    def __len__(self) -> int:
+        return self.xs.shape[0]
+
+    @staticmethod
+    def cat(items: list["Trajectories"]) -> "Trajectories":
+        def c(name):
+            vals = [getattr(i, name) for i in items]
+            return None if vals[0] is None else torch.cat(vals)
+
+        prompts = None if items[0].prompts is None else [p for i in items for p in i.prompts]
+        return Trajectories(c("xs"), c("outs"), c("log_reward"), prompts, c("cond"))
+
+    def state_dict(self) -> dict:
+        return {"xs": self.xs.cpu(), "outs": self.outs.cpu(), "log_reward": self.log_reward.cpu(),
+                "prompts": self.prompts, "cond": None if self.cond is None else self.cond.cpu()}
+
+    @staticmethod
+    def from_state_dict(d: dict, device) -> "Trajectories":
+        return Trajectories(d["xs"].to(device), d["outs"].to(device), d["log_reward"].to(device), d["prompts"],
+                            None if d["cond"] is None else d["cond"].to(device))
+
+
+@torch.no_grad()
+def sample_trajectories(backbone, n: int, generator: torch.Generator, coeffs: TransitionCoefficients,
+                        prompts: Optional[list] = None, reward_fn=None, keep_trajectory: bool = True,
+                        progress=None) -> Trajectories:
+    """Run the N-step sampler with the current policy (CFG inside ``backbone.policy``) from fresh noise.
+
+    All randomness comes from ``generator`` (CPU), so a run is reproducible across devices. ``reward_fn`` scores
+    the decoded clean samples (log R); without it ``log_reward`` is NaN.
+    """
+    dev = backbone.device
+    timesteps = backbone.scheduler.timesteps.to(dev)
+    N = timesteps.numel()
+    cond = backbone.encode(prompts) if backbone.conditional else None
+    x = backbone.sample_noise(n, generator).float()
+    xs = [x] if keep_trajectory else None
+    outs = [] if keep_trajectory else None
+    for k in range(N):
+        t = timesteps[k].expand(n)
+        out = backbone.policy(x, t, cond).float()
+        z = torch.randn(x.shape, generator=generator, device="cpu").to(dev)
+        x = _step(coeffs, k, x, out, z)
+        if keep_trajectory:
+            xs.append(x)
+            outs.append(out)
+        if progress is not None:
+            progress.update(1)
+    if reward_fn is not None:
+        with torch.enable_grad():  # some rewards checkpoint internally; no graph is kept
+            lr, _ = reward_fn(backbone.decode(x).detach(), prompts, None)
+        log_reward = lr.detach().float()
+    else:
+        log_reward = torch.full((n,), float("nan"), device=dev)
+    if not keep_trajectory:
+        return Trajectories(x[:, None], x.new_zeros((n, 0, *x.shape[1:])), log_reward, prompts, cond)
+    return Trajectories(torch.stack(xs, 1), torch.stack(outs, 1), log_reward, prompts, cond)
+
+
+def _step(c: TransitionCoefficients, k: int, x, out, z):
+    return c.coef_x[k] * x + c.coef_out[k] * out + c.std[k] * z
+
+
+def select_transitions(n: int, num_steps: int, fraction: float, low_var: bool,
+                       generator: torch.Generator) -> torch.Tensor:
+    """Indices k of the trained transitions of each of n trajectories, (n, K+1) long, the last column N−1.
+
+    K = int(N·f). Low-variance: the N steps split into K equal chunks, one uniform draw per chunk (a draw never
+    lands on the terminal step, which is always added). Uniform: K distinct draws among the first N−1.
+    f = 1 trains all N transitions.
+    """
+    N = num_steps
+    if fraction >= 1.0:
+        return torch.arange(N).expand(n, N).clone()
+    K = int(N * fraction)
+    if K < 1:
+        raise ValueError(f"timestep_fraction={fraction} with {N} steps selects no transition")
+    if low_var:
+        if N % K:
+            raise ValueError(f"low-variance subsampling needs num_steps={N} divisible by K={K}")
+        m = N // K
+        width = torch.full((K,), m)
+        width[-1] = m - 1 if m > 1 else 1  # the last chunk excludes the terminal step
+        u = torch.rand(n, K, generator=generator)
+        picks = torch.arange(K) * m + (u * width).long().clamp(max=m - 1)
+        if m == 1:  # every step is its own chunk: the last chunk *is* the terminal step
+            picks = picks[:, :-1]
+    else:
+        if K > N - 1:
+            raise ValueError(f"cannot draw K={K} distinct transitions among the first {N - 1}")
+        picks = torch.stack([torch.randperm(N - 1, generator=generator)[:K] for _ in range(n)]).sort(dim=1).values
+    term = torch.full((n, 1), N - 1, dtype=torch.long)
+    return torch.cat([picks.long(), term], dim=1)

@@ -1,0 +1,356 @@
+"""The epoch loop (ALGORITHM §5): sample → buffer → pick transitions → objective → engine step → log/ckpt/eval.
+
+One epoch e:
+ 1. sample ``sampling.num_batches × batch_size`` fresh trajectories with the current policy (RNG seeded by
+    (seed, e, rank), so a resumed run draws the same noise);
+ 2. train on the previous epoch's trajectories (``gfn.sample_lag`` = 1; the fresh ones when there is none yet, or
+    with sample_lag = 0): pick the trained transitions of each trajectory, shuffle them, and run
+    ``gradient_accumulation_steps`` micro-batches of ``train.batch_size`` transitions per update;
+ 3. the fresh trajectories become the buffer; log metrics, evaluate, checkpoint.
+
+The loop is resumable at any update: a checkpoint holds the epoch, the next update within it, the fresh samples
+and the buffer, so resuming replays exactly what the uninterrupted run would have done (bit for bit on CPU).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Optional
+
+import torch
+
+from fastnabla import checkpoint as ckpt
+from fastnabla.config import Config, config_to_dict
+from fastnabla.objective import Objective, TransitionBatch
+from fastnabla.sampling import Trajectories, sample_trajectories, select_transitions, step_coefficients
+
+log = logging.getLogger("fastnabla")
+
+__all__ = ["Trainer", "TrainingStopped"]
+
+
+class TrainingStopped(RuntimeError):
+    """Raised after ``train.max_bad_steps`` non-finite updates in a row (a checkpoint has been written)."""
+
+
+def _seed(*parts: int) -> int:
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, backbone=None, reward_fn=None, engine=None, prompt_source=None):
+        self.cfg = cfg
+        self.out_dir = cfg.output_dir
+        os.makedirs(self.out_dir, exist_ok=True)
+        if cfg.train.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        dev = cfg.train.device
+        self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if dev == "auto" else dev))
+        torch.manual_seed(cfg.seed)
+        if backbone is None:
+            from fastnabla.backbones import build_backbone
+
+            backbone = build_backbone(cfg)
+        self.backbone = backbone.to(self.device)
+        if reward_fn is None:
+            from fastnabla.rewards import build_reward
+
+            reward_fn = build_reward(cfg.reward.name, _reward_options(cfg), device=self.device)
+        self.reward_fn = reward_fn
+        if engine is None:
+            from fastnabla.engine import Engine
+
+            engine = Engine(self.backbone.policy_parameters(),
+                            [] if cfg.gfn.no_flow else self.backbone.flow_parameters(), cfg.train)
+        self.engine = engine
+        self.rank, self.world_size = engine.rank, engine.world_size
+        self.is_main = engine.is_main
+        self.coeffs = step_coefficients(self.backbone)
+        if bool((self.coeffs.std <= 0).any()):
+            k = int((self.coeffs.std <= 0).nonzero()[0])
+            raise ValueError(
+                f"sampling step {k} (timestep {int(self.backbone.scheduler.timesteps[k])}) is deterministic (σ = 0) "
+                "and cannot be trained; use sampling.eta > 0 and a scheduler with set_alpha_to_one=False/steps_offset=1"
+            )
+        self.N = self.coeffs.coef_x.numel()
+        self.objective = Objective(self.backbone, self.reward_fn, self.coeffs, cfg.gfn, cfg.train.backend,
+                                   cfg.reward.micro_batch)
+        self.prompts = prompt_source
+        if self.prompts is None and self.backbone.conditional:
+            from fastnabla.prompts import load_prompt_source
+
+            self.prompts = load_prompt_source(cfg.prompts.train, column=cfg.prompts.column)
+        # state that a checkpoint carries
+        self.epoch = 0
+        self.update_in_epoch = 0
+        self.fresh: Optional[Trajectories] = None
+        self.buffer: Optional[Trajectories] = None
+        self.bad_steps = 0
+        self.history: list[dict] = []
+        self._stop_signal: Optional[int] = None
+        self._epoch_acc: dict = {}
+
+    # --- sampling ---------------------------------------------------------------------------------------------
+    def sample(self, epoch: int) -> Trajectories:
+        sc = self.cfg.sampling
+        g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch, self.rank, 1))
+        bar = _progress(sc.num_batches * self.N, f"epoch {epoch} sampling", self.cfg.logging.progress and self.is_main)
+        parts = []
+        for _ in range(sc.num_batches):
+            prompts = self.prompts.sample(sc.batch_size, g) if self.backbone.conditional else None
+            parts.append(sample_trajectories(self.backbone, sc.batch_size, g, self.coeffs, prompts, self.reward_fn,
+                                             progress=bar))
+        if bar is not None:
+            bar.close()
+        return Trajectories.cat(parts)
+
+    @torch.no_grad()
+    def sample_final(self, n: int, seed: int) -> torch.Tensor:
+        """Clean samples of the current policy (no trajectories kept), in batches."""
+        g = torch.Generator().manual_seed(seed)
+        bs = max(self.cfg.sampling.batch_size, 1024) if not self.backbone.conditional else self.cfg.sampling.batch_size
+        outs = []
+        for s in range(0, n, bs):
+            m = min(bs, n - s)
+            prompts = self.prompts.sample(m, g) if self.backbone.conditional else None
+            tr = sample_trajectories(self.backbone, m, g, self.coeffs, prompts, None, keep_trajectory=False)
+            outs.append(tr.xs[:, -1].cpu())
+        return torch.cat(outs)
+
+    # --- the transitions of one epoch -------------------------------------------------------------------------
+    def plan(self, epoch: int, n_traj: int) -> list[list[torch.Tensor]]:
+        """Updates of the epoch, each a list of micro-batches of (trajectory, step) index pairs."""
+        g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch, self.rank, 2))
+        gf = self.cfg.gfn
+        sel = select_transitions(n_traj, self.N, gf.timestep_fraction, gf.low_var_subsampling, g)
+        pairs = torch.stack([torch.arange(n_traj).repeat_interleave(sel.shape[1]), sel.reshape(-1)], 1)
+        pairs = pairs[torch.randperm(pairs.shape[0], generator=g)]
+        bs = self.cfg.train.batch_size or pairs.shape[0]
+        micro = list(pairs.split(bs))
+        acc = self.cfg.train.gradient_accumulation_steps
+        return [micro[i : i + acc] for i in range(0, len(micro), acc)]
+
+    def _batch(self, tr: Trajectories, idx: torch.Tensor) -> TransitionBatch:
+        i, k = idx[:, 0].to(tr.xs.device), idx[:, 1].to(tr.xs.device)
+        return TransitionBatch(
+            x=tr.xs[i, k], x_next=tr.xs[i, k + 1], k=k.to(self.device), out_old=tr.outs[i, k],
+            cond=None if tr.cond is None else tr.cond[i],
+            prompts=None if tr.prompts is None else [tr.prompts[j] for j in i.tolist()],
+        )
+
+    # --- one update -------------------------------------------------------------------------------------------
+    def update(self, tr: Trajectories, micro: list[torch.Tensor]) -> dict:
+        acc = self.cfg.train.gradient_accumulation_steps
+        stats_sum, n, finite = {}, 0, True
+        for idx in micro:
+            loss_b, stats = self.objective(self._batch(tr, idx))
+            loss = loss_b.mean() / acc
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            self.engine.backward(loss)
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + float(v.sum())
+            stats_sum["loss"] = stats_sum.get("loss", 0.0) + float(loss_b.detach().sum())
+            n += loss_b.shape[0]
+        if finite:
+            info = self.engine.step()
+        else:
+            self.engine.skip()
+            info = {"grad_norm_policy": float("nan"), "grad_norm_flow": float("nan"), "skipped": True}
+        out = {k: v / max(n, 1) for k, v in stats_sum.items()}
+        out.update(info)
+        return out
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "trainables": self.backbone.trainable_state_dict(),
+            "engine": self.engine.state_dict(),
+            "rng": ckpt.rng_state(),
+            "epoch": self.epoch,
+            "update_in_epoch": self.update_in_epoch,
+            "fresh": None if self.fresh is None else self.fresh.state_dict(),
+            "buffer": None if self.buffer is None else self.buffer.state_dict(),
+            "bad_steps": self.bad_steps,
+            "history": self.history,
+            "epoch_acc": self._epoch_acc,
+            "world_size": self.world_size,
+            "config": config_to_dict(self.cfg),
+        }
+
+    def load_state_dict(self, s: dict) -> None:
+        if s.get("world_size", 1) != self.world_size:
+            raise ValueError(f"checkpoint was written with world size {s['world_size']}, this run has "
+                             f"{self.world_size}; resume with the same number of processes")
+        self.backbone.load_trainable_state_dict(s["trainables"])
+        self.engine.load_state_dict(s["engine"])
+        ckpt.set_rng_state(s["rng"])
+        self.epoch, self.update_in_epoch = s["epoch"], s["update_in_epoch"]
+        self.fresh = None if s["fresh"] is None else Trajectories.from_state_dict(s["fresh"], self.device)
+        self.buffer = None if s["buffer"] is None else Trajectories.from_state_dict(s["buffer"], self.device)
+        self.bad_steps, self.history, self._epoch_acc = s["bad_steps"], s["history"], s["epoch_acc"]
+
+    @property
+    def ckpt_root(self) -> str:
+        return os.path.join(self.out_dir, "checkpoints")
+
+    def save(self) -> str:
+        name = f"{ckpt.PREFIX}{self.epoch:06d}_{self.update_in_epoch:05d}"
+        path = ckpt.save_checkpoint(self.ckpt_root, name, self.state_dict(), self.cfg.checkpoint.keep_last)
+        if self.is_main:
+            log.info("checkpoint written: %s", path)
+        return path
+
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        if cfg.checkpoint.resume_from:
+            path = ckpt.resolve_resume(cfg.checkpoint.resume_from, self.ckpt_root)
+            self.load_state_dict(ckpt.load_checkpoint(path))
+            if self.is_main:
+                log.info("resumed from %s (epoch %d, update %d)", path, self.epoch, self.update_in_epoch)
+        if self.is_main:
+            with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
+                import yaml
+
+                yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in old:
+            signal.signal(s, self._on_signal)
+        try:
+            while self.epoch < cfg.train.epochs:
+                if not self.run_epoch():
+                    return {"stopped": True, "epoch": self.epoch}
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        return self.finish()
+
+    def _stop_requested(self) -> bool:
+        if self._stop_signal is None:
+            return False
+        path = self.save()
+        if self.is_main:
+            log.warning("received signal %d: checkpoint written to %s; resume with checkpoint.resume_from=latest",
+                        self._stop_signal, path)
+        return True
+
+    def run_epoch(self) -> bool:
+        """One epoch from wherever the state says; False if a signal stopped it (a checkpoint is written)."""
+        cfg, e = self.cfg, self.epoch
+        t0 = time.time()
+        if self.fresh is None:
+            if self._stop_requested():
+                return False
+            self.fresh = self.sample(e)
+            self._epoch_acc = {}
+        lag = cfg.gfn.sample_lag == 1 and self.buffer is not None
+        tr = self.buffer if lag else self.fresh
+        updates = self.plan(e, len(tr))
+        bar = _progress(len(updates), f"epoch {e} training", cfg.logging.progress and self.is_main)
+        if bar is not None:
+            bar.update(self.update_in_epoch)
+        acc = self._epoch_acc
+        while self.update_in_epoch < len(updates):
+            if self._stop_requested():
+                return False
+            info = self.update(tr, updates[self.update_in_epoch])
+            self.update_in_epoch += 1
+            if info["skipped"]:
+                self.bad_steps += 1
+                acc["skipped"] = acc.get("skipped", 0) + 1
+                log.warning("epoch %d update %d: non-finite loss or gradients, update skipped (%d in a row)",
+                            e, self.update_in_epoch - 1, self.bad_steps)
+                if self.bad_steps >= cfg.train.max_bad_steps:
+                    path = self.save()
+                    raise TrainingStopped(
+                        f"{self.bad_steps} non-finite updates in a row (train.max_bad_steps): stopping; checkpoint "
+                        f"at {path}. Lower train.lr/gfn.reward_scale or raise gfn.trust_region_scale")
+            else:
+                self.bad_steps = 0
+                for k, v in info.items():
+                    if k != "skipped":
+                        acc[k] = acc.get(k, 0.0) + v
+                acc["updates"] = acc.get("updates", 0) + 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{info.get('loss', float('nan')):.4g}")
+        if bar is not None:
+            bar.close()
+        self._end_epoch(e, time.time() - t0)
+        return True
+
+    def _end_epoch(self, e: int, seconds: float) -> None:
+        cfg = self.cfg
+        acc = self._epoch_acc
+        n = max(acc.get("updates", 0), 1)
+        lr = self.engine.all_reduce_mean(self.fresh.log_reward.float())
+        rec = {"epoch": e, "updates_total": self.engine.updates, "reward_mean": float(lr.mean()),
+               "reward_std": float(lr.std()) if lr.numel() > 1 else 0.0, "seconds": seconds,
+               "skipped": acc.get("skipped", 0)}
+        rec.update({k: v / n for k, v in acc.items() if k not in ("updates", "skipped")})
+        from fastnabla import metrics
+
+        rec.update(metrics.epoch_metrics(self, self.fresh))
+        is_last = e + 1 >= cfg.train.epochs
+        if cfg.eval.every and ((e + 1) % cfg.eval.every == 0) and not is_last:
+            rec.update(metrics.evaluate(self, final=False))
+        self.buffer, self.fresh = self.fresh, None
+        self.epoch, self.update_in_epoch = e + 1, 0
+        self.history.append(rec)
+        if self.is_main:
+            with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            log.info("epoch %d: " + " ".join(f"{k}={v:.4g}" for k, v in rec.items()
+                                               if isinstance(v, float) and k in _SHOW), e)
+        if cfg.checkpoint.every and (e + 1) % cfg.checkpoint.every == 0 and not is_last:
+            self.save()
+
+    def finish(self) -> dict:
+        from fastnabla import metrics
+
+        result = metrics.evaluate(self, final=True)
+        self.save()
+        if self.is_main:
+            final = os.path.join(self.out_dir, "final")
+            os.makedirs(final, exist_ok=True)
+            self.backbone.save_pretrained(final)
+            with open(os.path.join(self.out_dir, "summary.json"), "w") as f:
+                json.dump(result, f, indent=2)
+        return result
+
+
+_SHOW = ("reward_mean", "loss", "tv", "tv_batch", "off_manifold", "seconds")
+
+
+def _reward_options(cfg: Config) -> dict:
+    r = cfg.reward
+    opts = dict(r.options)
+    if r.name == "gaussian_bump":
+        opts.update(center=r.center, width=r.width)
+    for key in ("model", "head", "processor", "weights"):
+        v = getattr(r, key)
+        if v is not None:
+            opts[key] = v
+    if r.checkpointing:
+        opts["checkpointing"] = True
+    return opts

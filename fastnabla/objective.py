@@ -87,10 +87,10 @@ class Objective:
             else:
                 if out is None:
                     if self.gfn.reward_grad_through_model:
-                        out = self.backbone.policy(x, self.timesteps[jj], cond).float()
+                        out = self.backbone.policy(x, self.timesteps[jj], cond).to(x.dtype)
                     else:
                         with torch.no_grad():
-                            out = self.backbone.policy(x, self.timesteps[jj], cond).float()
+                            out = self.backbone.policy(x, self.timesteps[jj], cond).to(x.dtype)
                 if not self.gfn.reward_grad_through_model:
                     out = out.detach()
                 x0 = _col(self.c.x0_coef_x[jj], x) * x + _col(self.c.x0_coef_out[jj], x) * out
@@ -112,15 +112,15 @@ class Objective:
 
         need_x_grad = reverse
         x = b.x.detach().requires_grad_(need_x_grad)
-        out = bb.policy(x, t, b.cond).float()
+        out = bb.policy(x, t, b.cond).to(x.dtype)
         if reverse:
             with torch.enable_grad():
                 x_ref = b.x.detach().requires_grad_(True)
-                out_ref_g = bb.reference(x_ref, t, b.cond).float()
+                out_ref_g = bb.reference(x_ref, t, b.cond).to(x.dtype)
             out_ref = out_ref_g.detach()
         else:
             with torch.no_grad():
-                out_ref = bb.reference(b.x, t, b.cond).float()
+                out_ref = bb.reference(b.x, t, b.cond).to(b.x.dtype)
 
         flow_next = flow_cur = score_rev = score_rev_ref = r_cur = None
         if not gfn.no_flow:
@@ -129,10 +129,10 @@ class Objective:
             t_next = torch.where(terminal, torch.zeros_like(t_next), t_next)
             if reverse:
                 both = bb.flow(torch.cat([b.x_next, b.x]), torch.cat([t_next, t]),
-                               None if b.cond is None else torch.cat([b.cond, b.cond])).float()
+                               None if b.cond is None else torch.cat([b.cond, b.cond])).to(x.dtype)
                 flow_next, flow_cur = both.chunk(2)
             else:
-                flow_next = bb.flow(b.x_next, t_next, b.cond).float()
+                flow_next = bb.flow(b.x_next, t_next, b.cond).to(x.dtype)
         if reverse:
             inv_var = _col(coef.inv_var, x)
             mu = _col(coef.coef_x, x) * x + _col(coef.coef_out, x) * out

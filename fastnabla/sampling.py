@@ -88,13 +88,14 @@ def sample_trajectories(backbone, n: int, generator: torch.Generator, coeffs: Tr
     timesteps = backbone.scheduler.timesteps.to(dev)
     N = timesteps.numel()
     cond = backbone.encode(prompts) if backbone.conditional else None
-    x = backbone.sample_noise(n, generator).float()
+    dt = coeffs.coef_x.dtype  # the state dtype (float32 in training; float64 in tests)
+    x = backbone.sample_noise(n, generator).to(dt)
     xs = [x] if keep_trajectory else None
     outs = [] if keep_trajectory else None
     for k in range(N):
         t = timesteps[k].expand(n)
-        out = backbone.policy(x, t, cond).float()
-        z = torch.randn(x.shape, generator=generator, device="cpu").to(dev)
+        out = backbone.policy(x, t, cond).to(dt)
+        z = torch.randn(x.shape, generator=generator, device="cpu").to(dev, dt)
         x = _step(coeffs, k, x, out, z)
         if keep_trajectory:
             xs.append(x)

@@ -46,20 +46,18 @@ def tilted_weights(means, stds, weights, center, width, beta) -> torch.Tensor:
 
 
 def mode_weights(samples: torch.Tensor, means: torch.Tensor, radius: float = 0.75):
-    """Empirical mass of each component (nearest mean within ``radius``) and the off-manifold mass."""
-    s = samples.double()
-    dist = torch.cdist(s, means.double())
+    """Empirical mass of each component (every sample goes to its nearest mean) and the off-manifold mass (the
+    fraction farther than ``radius`` from every mean; exact samples of a std-0.25 component give e^-4.5 ≈ 1.1%)."""
+    dist = torch.cdist(samples.double(), means.double())
     near, idx = dist.min(dim=1)
-    on = near <= radius
-    counts = torch.bincount(idx[on], minlength=means.shape[0]).double()
-    n = max(s.shape[0], 1)
-    return counts / n, float((~on).sum()) / n
+    n = max(samples.shape[0], 1)
+    return torch.bincount(idx, minlength=means.shape[0]).double() / n, float((near > radius).sum()) / n
 
 
 def total_variation(samples: torch.Tensor, means: torch.Tensor, target: torch.Tensor, radius: float = 0.75):
-    """TV between the empirical mode weights and ``target``; off-manifold samples count as mismatched mass."""
+    """(TV between the empirical mode weights and ``target``, off-manifold mass)."""
     w, off = mode_weights(samples, means, radius)
-    return 0.5 * (float((w - target).abs().sum()) + off), off
+    return 0.5 * float((w - target).abs().sum()), off
 
 
 class TimeMLP(nn.Module):

@@ -1,0 +1,56 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fastnabla.config import ConfigError, load_config
+
+
+def test_defaults_file_overrides_and_aliases(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"gfn": {"reward_scale": 3.0, "unet_reg_scale": 7.0}, "seed": 5,
+                                 "train": {"epochs": 4}}))
+    cfg = load_config(str(p), ["reward.center=[0.0,-1.5]", "seed=3", "timestep_fraction=0.2", "reverse_loss_scale=0.5",
+                               "pretrained_strength=0.9", "no_flow=true", "reward_adaptive_mode=sqrt",
+                               "low_var_subsampling=false"], output_dir="o")
+    assert cfg.gfn.reward_scale == 3.0 and cfg.gfn.trust_region_scale == 7.0
+    assert cfg.seed == 3 and cfg.train.epochs == 4 and cfg.reward.center == [0.0, -1.5]
+    assert cfg.gfn.timestep_fraction == 0.2 and cfg.gfn.reverse_scale == 0.5 and cfg.gfn.pretrained_strength == 0.9
+    assert cfg.gfn.no_flow and cfg.gfn.reward_adaptive_mode == "sqrt" and not cfg.gfn.low_var_subsampling
+    assert cfg.output_dir == "o"
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("gfn.rewrd_scale=1", "did you mean 'gfn.reward_scale'"),
+    ("rewad.center=[1,2]", "did you mean 'reward.center'"),
+    ("sampling.eta=0", "sampling.eta: 0.0 must be in"),
+    ("gfn.timestep_fraction=0.07", "divisible by 3"),
+    ("train.optimizer=adam", "did you mean 'adamw'"),
+    ("reward.center=[1]", "reward.center"),
+    ("train.epochs=abc", "train.epochs='abc': must be an integer"),
+    ("gfn.sample_lag=2", "gfn.sample_lag"),
+    ("model.backbone=sd", "model.pretrained: required"),
+    ("gfn.reward_adaptive_mode=cube", "must be one of squared, sqrt, none"),
+    ("nokey", "must look like key=value"),
+])
+def test_bad_values_one_line_errors(override, msg):
+    with pytest.raises(ConfigError, match=msg) as e:
+        load_config(None, [override])
+    assert "\n" not in str(e.value)
+
+
+def test_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(str(tmp_path / "none.yaml"))
+    p = tmp_path / "bad.yaml"
+    p.write_text("gfn: [1, 2]\n")
+    with pytest.raises(ConfigError, match="section 'gfn' must be a mapping"):
+        load_config(str(p))
+
+
+def test_cli_exit_code_2_and_one_line():
+    r = subprocess.run([sys.executable, "-m", "fastnabla.train", "gfn.rewrd_scale=2"], capture_output=True, text=True)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "did you mean 'gfn.reward_scale'" in lines[0]

@@ -93,9 +93,9 @@ class Trainer:
                                    cfg.reward.micro_batch)
         self.prompts = prompt_source
         if self.prompts is None and self.backbone.conditional:
-            from fastnabla.prompts import load_prompt_source
+            from fastnabla.prompts import PromptSource
 
-            self.prompts = load_prompt_source(cfg.prompts.train, column=cfg.prompts.column)
+            self.prompts = PromptSource(cfg.prompts.train, column=cfg.prompts.column)
         # state that a checkpoint carries
         self.epoch = 0
         self.update_in_epoch = 0

@@ -40,7 +40,8 @@ def aesthetic_head_file(tmp_path_factory, tiny_clip_dir):
 def tiny_hps(tmp_path_factory):
     """(checkpoint path, the tiny CLIPModel it was written from, its directory with the tokenizer).
 
-    GELU like the LAION ViT-H-14; 4 heads of width 8 (the loader's head_width option).
+    GELU like the LAION ViT-H-14; 4 heads of width 8 (passed as vision_heads/text_heads: width 32 is in no
+    OpenCLIP config, so the loader does not guess).
     """
     from transformers import CLIPModel
 

@@ -29,11 +29,11 @@ def rewards(tiny_clip_dir, aesthetic_head_file, tiny_hps):
     options = {
         "aesthetic": {"model": tiny_clip_dir, "head": aesthetic_head_file},
         "pickscore": {"model": tiny_clip_dir, "processor": tiny_clip_dir},
-        "hpsv2": {"model": hps_path, "tokenizer": hps_dir, "head_width": 8},
-        "hpsv2.1": {"model": hps_path, "processor": hps_dir, "head_width": 8},
+        "hpsv2": {"model": hps_path, "tokenizer": hps_dir, "vision_heads": 4, "text_heads": 4},
+        "hpsv2.1": {"model": hps_path, "processor": hps_dir, "vision_heads": 4, "text_heads": 4},
         "combo": {"weights": {"aesthetic": 0.7, "hpsv2": 0.3},
                   "aesthetic": {"model": tiny_clip_dir, "head": aesthetic_head_file},
-                  "hpsv2": {"model": hps_path, "tokenizer": hps_dir, "head_width": 8}},
+                  "hpsv2": {"model": hps_path, "tokenizer": hps_dir, "vision_heads": 4, "text_heads": 4}},
     }
     built = {}
     for name, opts in options.items():

@@ -37,8 +37,3 @@ def test_register_reward_decorator_and_duplicates():
     assert torch.equal(out, torch.full((2,), 48.0))
     with pytest.raises(ValueError, match="already registered"):
         register_reward("_test_sum")(SumReward)
-
-
-def test_imagereward_says_what_to_use_instead():
-    with pytest.raises(ValueError, match=r"imagereward is not available yet.*use aesthetic, hpsv2"):
-        build_reward("imagereward")

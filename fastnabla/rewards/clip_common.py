@@ -74,6 +74,8 @@ def center_crop(images: torch.Tensor, crop_size: Sequence[int]) -> torch.Tensor:
         ph, pw = max(ch - h, 0), max(cw - w, 0)
         images = F.pad(images, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
         h, w = images.shape[-2:]
+    # torchvision's offsets (what CLIP, OpenCLIP and ImageReward preprocess with); transformers' PIL path floors
+    # instead, which differs by one pixel only when the surplus is odd.
     top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
     return images[..., top:top + ch, left:left + cw]
 

@@ -22,16 +22,18 @@ gradient is split: ∂/∂out_u = (1 − w)·∂/∂out, ∂/∂out_c = w·∂/�
 Where the gradient work happens (bytes moved; R = input reads, W = gradient writes, per element):
 
 - forward (``_residual_db_fwd_kernel``) reads every input once, accumulates the sums, and, when a gradient is
-  needed, writes the *unscaled* gradients above (for an upstream gradient of 1) in each input's dtype;
-- backward (``_scale_grads_kernel``) multiplies those buffers in place by grad_output[b]: 2W.
+  needed, writes the *unscaled* gradients above (for an upstream gradient of 1): U buffers, one per gradient
+  source (out, g', g; with CFG one buffer for the guided out serves both halves), in the input's dtype;
+- backward (``_scale_grads_kernel``) reads them and writes the W final gradients × grad_output[b].
 
-Full forward+backward therefore moves R + 3W. Recomputing in backward instead moves R (forward) + R' + W
-(backward), where R' are the inputs the gradients need again (out, out_ref, r', g' and whichever of x, x',
-out_old, s_R, s_R^ref, g, r are on). R' ≥ 2W in every configuration (λ = 1, no extras: R' = 4, W = 2; each
-optional term adds more reads than writes), so the fused pass is never worse and strictly better as soon as λ≠1,
-the trust region or the reverse residual is on. The price: gradients of 16-bit inputs are rounded twice (once
-unscaled, once scaled; ≤ 1 extra ulp), and the graph can be backpropagated once (in-place scaling; a second
-backward with retain_graph=True raises).
+Full forward+backward therefore moves R + 2U + W. Recomputing in backward instead moves R + R' + W, where R' are
+the inputs the gradients need again (out or both CFG halves, out_ref, r', g' and whichever of x, x', out_old,
+s_R, s_R^ref, g, r are on). Each gradient source needs at least two more reads than it has buffers (out: out,
+out_ref, r'; g' adds g'; g adds s_R, r, g), so R' ≥ 2U always (λ = 1 with g': R' = 4, U = 2) and the fused pass
+is never worse, strictly better once λ ≠ 1, the trust region, the reverse residual or CFG is on. The price: gradients of 16-bit inputs are rounded twice (once
+unscaled, once scaled; ≤ 1 extra ulp), and the unscaled buffers live from forward to backward (W bytes, like any
+saved activation). Scaling out of place rather than in place costs W extra bytes of memory during backward only,
+and keeps retain_graph / repeated backward (gradcheck does that) correct.
 
 Reduction: deterministic two stages. The grid is (transition, block); each program loops over a contiguous
 chunk of its transition's row and writes six partial sums to a (B, n_blocks, 6) buffer; a second tiny kernel
@@ -135,8 +137,7 @@ def _residual_db_fwd_kernel(
     loss_ptr,  # (B,) compute dtype: loss_b (FINALIZE only)
     stats_ptr,  # (8, B) fp32, zero-filled: STAT_NAMES rows (FINALIZE and STATS only)
     part_ptr,  # (B, n_blocks, 6) compute dtype: partial sums (not FINALIZE)
-    g_out_ptr,  # (B, N) dtype of out (CFG: of out_uncond), contiguous: unscaled ∂loss_b/∂out (∂/∂out_uncond)
-    g_outc_ptr,  # (B, N) dtype of out_cond, contiguous: unscaled ∂loss_b/∂out_cond (CFG only)
+    g_out_ptr,  # (B, N) dtype of out (CFG: of the guided out), contiguous: unscaled ∂loss_b/∂out
     g_fn_ptr,  # (B, N) dtype of flow_next, contiguous: unscaled ∂loss_b/∂flow_next
     g_fc_ptr,  # (B, N) dtype of flow_cur, contiguous: unscaled ∂loss_b/∂flow_cur
     # ---- inputs: rows of the flattened sample, any float dtype each, unit stride inside a row
@@ -165,7 +166,7 @@ def _residual_db_fwd_kernel(
     # ---- flags
     BLOCK: tl.constexpr, F64: tl.constexpr, CFG: tl.constexpr, STRENGTH: tl.constexpr, FLOW_NEXT: tl.constexpr,
     TERMINAL: tl.constexpr, REVERSE: tl.constexpr, REV_REF: tl.constexpr, FLOW_CUR: tl.constexpr,
-    TRUST: tl.constexpr, STATS: tl.constexpr, G_OUT: tl.constexpr, G_OUTC: tl.constexpr, G_FN: tl.constexpr,
+    TRUST: tl.constexpr, STATS: tl.constexpr, G_OUT: tl.constexpr, G_FN: tl.constexpr,
     G_FC: tl.constexpr, FINALIZE: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -228,13 +229,8 @@ def _residual_db_fwd_kernel(
             delta = o - _ld(old_ptr + b * s_old, offs, mask, F64)
             acc_reg += delta * delta
             g_o = g_o + trs * delta
-        if G_OUT:
-            if CFG:
-                tl.store(g_out_ptr + g_row + offs, (two_n * (1.0 - w) * g_o).to(g_out_ptr.dtype.element_ty), mask=mask)
-            else:
-                tl.store(g_out_ptr + g_row + offs, (two_n * g_o).to(g_out_ptr.dtype.element_ty), mask=mask)
-        if G_OUTC:
-            tl.store(g_outc_ptr + g_row + offs, (two_n * w * g_o).to(g_outc_ptr.dtype.element_ty), mask=mask)
+        if G_OUT:  # CFG: the guided output's gradient; backward splits it into the two halves
+            tl.store(g_out_ptr + g_row + offs, (two_n * g_o).to(g_out_ptr.dtype.element_ty), mask=mask)
         if REVERSE:
             r_r = _ld(sr_ptr + b * s_sr, offs, mask, F64) + _ld(rgc_ptr + b * s_rgc, offs, mask, F64)
             if REV_REF:
@@ -308,36 +304,42 @@ def _residual_db_reduce_kernel(
 
 @triton.jit(do_not_specialize=["N", "CHUNK", "s_go"])
 def _scale_grads_kernel(
-    g1_ptr,  # (B, N) contiguous, any float dtype: unscaled gradient, scaled in place (G1)
-    g2_ptr,  # (B, N) likewise (G2)
-    g3_ptr,  # (B, N) likewise (G3)
-    g4_ptr,  # (B, N) likewise (G4)
-    go_ptr,  # (B,) loss dtype, row stride s_go (0 for an expanded scalar): upstream ∂L/∂loss_b
+    d_out_ptr,  # (B, N) dtype of out (CFG: out_uncond): f1 · grad_output[b] · ∂loss_b/∂out (OUT1)
+    d_out2_ptr,  # (B, N) dtype of out_cond: f2 · grad_output[b] · ∂loss_b/∂out (CFG, OUT2)
+    d_fn_ptr,  # (B, N) dtype of flow_next: grad_output[b] · ∂loss_b/∂flow_next (FN)
+    d_fc_ptr,  # (B, N) dtype of flow_cur: grad_output[b] · ∂loss_b/∂flow_cur (FC)
+    g_out_ptr,  # (B, N) unscaled ∂loss_b/∂out from the forward pass (OUT1 or OUT2)
+    g_fn_ptr,  # (B, N) unscaled ∂loss_b/∂flow_next (FN)
+    g_fc_ptr,  # (B, N) unscaled ∂loss_b/∂flow_cur (FC)
+    go_ptr,  # (B,) loss dtype, stride s_go (0 for an expanded scalar): upstream ∂L/∂loss_b
     s_go, N, CHUNK,
-    BLOCK: tl.constexpr, F64: tl.constexpr, G1: tl.constexpr, G2: tl.constexpr, G3: tl.constexpr,
-    G4: tl.constexpr,
+    f1_hi, f1_lo, f2_hi, f2_lo,  # CFG split of the out gradient: (1 − w, w); plain: f1 = 1
+    BLOCK: tl.constexpr, F64: tl.constexpr, G_OUT: tl.constexpr, OUT1: tl.constexpr, OUT2: tl.constexpr,
+    FN: tl.constexpr, FC: tl.constexpr,
 ):
-    """Backward: grad ← grad_output[b] · grad for up to four gradient buffers, in one launch."""
+    """Backward: every gradient scaled by grad_output[b] in one launch (all buffers contiguous (B, N))."""
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1).to(tl.int64)
     go = _up(tl.load(go_ptr + b * s_go), F64)
-    row = b * N
+    go1 = go * (_arg(f1_hi, F64) + _arg(f1_lo, F64))
+    go2 = go * (_arg(f2_hi, F64) + _arg(f2_lo, F64))
     start = blk * CHUNK
     for it in range(0, CHUNK, BLOCK):
-        offs = row + start + it + tl.arange(0, BLOCK)
-        mask = (start + it + tl.arange(0, BLOCK)) < N
-        if G1:
-            v = _up(tl.load(g1_ptr + offs, mask=mask, other=0.0), F64)
-            tl.store(g1_ptr + offs, (v * go).to(g1_ptr.dtype.element_ty), mask=mask)
-        if G2:
-            v = _up(tl.load(g2_ptr + offs, mask=mask, other=0.0), F64)
-            tl.store(g2_ptr + offs, (v * go).to(g2_ptr.dtype.element_ty), mask=mask)
-        if G3:
-            v = _up(tl.load(g3_ptr + offs, mask=mask, other=0.0), F64)
-            tl.store(g3_ptr + offs, (v * go).to(g3_ptr.dtype.element_ty), mask=mask)
-        if G4:
-            v = _up(tl.load(g4_ptr + offs, mask=mask, other=0.0), F64)
-            tl.store(g4_ptr + offs, (v * go).to(g4_ptr.dtype.element_ty), mask=mask)
+        col = start + it + tl.arange(0, BLOCK)
+        mask = col < N
+        offs = b * N + col
+        if G_OUT:
+            v = _up(tl.load(g_out_ptr + offs, mask=mask, other=0.0), F64)
+            if OUT1:
+                tl.store(d_out_ptr + offs, (v * go1).to(d_out_ptr.dtype.element_ty), mask=mask)
+            if OUT2:
+                tl.store(d_out2_ptr + offs, (v * go2).to(d_out2_ptr.dtype.element_ty), mask=mask)
+        if FN:
+            v = _up(tl.load(g_fn_ptr + offs, mask=mask, other=0.0), F64)
+            tl.store(d_fn_ptr + offs, (v * go).to(d_fn_ptr.dtype.element_ty), mask=mask)
+        if FC:
+            v = _up(tl.load(g_fc_ptr + offs, mask=mask, other=0.0), F64)
+            tl.store(d_fc_ptr + offs, (v * go).to(d_fc_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------- host side
@@ -399,7 +401,8 @@ def _launch_forward(p, out_uncond: Optional[torch.Tensor], w: float, *, need: tu
                     stats: bool, block: Optional[int], num_blocks: Optional[int]):
     """Run the fused pass. ``need`` = gradients wanted for (out | out_uncond, out_cond, flow_next, flow_cur).
 
-    Returns loss (B,), stats (8, B) fp32 or None, and the unscaled gradient buffers (None where not needed).
+    Returns loss (B,), stats (8, B) fp32 or None, and the unscaled gradient buffers for (out, flow_next,
+    flow_cur) (None where not needed; with CFG the buffer holds ∂loss_b/∂out of the guided output).
     """
     cfg = out_uncond is not None
     out_a = out_uncond if cfg else p.out  # the pointer the kernel calls out_ptr
@@ -428,15 +431,16 @@ def _launch_forward(p, out_uncond: Optional[torch.Tensor], w: float, *, need: tu
     term = _vec(p.terminal) if p.terminal is not None else co
 
     need_a, need_c, need_fn, need_fc = need
-    need_c = need_c and cfg
+    need_out = need_a or (need_c and cfg)
     need_fn = need_fn and p.flow_next is not None
     need_fc = need_fc and p.reverse_scale != 0.0 and p.flow_cur is not None
 
     def grad_buf(flag, like):
         return torch.empty(like.shape, dtype=like.dtype, device=dev) if flag else None
 
-    g_a = grad_buf(need_a, out_a)
-    g_c = grad_buf(need_c, p.out)
+    # CFG: one unscaled buffer for the guided output, in the wider of the two halves' dtypes
+    g_out = torch.empty(out_a.shape, device=dev, dtype=torch.promote_types(out_a.dtype, p.out.dtype)) \
+        if need_out else None
     g_fn = grad_buf(need_fn, p.flow_next)
     g_fc = grad_buf(need_fc, p.flow_cur)
 
@@ -457,14 +461,14 @@ def _launch_forward(p, out_uncond: Optional[torch.Tensor], w: float, *, need: tu
         "x", "x_next", "out_old", "score_rev", "score_rev_ref", "flow_cur", "reward_grad_cur"))
     with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
         _residual_db_fwd_kernel[(B, nblk)](
-            loss, st, part, g_a if g_a is not None else dummy, g_c if g_c is not None else dummy,
+            loss, st, part, g_out if g_out is not None else dummy,
             g_fn if g_fn is not None else dummy, g_fc if g_fc is not None else dummy,
             a, c, ref, rgn, fn, x, xn, old, sr, srr, fc, rgc, co, iv, cx, term,
             s_a, s_c, s_ref, s_rgn, s_fn, s_x, s_xn, s_old, s_sr, s_srr, s_fc, s_rgc,
             B, N, CHUNK, nblk,
             *_hi_lo(lam), *_hi_lo(w), *_hi_lo(ts), *_hi_lo(rs), *_hi_lo(trs),
             BLOCK=BLOCK, CFG=cfg, STRENGTH=p.strength != 1.0, REV_REF=p.score_rev_ref is not None,
-            FLOW_CUR=p.flow_cur is not None, G_OUT=need_a, G_OUTC=need_c, G_FN=need_fn, G_FC=need_fc,
+            FLOW_CUR=p.flow_cur is not None, G_OUT=need_out, G_FN=need_fn, G_FC=need_fc,
             FINALIZE=finalize, num_warps=_GPU_WARPS, **flags,
         )
         if not finalize:
@@ -473,29 +477,39 @@ def _launch_forward(p, out_uncond: Optional[torch.Tensor], w: float, *, need: tu
                 loss, st, part, term, B, N, nblk, *_hi_lo(ts), *_hi_lo(rs), *_hi_lo(trs),
                 BLOCK_B=block_b, num_warps=_GPU_WARPS, **flags,
             )
-    return loss, (st if stats else None), (g_a, g_c, g_fn, g_fc)
+    return loss, (st if stats else None), (g_out, g_fn, g_fc)
 
 
-def _scale_grads_(grads, grad_loss: torch.Tensor, f64: bool, block: Optional[int], num_blocks: Optional[int]):
-    """grad[b] *= grad_loss[b], in place, for the (at most four) non-None buffers of ``grads``."""
-    live = [g for g in grads if g is not None]
+def _scale_grads(unscaled, specs, factors, grad_loss: torch.Tensor, f64: bool, block: Optional[int],
+                 num_blocks: Optional[int]):
+    """Scale the forward pass's unscaled gradients by grad_loss[b] into fresh tensors, in one launch.
+
+    unscaled: (g_out, g_flow_next, g_flow_cur); specs: (shape, dtype) of the gradients of (out or out_uncond,
+    out_cond, flow_next, flow_cur), None where no gradient is wanted; factors: (f1, f2) for the out gradient.
+    Returns the four gradients (None where not wanted).
+    """
+    g_out, g_fn, g_fc = unscaled
+    live = [g for g in (g_out, g_fn, g_fc) if g is not None]
     if not live:
-        return
+        return [None] * 4
+    outs = [torch.empty(sp[0], dtype=sp[1], device=live[0].device) if sp is not None else None for sp in specs]
     B = live[0].shape[0]
     N = live[0][0].numel()
     dev = live[0].device
     BLOCK, CHUNK, nblk = launch_geometry(B, N, dev, block, num_blocks)
-    padded = live + [live[0]] * (4 - len(live))
+    any_ = live[0]
     with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
         _scale_grads_kernel[(B, nblk)](
-            *padded, grad_loss, grad_loss.stride(0), N, CHUNK,
-            BLOCK=BLOCK, F64=f64, G1=len(live) > 0, G2=len(live) > 1, G3=len(live) > 2, G4=len(live) > 3,
-            num_warps=_GPU_WARPS,
+            *[o if o is not None else any_ for o in outs], *[g if g is not None else any_ for g in unscaled],
+            grad_loss, grad_loss.stride(0), N, CHUNK, *_hi_lo(factors[0]), *_hi_lo(factors[1]),
+            BLOCK=BLOCK, F64=f64, G_OUT=g_out is not None, OUT1=outs[0] is not None, OUT2=outs[1] is not None,
+            FN=outs[2] is not None, FC=outs[3] is not None, num_warps=_GPU_WARPS,
         )
+    return outs
 
 
 class _ResidualDBFunction(torch.autograd.Function):
-    """Autograd glue: forward runs the fused pass (writing unscaled gradients), backward scales them in place.
+    """Autograd glue: forward runs the fused pass (writing unscaled gradients), backward scales them.
 
     Only the tensors that receive gradients are Function inputs; everything else rides along in ``p`` as data,
     exactly as the reference detaches it.
@@ -508,9 +522,11 @@ class _ResidualDBFunction(torch.autograd.Function):
                                           num_blocks=num_blocks)
         ctx.save_for_backward(*[g for g in grads if g is not None])
         ctx.has = tuple(g is not None for g in grads)
+        ctx.specs = tuple((t.shape, t.dtype) if (t is not None and n) else None
+                          for t, n in zip((out_a, out_c, flow_next, flow_cur), need))
+        ctx.factors = (1.0 - w, w) if out_uncond is not None else (1.0, 0.0)
         ctx.f64 = loss.dtype == torch.float64
         ctx.geometry = (block, num_blocks)
-        ctx.used = False
         if st is None:
             return loss
         ctx.mark_non_differentiable(st)
@@ -519,13 +535,9 @@ class _ResidualDBFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_loss, *unused):
-        if ctx.used:
-            raise RuntimeError("the fused residual ∇-DB loss scales its saved gradients in place and can be "
-                               "backpropagated once; use backend='reference' for a second backward")
-        ctx.used = True
         saved = list(ctx.saved_tensors)
-        grads = [saved.pop(0) if h else None for h in ctx.has]
-        _scale_grads_(grads, grad_loss, ctx.f64, *ctx.geometry)
+        unscaled = [saved.pop(0) if h else None for h in ctx.has]
+        grads = _scale_grads(unscaled, ctx.specs, ctx.factors, grad_loss, ctx.f64, *ctx.geometry)
         return (*grads, None, None, None, None, None, None, None)
 
 

@@ -341,8 +341,8 @@ def residual_db_loss(
         reverse_scale, score_rev, score_rev_ref, flow_cur, reward_grad_cur: the reverse residual (s_R's are data,
             flow_cur receives gradients).
         terminal_scale: weight of the terminal flow term.
-        backend: "auto" (Triton on CUDA, reference elsewhere), "reference" or "triton" (on CPU only under
-            TRITON_INTERPRET=1).
+        backend: "auto" (Triton on CUDA, reference elsewhere; on CUDA without triton the reference, with a
+            one-time log line), "reference" or "triton" (on CPU only under TRITON_INTERPRET=1).
         return_stats: also return a dict of detached per-transition statistics (``STAT_NAMES``).
 
     Returns:

@@ -47,6 +47,7 @@ Python-float hyper-parameters travel as an fp32 (hi, lo) pair so the fp64 path s
 from __future__ import annotations
 
 import os
+import struct
 from contextlib import nullcontext
 from typing import Optional
 
@@ -67,6 +68,7 @@ _GPU_WARPS = 4
 _PROGRAMS_PER_SM = 4
 # Interpreter: cost grows with the number of programs and of loop steps, not with the block width.
 _INTERP_MAX_BLOCK = 16384
+_F32 = struct.Struct("f")
 
 
 # ----------------------------------------------------------------------------------------------------- kernels
@@ -349,10 +351,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _f32(v: float) -> float:
+    return _F32.unpack(_F32.pack(v))[0]
+
+
 def _hi_lo(v: float) -> tuple[float, float]:
     """v as two fp32 numbers whose sum carries ~48 bits (fp32 kernel args would otherwise round v)."""
-    hi = float(torch.tensor(v, dtype=torch.float32))
-    return hi, float(torch.tensor(v - hi, dtype=torch.float32))
+    hi = _f32(v)
+    return hi, _f32(v - hi)
 
 
 def launch_geometry(B: int, N: int, device: torch.device, block: Optional[int] = None,

@@ -53,6 +53,9 @@ def main():
         for flags in (ALL_ON, LAMBDA_ONE, NOTHING) if dt == "bf16" else (ALL_ON,):
             compile_kernel(K._residual_db_fwd_kernel, dict(BLOCK=1024, F64=f64, **flags), cd, dt)
             n += 1
+        # a one-element sample: Triton specialises an integer argument equal to 1 into a constant
+        compile_kernel(K._residual_db_fwd_kernel, dict(BLOCK=16, F64=f64, N=1, CHUNK=16, **ALL_ON), cd, dt)
+        n += 1
         compile_kernel(K._residual_db_reduce_kernel, dict(BLOCK_B=128, F64=f64, FLOW_NEXT=True, TERMINAL=True,
                                                           REVERSE=True, TRUST=True, STATS=True), cd, dt)
         compile_kernel(K._scale_grads_kernel, dict(BLOCK=1024, F64=f64, G_OUT=True, OUT1=True, OUT2=True, FN=True,

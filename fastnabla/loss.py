@@ -15,13 +15,18 @@ is the spec: it is what the tests and benchmarks compare the Triton kernel with,
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-__all__ = ["residual_db_loss", "residual_db_loss_reference", "LossInputs", "validate_loss_inputs", "STAT_NAMES"]
+__all__ = ["residual_db_loss", "residual_db_loss_reference", "residual_db_loss_cfg", "residual_db_loss_cfg_reference",
+           "LossInputs", "validate_loss_inputs", "STAT_NAMES"]
+
+_log = logging.getLogger(__name__)
 
 #: keys of the per-transition statistics returned with ``return_stats=True`` (each a detached (B,) float32).
 STAT_NAMES = (
@@ -270,6 +275,34 @@ def _triton_available_for(device: torch.device) -> tuple[bool, str]:
     )
 
 
+_fallback_logged = False
+
+
+def _kernels_for(backend: str, device: torch.device):
+    """The fused-kernel module when this call should run it, else None (the reference runs).
+
+    CUDA tensors (backend="auto") and backend="triton" ask for the kernel. When it is unavailable, an explicit
+    backend="triton" raises; "auto" on CUDA falls back to the reference with a one-time log line.
+    """
+    if not (backend == "triton" or (backend == "auto" and device.type == "cuda")):
+        return None
+    ok, why = _triton_available_for(device)
+    if ok:
+        try:
+            from fastnabla.kernels import residual_db as _k
+
+            return _k
+        except ImportError as e:
+            why = f"the fused kernel could not be imported ({e})"
+    if backend == "triton":
+        raise RuntimeError(f"backend='triton' is unavailable: {why}")
+    global _fallback_logged
+    if not _fallback_logged:
+        _fallback_logged = True
+        _log.warning("fastnabla: the fused Triton loss is unavailable (%s); using the PyTorch reference", why)
+    return None
+
+
 def residual_db_loss(
     out: torch.Tensor,
     out_ref: torch.Tensor,
@@ -308,8 +341,8 @@ def residual_db_loss(
         reverse_scale, score_rev, score_rev_ref, flow_cur, reward_grad_cur: the reverse residual (s_R's are data,
             flow_cur receives gradients).
         terminal_scale: weight of the terminal flow term.
-        backend: "auto" (Triton on CUDA, reference elsewhere), "reference" or "triton" (on CPU only under
-            TRITON_INTERPRET=1).
+        backend: "auto" (Triton on CUDA, reference elsewhere; on CUDA without triton the reference, with a
+            one-time log line), "reference" or "triton" (on CPU only under TRITON_INTERPRET=1).
         return_stats: also return a dict of detached per-transition statistics (``STAT_NAMES``).
 
     Returns:
@@ -324,14 +357,71 @@ def residual_db_loss(
         score_rev_ref=score_rev_ref, flow_cur=flow_cur, reward_grad_cur=reward_grad_cur,
         terminal_scale=terminal_scale,
     )
-    use_triton = backend == "triton" or (backend == "auto" and out.device.type == "cuda")
-    if use_triton:
-        ok, why = _triton_available_for(out.device)
-        if not ok:
-            raise RuntimeError(f"backend='triton' is unavailable: {why}")
-        try:
-            from fastnabla.kernels import residual_db as _k
-        except ImportError as e:
-            raise RuntimeError(f"backend='triton' is unavailable: the fused kernel could not be imported ({e})") from e
+    _k = _kernels_for(backend, out.device)
+    if _k is not None:
         return _k.residual_db_loss_triton(p, return_stats=return_stats)
     return residual_db_loss_reference(p, return_stats=return_stats)
+
+
+def residual_db_loss_cfg_reference(p: LossInputs, out_uncond: torch.Tensor, guidance_scale: float,
+                                   return_stats: bool = False):
+    """Guidance, then the reference loss: ``p.out`` holds out_cond (as ``residual_db_loss_cfg`` validates it)."""
+    out = out_uncond + guidance_scale * (p.out - out_uncond)
+    return residual_db_loss_reference(dataclasses.replace(p, out=out), return_stats=return_stats)
+
+
+def residual_db_loss_cfg(
+    out_uncond: torch.Tensor,
+    out_cond: torch.Tensor,
+    guidance_scale: float,
+    out_ref: torch.Tensor,
+    *,
+    coef_out: torch.Tensor,
+    inv_var: torch.Tensor,
+    reward_grad_next: torch.Tensor,
+    flow_next: Optional[torch.Tensor] = None,
+    terminal: Optional[torch.Tensor] = None,
+    strength: float = 1.0,
+    x: Optional[torch.Tensor] = None,
+    x_next: Optional[torch.Tensor] = None,
+    coef_x: Optional[torch.Tensor] = None,
+    out_old: Optional[torch.Tensor] = None,
+    trust_region_scale: float = 0.0,
+    reverse_scale: float = 0.0,
+    score_rev: Optional[torch.Tensor] = None,
+    score_rev_ref: Optional[torch.Tensor] = None,
+    flow_cur: Optional[torch.Tensor] = None,
+    reward_grad_cur: Optional[torch.Tensor] = None,
+    terminal_scale: float = 1.0,
+    backend: str = "auto",
+    return_stats: bool = False,
+):
+    """``residual_db_loss`` of the guided policy output out = out_uncond + w·(out_cond − out_uncond).
+
+    The fused kernel never materialises ``out`` and writes gradients into both halves
+    (∂/∂out_uncond = (1 − w)·∂/∂out, ∂/∂out_cond = w·∂/∂out); the reference forms ``out`` in the inputs' dtype
+    and calls the plain reference. ``out_ref`` is the (already guided) pretrained output; every other argument is
+    as in ``residual_db_loss``. The compute dtype is float64 when the guided output is float64, else float32.
+    """
+    if backend not in ("auto", "reference", "triton"):
+        raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
+    for name, t in (("out_uncond", out_uncond), ("out_cond", out_cond)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor shaped (B, *S) with at least one sample dim")
+    if out_uncond.shape != out_cond.shape:
+        raise ValueError(f"out_uncond has shape {tuple(out_uncond.shape)}, expected {tuple(out_cond.shape)} "
+                         f"(the shape of out_cond)")
+    if out_uncond.device != out_cond.device:
+        raise ValueError(f"out_uncond is on {out_uncond.device}, expected {out_cond.device} (the device of out_cond)")
+    w = _scalar_float("guidance_scale", guidance_scale)
+    p = validate_loss_inputs(
+        out_cond, out_ref, coef_out=coef_out, inv_var=inv_var, reward_grad_next=reward_grad_next,
+        flow_next=flow_next, terminal=terminal, strength=strength, x=x, x_next=x_next, coef_x=coef_x,
+        out_old=out_old, trust_region_scale=trust_region_scale, reverse_scale=reverse_scale, score_rev=score_rev,
+        score_rev_ref=score_rev_ref, flow_cur=flow_cur, reward_grad_cur=reward_grad_cur,
+        terminal_scale=terminal_scale,
+    )
+    _k = _kernels_for(backend, out_cond.device)
+    if _k is not None:
+        return _k.residual_db_loss_cfg_triton(p, out_uncond, w, return_stats=return_stats)
+    return residual_db_loss_cfg_reference(p, out_uncond, w, return_stats=return_stats)

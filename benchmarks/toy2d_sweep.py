@@ -35,6 +35,11 @@ VARIANTS = {
     "uniform_subsampling": ["gfn.low_var_subsampling=false"],
     "all_transitions": ["gfn.timestep_fraction=1.0"],
     "no_reverse": ["gfn.reverse_scale=0.0"],
+    "reverse_3": ["gfn.reverse_scale=3.0"],
+    "reverse_10": ["gfn.reverse_scale=10.0"],
+    "reverse_30": ["gfn.reverse_scale=30.0"],
+    "reverse_10_flow_lr_3e-4": ["gfn.reverse_scale=10.0", "train.flow_lr=3e-4"],
+    "reverse_10_lr_3e-3": ["gfn.reverse_scale=10.0", "train.lr=3e-3", "train.flow_lr=3e-3"],
 }
 
 REWARDS = {f"c{ci}_b{b:g}": [f"reward.center=[{c[0]},{c[1]}]", f"gfn.reward_scale={b}"]

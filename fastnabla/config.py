@@ -263,6 +263,11 @@ def _typed(key: str, value: Any, kind) -> Any:
             raise ConfigError(f"{key}={value!r}: must be an integer")
         return value
     if kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r}: must be a number")
         if not math.isfinite(float(value)):

@@ -21,6 +21,13 @@ def test_defaults_file_overrides_and_aliases(tmp_path):
     assert cfg.output_dir == "o"
 
 
+def test_exponent_without_dot_is_a_number():
+    cfg = load_config(None, ["train.lr=3e-3", "train.flow_lr=1e-4"])
+    assert cfg.train.lr == 3e-3 and cfg.train.flow_lr == 1e-4
+    with pytest.raises(ConfigError, match="train.lr='fast': must be a number"):
+        load_config(None, ["train.lr=fast"])
+
+
 @pytest.mark.parametrize("override,msg", [
     ("gfn.rewrd_scale=1", "did you mean 'gfn.reward_scale'"),
     ("rewad.center=[1,2]", "did you mean 'reward.center'"),

@@ -38,8 +38,10 @@ VARIANTS = {
     "reverse_3": ["gfn.reverse_scale=3.0"],
     "reverse_10": ["gfn.reverse_scale=10.0"],
     "reverse_30": ["gfn.reverse_scale=30.0"],
-    "reverse_10_flow_lr_3e-4": ["gfn.reverse_scale=10.0", "train.flow_lr=3e-4"],
-    "reverse_10_lr_3e-3": ["gfn.reverse_scale=10.0", "train.lr=3e-3", "train.flow_lr=3e-3"],
+    "lr_3e-3": ["train.lr=3e-3", "train.flow_lr=3e-3"],
+    "policy_lr_3e-3": ["train.lr=3e-3"],
+    "lr_1e-2": ["train.lr=1e-2", "train.flow_lr=1e-2"],
+    "six_updates_per_epoch": ["train.batch_size=256"],
 }
 
 REWARDS = {f"c{ci}_b{b:g}": [f"reward.center=[{c[0]},{c[1]}]", f"gfn.reward_scale={b}"]

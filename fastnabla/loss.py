@@ -100,9 +100,13 @@ def _scalar_float(name: str, v) -> float:
 def validate_loss_inputs(
     out, out_ref, *, coef_out, inv_var, reward_grad_next, flow_next=None, terminal=None, strength=1.0, x=None,
     x_next=None, coef_x=None, out_old=None, trust_region_scale=0.0, reverse_scale=0.0, score_rev=None,
-    score_rev_ref=None, flow_cur=None, reward_grad_cur=None, terminal_scale=1.0,
+    score_rev_ref=None, flow_cur=None, reward_grad_cur=None, terminal_scale=1.0, check_values=True,
 ) -> LossInputs:
-    """Check every argument of ``residual_db_loss`` once; a ValueError names the argument at fault."""
+    """Check every argument of ``residual_db_loss`` once; a ValueError names the argument at fault.
+
+    ``check_values=False`` skips the checks that read tensor values (finite coefficients, inv_var > 0, terminal in
+    {0, 1}): on a GPU each of them is a host–device sync. Shapes, devices and dtypes are always checked.
+    """
     if not isinstance(out, torch.Tensor) or out.dim() < 2:
         raise ValueError("out must be a tensor shaped (B, *S) with at least one sample dim")
     if not out.is_floating_point():
@@ -154,11 +158,15 @@ def validate_loss_inputs(
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({B},): one value per transition")
         if t.device != dev:
             raise ValueError(f"{name} is on {t.device}, expected {dev} (the device of out)")
-    for name in ("coef_out", "coef_x"):
+    for name in ("coef_out", "coef_x", "inv_var"):
         t = args[name]
-        if t is not None and (not t.is_floating_point() or not bool(torch.isfinite(t).all())):
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    for name in ("coef_out", "coef_x") if check_values else ():
+        t = args[name]
+        if t is not None and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN/inf (or is not floating point); check the scheduler coefficients")
-    if not inv_var.is_floating_point() or not bool((torch.isfinite(inv_var) & (inv_var > 0)).all()):
+    if check_values and not bool((torch.isfinite(inv_var) & (inv_var > 0)).all()):
         raise ValueError(
             "inv_var must be finite and > 0 on every transition: a deterministic step (σ = 0: eta = 0, or the last "
             "step with set_alpha_to_one=True) cannot be trained; use eta > 0 and set_alpha_to_one=False/steps_offset=1"
@@ -166,7 +174,7 @@ def validate_loss_inputs(
     if terminal is not None:
         if terminal.dtype == torch.bool:
             terminal = terminal.to(torch.float32)
-        elif not bool(((terminal == 0) | (terminal == 1)).all()):
+        elif check_values and not bool(((terminal == 0) | (terminal == 1)).all()):
             raise ValueError("terminal must be a bool tensor or contain only 0/1 values")
         else:
             terminal = terminal.to(torch.float32)
@@ -261,18 +269,18 @@ def residual_db_loss_reference(p: LossInputs, return_stats: bool = False):
 def _triton_available_for(device: torch.device) -> tuple[bool, str]:
     import os
 
+    # Decide before importing triton: triton's own @jit helpers are built at import time for whatever
+    # TRITON_INTERPRET says then, so an import made while it is off breaks a later interpreted launch.
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False, (
+            f"the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 set before the first @triton.jit runs to "
+            f"interpret it on {device.type} (slow; for tests)"
+        )
     try:
         import triton  # noqa: F401
     except ImportError:
         return False, "triton is not installed (pip install triton)"
-    if device.type == "cuda":
-        return True, ""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return True, ""
-    return False, (
-        f"the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 set before the first @triton.jit runs to "
-        f"interpret it on {device.type} (slow; for tests)"
-    )
+    return True, ""
 
 
 _fallback_logged = False
@@ -326,6 +334,7 @@ def residual_db_loss(
     terminal_scale: float = 1.0,
     backend: str = "auto",
     return_stats: bool = False,
+    check_values: bool = True,
 ):
     """Residual ∇-DB loss per transition (ALGORITHM §4); a drop-in for any trainer.
 
@@ -344,6 +353,8 @@ def residual_db_loss(
         backend: "auto" (Triton on CUDA, reference elsewhere; on CUDA without triton the reference, with a
             one-time log line), "reference" or "triton" (on CPU only under TRITON_INTERPRET=1).
         return_stats: also return a dict of detached per-transition statistics (``STAT_NAMES``).
+        check_values: validate tensor values too (finite coefficients, inv_var > 0, terminal 0/1). Each such check
+            syncs a GPU with the host; a hot loop whose coefficients are checked once can pass False.
 
     Returns:
         loss_b, (B,) float32 (float64 for float64 ``out``); and the stats dict if ``return_stats``.
@@ -355,7 +366,7 @@ def residual_db_loss(
         terminal=terminal, strength=strength, x=x, x_next=x_next, coef_x=coef_x, out_old=out_old,
         trust_region_scale=trust_region_scale, reverse_scale=reverse_scale, score_rev=score_rev,
         score_rev_ref=score_rev_ref, flow_cur=flow_cur, reward_grad_cur=reward_grad_cur,
-        terminal_scale=terminal_scale,
+        terminal_scale=terminal_scale, check_values=check_values,
     )
     _k = _kernels_for(backend, out.device)
     if _k is not None:
@@ -395,6 +406,7 @@ def residual_db_loss_cfg(
     terminal_scale: float = 1.0,
     backend: str = "auto",
     return_stats: bool = False,
+    check_values: bool = True,
 ):
     """``residual_db_loss`` of the guided policy output out = out_uncond + w·(out_cond − out_uncond).
 
@@ -419,7 +431,7 @@ def residual_db_loss_cfg(
         flow_next=flow_next, terminal=terminal, strength=strength, x=x, x_next=x_next, coef_x=coef_x,
         out_old=out_old, trust_region_scale=trust_region_scale, reverse_scale=reverse_scale, score_rev=score_rev,
         score_rev_ref=score_rev_ref, flow_cur=flow_cur, reward_grad_cur=reward_grad_cur,
-        terminal_scale=terminal_scale,
+        terminal_scale=terminal_scale, check_values=check_values,
     )
     _k = _kernels_for(backend, out_cond.device)
     if _k is not None:

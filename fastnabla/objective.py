@@ -153,5 +153,5 @@ class Objective:
             out_old=b.out_old if gfn.trust_region_scale > 0 else None, trust_region_scale=gfn.trust_region_scale,
             reverse_scale=gfn.reverse_scale if reverse else 0.0, score_rev=score_rev, score_rev_ref=score_rev_ref,
             flow_cur=flow_cur, reward_grad_cur=r_cur, terminal_scale=gfn.terminal_scale, backend=self.backend,
-            return_stats=return_stats,
+            return_stats=return_stats, check_values=False,  # the coefficients were checked once at start
         )

@@ -213,3 +213,11 @@ def test_reference_backend_value():
     b, _ = _base()
     assert torch.equal(residual_db_loss(**b, backend="reference"), residual_db_loss(**b))
     assert math.isfinite(residual_db_loss(**b).sum().item())
+
+
+def test_check_values_false_skips_only_value_checks():
+    b, _ = _base()
+    bad = dict(b, inv_var=torch.tensor([1.0, 0.0]))
+    residual_db_loss(**bad, check_values=False)  # no host sync, no value check
+    with pytest.raises(ValueError, match="coef_out has shape"):
+        residual_db_loss(**dict(b, coef_out=b["coef_out"][:1]), check_values=False)

@@ -38,10 +38,15 @@ VARIANTS = {
     "reverse_3": ["gfn.reverse_scale=3.0"],
     "reverse_10": ["gfn.reverse_scale=10.0"],
     "reverse_30": ["gfn.reverse_scale=30.0"],
+    "reverse_100": ["gfn.reverse_scale=100.0"],
+    "reverse_1000": ["gfn.reverse_scale=1000.0"],
+    "reverse_100_flow_lr_1e-4": ["gfn.reverse_scale=100.0", "train.flow_lr=1e-4"],
     "lr_3e-3": ["train.lr=3e-3", "train.flow_lr=3e-3"],
     "policy_lr_3e-3": ["train.lr=3e-3"],
     "lr_1e-2": ["train.lr=1e-2", "train.flow_lr=1e-2"],
     "six_updates_per_epoch": ["train.batch_size=256"],
+    "flow_warmup_1000_lr_3e-3": ["train.flow_warmup_updates=1000", "train.lr=3e-3", "train.flow_lr=3e-3"],
+    "flow_lr_3e-4_lr_3e-3": ["train.lr=3e-3", "train.flow_lr=3e-4"],
 }
 
 REWARDS = {f"c{ci}_b{b:g}": [f"reward.center=[{c[0]},{c[1]}]", f"gfn.reward_scale={b}"]

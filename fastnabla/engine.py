@@ -416,12 +416,22 @@ class DeepSpeedEngine(Engine):
             raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint (tag 'deepspeed') to resume from")
 
 
-def build_engine(model: torch.nn.Module, policy_params, flow_params, train_cfg) -> Engine:
+def build_engine(model: torch.nn.Module, policy_params, flow_params, train_cfg,
+                 reused_forward: bool = False) -> Engine:
     """``DeepSpeedEngine`` when ``train.deepspeed`` names a config, else the plain one-process ``Engine``.
 
     ``model`` is the module whose forward passes produce the loss (the backbone): ZeRO-3 partitions its parameters
-    and gathers them around each submodule's forward.
+    and gathers them around each submodule's forward. ``reused_forward``: the objective backpropagates through one
+    policy forward more than once (the reverse loss: score VJP, reward gradient at x, then the loss).
     """
     if train_cfg.deepspeed:
-        return DeepSpeedEngine(model, policy_params, flow_params, train_cfg)
+        engine = DeepSpeedEngine(model, policy_params, flow_params, train_cfg)
+        if engine.stage == 3 and reused_forward:
+            # ZeRO-3 re-partitions a module's weights after the first backward through a forward; a second backward
+            # through the same forward then finds them empty (DeepSpeed issues #3539, #7352; fixes pending upstream).
+            raise ValueError("ZeRO stage 3 cannot run the reverse loss: it backpropagates three times through one "
+                             "policy forward, and ZeRO-3 frees the weights after the first. Use ZeRO stage 2 "
+                             "(configs/deepspeed/zero2.json), or gfn.reverse_scale=0 (or gfn.no_flow=true) with "
+                             "stage 3")
+        return engine
     return Engine(policy_params, flow_params, train_cfg)

@@ -81,7 +81,8 @@ class Trainer:
             from fastnabla.engine import build_engine
 
             engine = build_engine(self.backbone, self.backbone.policy_parameters(),
-                                  [] if cfg.gfn.no_flow else self.backbone.flow_parameters(), cfg.train)
+                                  [] if cfg.gfn.no_flow else self.backbone.flow_parameters(), cfg.train,
+                                  reused_forward=cfg.gfn.reverse_scale > 0 and not cfg.gfn.no_flow)
         self.engine = engine
         self.rank, self.world_size = engine.rank, engine.world_size
         self.is_main = engine.is_main

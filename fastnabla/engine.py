@@ -254,6 +254,19 @@ def resolve_deepspeed_config(source, train_cfg, world_size: int) -> dict:
     return cfg
 
 
+def trainable_modules(model: torch.nn.Module, trainables: list) -> torch.nn.Module:
+    """The part of ``model`` that DeepSpeed should own: its direct children holding any trainable parameter.
+
+    Frozen children (SD's VAE, text encoder, reference UNet) stay outside DeepSpeed: ZeRO-3 does not partition
+    them (code that reads their weights outside a forward, like CLIP's position-embedding size check, keeps
+    working) and bf16 does not recast them. Falls back to ``model`` when it holds trainables directly."""
+    ids = {id(p) for p in trainables}
+    if any(id(p) in ids for p in model.parameters(recurse=False)):
+        return model
+    kids = [m for m in model.children() if any(id(p) in ids for p in m.parameters())]
+    return torch.nn.ModuleList(kids) if kids else model
+
+
 class DeepSpeedEngine(Engine):
     """The same contract over ``deepspeed.initialize`` (ZeRO 0–3, bf16, several processes).
 
@@ -286,7 +299,8 @@ class DeepSpeedEngine(Engine):
             groups.append(dict(params=self.flow_params, lr=train_cfg.flow_lr, weight_decay=train_cfg.flow_weight_decay,
                                name="flow"))
         optimizer = build_optimizer(train_cfg.optimizer, groups, train_cfg.betas)
-        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=trainable_modules(model, self.trainables),
+                                                             optimizer=optimizer, config=self.ds_config,
                                                              dist_init_required=False)
         self.updates = 0
         self._n_micro, self._micro = 1, 0
@@ -420,8 +434,8 @@ def build_engine(model: torch.nn.Module, policy_params, flow_params, train_cfg,
                  reused_forward: bool = False) -> Engine:
     """``DeepSpeedEngine`` when ``train.deepspeed`` names a config, else the plain one-process ``Engine``.
 
-    ``model`` is the module whose forward passes produce the loss (the backbone): ZeRO-3 partitions its parameters
-    and gathers them around each submodule's forward. ``reused_forward``: the objective backpropagates through one
+    ``model`` is the module whose forward passes produce the loss (the backbone); DeepSpeed gets its children that
+    hold trainables (``trainable_modules``), whose weights ZeRO-3 partitions and gathers around each forward. ``reused_forward``: the objective backpropagates through one
     policy forward more than once (the reverse loss: score VJP, reward gradient at x, then the loss).
     """
     if train_cfg.deepspeed:

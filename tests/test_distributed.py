@@ -344,6 +344,8 @@ def _safetensors(directory) -> dict:
 
     out = {}
     for sub in sorted(os.listdir(directory)):
+        if not os.path.isdir(os.path.join(directory, sub)):
+            continue
         for f in sorted(os.listdir(os.path.join(directory, sub))):
             if f.endswith(".safetensors"):
                 out.update({f"{sub}/{k}": v for k, v in load_file(os.path.join(directory, sub, f)).items()})

@@ -77,6 +77,10 @@ class SamplingConfig:
     guidance_scale: float = 5.0
     batch_size: int = 256  # trajectories per sampling batch (per device)
     num_batches: int = 1  # sampling batches per epoch (per device)
+    # Independent data shards per epoch (0 = one per process). Shard s draws its trajectories and its transition
+    # plan from seeds (seed, epoch, s); each process owns data_shards / world_size of them and an update's
+    # micro-batch k joins micro-batch k of each owned shard. Same data_shards → same global batch at any world size.
+    data_shards: int = 0
 
 
 @dataclass
@@ -110,6 +114,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     max_bad_steps: int = 10
     deepspeed: Optional[str] = None  # path of a DeepSpeed JSON config
+    collective_timeout_s: float = 1800.0  # a collective waiting longer than this fails (a dead or hung rank)
     backend: str = "auto"  # residual_db_loss backend
     device: str = "auto"  # auto | cpu | cuda
 
@@ -339,6 +344,7 @@ def validate(cfg: Config) -> None:
     choice("sampling.scheduler", sa.scheduler, ["ddim", "ddpm", "sde-dpmsolver++"])
     check(sa.num_steps >= 1, "sampling.num_steps", "must be ≥ 1")
     check(sa.batch_size >= 1 and sa.num_batches >= 1, "sampling.batch_size", "batch_size and num_batches must be ≥ 1")
+    check(sa.data_shards >= 0, "sampling.data_shards", f"{sa.data_shards} must be ≥ 0 (0 = one shard per process)")
     check(sa.guidance_scale >= 0, "sampling.guidance_scale", "must be ≥ 0")
     if sa.scheduler == "ddim":
         check(0 < sa.eta <= 1, "sampling.eta",
@@ -371,6 +377,8 @@ def validate(cfg: Config) -> None:
     check(t.max_grad_norm >= 0, "train.max_grad_norm", "must be ≥ 0 (0 = no clipping)")
     choice("train.optimizer", t.optimizer, ["adamw", "adamw8bit", "lion8bit"])
     check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be ≥ 1")
+    check(t.collective_timeout_s > 0, "train.collective_timeout_s",
+          f"{t.collective_timeout_s} must be > 0 seconds (e.g. 1800)")
     choice("train.backend", t.backend, ["auto", "reference", "triton"])
     choice("train.device", t.device, ["auto", "cpu", "cuda"])
     check(cfg.eval.every >= 0 and cfg.eval.num_samples >= 1, "eval.every", "every ≥ 0 and num_samples ≥ 1")

@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"fastnabla.train: error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    # one log: ranks other than 0 (deepspeed launcher / torchrun set RANK) only report warnings and errors
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     from fastnabla.trainer import Trainer, TrainingStopped
 
@@ -51,9 +52,16 @@ def main(argv=None) -> int:
     except TrainingStopped as e:
         print(f"fastnabla.train: stopped: {e}", file=sys.stderr)
         return 1
-    except FileNotFoundError as e:
+    except (ValueError, FileNotFoundError) as e:  # e.g. resuming with another world size
         print(f"fastnabla.train: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from fastnabla.engine import CollectiveTimeout
+
+        if not isinstance(e, CollectiveTimeout):
+            raise
+        print(f"fastnabla.train: error: {e}", file=sys.stderr)
+        return 1
     if trainer.is_main:
         if result.get("stopped"):
             print(f"stopped by signal at epoch {result['epoch']}; resume with checkpoint.resume_from=latest")

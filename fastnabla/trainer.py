@@ -60,6 +60,10 @@ class Trainer:
         if cfg.train.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
         dev = cfg.train.device
+        if cfg.train.deepspeed:  # join the process group first: on CUDA it picks this rank's device
+            from fastnabla.engine import init_distributed
+
+            init_distributed(cfg.train)
         self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else
                                    ("cpu" if dev == "auto" else dev))
         torch.manual_seed(cfg.seed)
@@ -74,13 +78,19 @@ class Trainer:
             reward_fn = build_reward(cfg.reward.name, _reward_options(cfg), device=self.device)
         self.reward_fn = reward_fn
         if engine is None:
-            from fastnabla.engine import Engine
+            from fastnabla.engine import build_engine
 
-            engine = Engine(self.backbone.policy_parameters(),
-                            [] if cfg.gfn.no_flow else self.backbone.flow_parameters(), cfg.train)
+            engine = build_engine(self.backbone, self.backbone.policy_parameters(),
+                                  [] if cfg.gfn.no_flow else self.backbone.flow_parameters(), cfg.train,
+                                  reused_forward=cfg.gfn.reverse_scale > 0 and not cfg.gfn.no_flow)
         self.engine = engine
         self.rank, self.world_size = engine.rank, engine.world_size
         self.is_main = engine.is_main
+        shards = cfg.sampling.data_shards or self.world_size
+        if shards % self.world_size:
+            raise ValueError(f"sampling.data_shards={shards} must be a multiple of the world size {self.world_size}")
+        per = shards // self.world_size
+        self.shards = list(range(self.rank * per, (self.rank + 1) * per))  # the data shards this rank owns
         self.coeffs = step_coefficients(self.backbone)
         if bool((self.coeffs.std <= 0).any()):
             k = int((self.coeffs.std <= 0).nonzero()[0])
@@ -109,13 +119,15 @@ class Trainer:
     # --- sampling ---------------------------------------------------------------------------------------------
     def sample(self, epoch: int) -> Trajectories:
         sc = self.cfg.sampling
-        g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch, self.rank, 1))
-        bar = _progress(sc.num_batches * self.N, f"epoch {epoch} sampling", self.cfg.logging.progress and self.is_main)
+        bar = _progress(len(self.shards) * sc.num_batches * self.N, f"epoch {epoch} sampling",
+                        self.cfg.logging.progress and self.is_main)
         parts = []
-        for _ in range(sc.num_batches):
-            prompts = self.prompts.sample(sc.batch_size, g) if self.backbone.conditional else None
-            parts.append(sample_trajectories(self.backbone, sc.batch_size, g, self.coeffs, prompts, self.reward_fn,
-                                             progress=bar))
+        for shard in self.shards:  # one shard per rank unless sampling.data_shards says otherwise
+            g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch, shard, 1))
+            for _ in range(sc.num_batches):
+                prompts = self.prompts.sample(sc.batch_size, g) if self.backbone.conditional else None
+                parts.append(sample_trajectories(self.backbone, sc.batch_size, g, self.coeffs, prompts, self.reward_fn,
+                                                 progress=bar))
         if bar is not None:
             bar.close()
         return Trajectories.cat(parts)
@@ -135,14 +147,21 @@ class Trainer:
 
     # --- the transitions of one epoch -------------------------------------------------------------------------
     def plan(self, epoch: int, n_traj: int) -> list[list[torch.Tensor]]:
-        """Updates of the epoch, each a list of micro-batches of (trajectory, step) index pairs."""
-        g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch, self.rank, 2))
+        """Updates of the epoch, each a list of micro-batches of (trajectory, step) index pairs.
+
+        Each owned data shard (a contiguous block of the trajectories) is planned from its own seed; micro-batch k
+        of the update joins micro-batch k of every owned shard."""
         gf = self.cfg.gfn
-        sel = select_transitions(n_traj, self.N, gf.timestep_fraction, gf.low_var_subsampling, g)
-        pairs = torch.stack([torch.arange(n_traj).repeat_interleave(sel.shape[1]), sel.reshape(-1)], 1)
-        pairs = pairs[torch.randperm(pairs.shape[0], generator=g)]
-        bs = self.cfg.train.batch_size or pairs.shape[0]
-        micro = list(pairs.split(bs))
+        n_shard = n_traj // len(self.shards)
+        per_shard = []
+        for j, shard in enumerate(self.shards):
+            g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch, shard, 2))
+            sel = select_transitions(n_shard, self.N, gf.timestep_fraction, gf.low_var_subsampling, g)
+            pairs = torch.stack([torch.arange(n_shard).repeat_interleave(sel.shape[1]), sel.reshape(-1)], 1)
+            pairs = pairs[torch.randperm(pairs.shape[0], generator=g)]
+            pairs[:, 0] += j * n_shard
+            per_shard.append(list(pairs.split(self.cfg.train.batch_size or pairs.shape[0])))
+        micro = [torch.cat(parts) for parts in zip(*per_shard)]
         acc = self.cfg.train.gradient_accumulation_steps
         return [micro[i : i + acc] for i in range(0, len(micro), acc)]
 
@@ -158,10 +177,11 @@ class Trainer:
     def update(self, tr: Trajectories, micro: list[torch.Tensor]) -> dict:
         acc = self.cfg.train.gradient_accumulation_steps
         stats_sum, n, finite = {}, 0, True
+        self.engine.begin_update(len(micro))
         for idx in micro:
             loss_b, stats = self.objective(self._batch(tr, idx))
             loss = loss_b.mean() / acc
-            if not torch.isfinite(loss):
+            if not self.engine.finite(loss):  # collective under DeepSpeed: one rank non-finite → all skip
                 finite = False
                 break
             self.engine.backward(loss)
@@ -172,7 +192,7 @@ class Trainer:
         if finite:
             info = self.engine.step()
         else:
-            self.engine.skip()
+            self.engine.skip(loss)
             info = {"grad_norm_policy": float("nan"), "grad_norm_flow": float("nan"), "skipped": True}
         out = {k: v / max(n, 1) for k, v in stats_sum.items()}
         out.update(info)
@@ -180,8 +200,8 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
-            "trainables": self.backbone.trainable_state_dict(),
+        return {  # under DeepSpeed the engine's own checkpoint holds the weights and optimizer state
+            "trainables": None if self.engine.owns_weights else self.backbone.trainable_state_dict(),
             "engine": self.engine.state_dict(),
             "rng": ckpt.rng_state(),
             "epoch": self.epoch,
@@ -199,7 +219,8 @@ class Trainer:
         if s.get("world_size", 1) != self.world_size:
             raise ValueError(f"checkpoint was written with world size {s['world_size']}, this run has "
                              f"{self.world_size}; resume with the same number of processes")
-        self.backbone.load_trainable_state_dict(s["trainables"])
+        if s["trainables"] is not None:
+            self.backbone.load_trainable_state_dict(s["trainables"])
         self.engine.load_state_dict(s["engine"])
         ckpt.set_rng_state(s["rng"])
         self.epoch, self.update_in_epoch = s["epoch"], s["update_in_epoch"]
@@ -213,7 +234,8 @@ class Trainer:
 
     def save(self) -> str:
         name = f"{ckpt.PREFIX}{self.epoch:06d}_{self.update_in_epoch:05d}"
-        path = ckpt.save_checkpoint(self.ckpt_root, name, self.state_dict(), self.cfg.checkpoint.keep_last)
+        path = ckpt.save_checkpoint(self.ckpt_root, name, self.state_dict(), self.cfg.checkpoint.keep_last,
+                                    engine=self.engine)
         if self.is_main:
             log.info("checkpoint written: %s", path)
         return path
@@ -225,7 +247,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.checkpoint.resume_from:
             path = ckpt.resolve_resume(cfg.checkpoint.resume_from, self.ckpt_root)
-            self.load_state_dict(ckpt.load_checkpoint(path))
+            self.load_state_dict(ckpt.load_checkpoint(path, engine=self.engine))
             if self.is_main:
                 log.info("resumed from %s (epoch %d, update %d)", path, self.epoch, self.update_in_epoch)
         if self.is_main:
@@ -246,8 +268,11 @@ class Trainer:
         return self.finish()
 
     def _stop_requested(self) -> bool:
-        if self._stop_signal is None:
+        # collective: a signal that reached one rank stops every rank at the same update (checkpoints are collective)
+        if not self.engine.any(self._stop_signal is not None):
             return False
+        if self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM
         path = self.save()
         if self.is_main:
             log.warning("received signal %d: checkpoint written to %s; resume with checkpoint.resume_from=latest",
@@ -301,16 +326,24 @@ class Trainer:
 
     def _end_epoch(self, e: int, seconds: float) -> None:
         cfg = self.cfg
-        acc = self._epoch_acc
+        acc = dict(self._epoch_acc)
+        for k in sorted(acc):  # per-rank sums → means over ranks (every rank has the same keys and update count)
+            if k not in ("updates", "skipped"):
+                acc[k] = float(self.engine.all_reduce_mean(torch.tensor([float(acc[k])], dtype=torch.float64)))
         n = max(acc.get("updates", 0), 1)
-        lr = self.engine.all_reduce_mean(self.fresh.log_reward.float())
+        lr = self.engine.all_gather(self.fresh.log_reward.float())  # every rank's rewards
         rec = {"epoch": e, "updates_total": self.engine.updates, "reward_mean": float(lr.mean()),
                "reward_std": float(lr.std()) if lr.numel() > 1 else 0.0, "seconds": seconds,
                "skipped": acc.get("skipped", 0)}
         rec.update({k: v / n for k, v in acc.items() if k not in ("updates", "skipped")})
         from fastnabla import metrics
 
-        rec.update(metrics.epoch_metrics(self, self.fresh))
+        fresh = self.fresh
+        if self.world_size > 1:  # the metrics see every rank's final states
+            from types import SimpleNamespace
+
+            fresh = SimpleNamespace(xs=self.engine.all_gather(self.fresh.xs[:, -1:].contiguous()))
+        rec.update(metrics.epoch_metrics(self, fresh))
         is_last = e + 1 >= cfg.train.epochs
         if cfg.eval.every and ((e + 1) % cfg.eval.every == 0) and not is_last:
             rec.update(metrics.evaluate(self, final=False))
@@ -330,10 +363,12 @@ class Trainer:
 
         result = metrics.evaluate(self, final=True)
         self.save()
+        with self.engine.gathered_parameters():  # collective: ZeRO-3 holds only a shard of each weight
+            if self.is_main:
+                final = os.path.join(self.out_dir, "final")
+                os.makedirs(final, exist_ok=True)
+                self.backbone.save_pretrained(final)
         if self.is_main:
-            final = os.path.join(self.out_dir, "final")
-            os.makedirs(final, exist_ok=True)
-            self.backbone.save_pretrained(final)
             with open(os.path.join(self.out_dir, "summary.json"), "w") as f:
                 json.dump(result, f, indent=2)
         return result

@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 EXTRAS ?= dev,8bit,deepspeed
+# the default suite; `make test PYTEST_ARGS=` runs the slow tests too (distributed ZeRO-1/3, 8-bit, …)
+PYTEST_ARGS ?= -m "not slow"
 export TRITON_INTERPRET ?= 1
 
 .PHONY: demo test venv clean

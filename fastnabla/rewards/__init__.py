@@ -17,7 +17,7 @@ aesthetic       LAION aesthetic MLP on normalised CLIP ViT-L/14 image features  
 pickscore       exp(logit_scale)·cos(image, prompt) with the PickScore CLIP               yes
 hpsv2, hpsv2.1  cos(image, prompt) with the HPS OpenCLIP ViT-H-14 (converted on load)     yes
 combo           Σ_k w_k·log R_k over other registered rewards                             if any is
-imagereward     not available yet (raises a ValueError that says what to use instead)     —
+imagereward     ImageReward's standardised score (BLIP ViT + cross-attending BERT + MLP)   yes
 ==============  =======================================================================  =========
 """
 from __future__ import annotations
@@ -121,9 +121,9 @@ def _build_combo(**options):
 
 @register_reward("imagereward")
 def _build_imagereward(**options):
-    from fastnabla.rewards.imagereward import build_imagereward
+    from fastnabla.rewards.imagereward import ImageRewardReward
 
-    return build_imagereward(**options)
+    return ImageRewardReward(**options)
 
 
 __all__ = ["RewardFn", "build_reward", "register_reward", "available_rewards"]

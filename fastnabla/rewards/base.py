@@ -89,7 +89,8 @@ class RewardFn(nn.Module):
 
 
 class TextEmbeddingCache:
-    """Prompt → text embedding, computed without grad (rewards differentiate w.r.t. images only).
+    """Prompt → text embedding (or any per-prompt tensor, e.g. token ids), computed once, without grad (rewards
+    differentiate w.r.t. images only).
 
     Prompt sets are small and repeat every epoch, so caching saves one text-tower forward per sample. Bounded: the
     oldest entries are dropped past ``max_size``.
@@ -105,7 +106,7 @@ class TextEmbeddingCache:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if missing:
             with torch.autocast(device_type=torch.device(device).type, enabled=False):
-                emb = self.encode(missing).float()
+                emb = self.encode(missing)
             for p, e in zip(missing, emb):
                 self._cache[p] = e
             while len(self._cache) > self.max_size:

@@ -14,8 +14,10 @@ at load time. The two layouts differ in naming and in three places that need mor
 - ``visual.class_embedding`` / ``visual.positional_embedding`` / ``positional_embedding`` are bare parameters in
   OpenCLIP and embedding modules in transformers (same values).
 
-Dimensions are read off the tensors; the head count is not stored anywhere, so it comes from ``head_width``
-(64 for every OpenCLIP ViT, hence 16 text heads and 20 vision heads for ViT-H-14). The activation is exact GELU
+Dimensions are read off the tensors; the head counts are not stored anywhere. They come from ``vision_heads`` /
+``text_heads`` when given, else from the tower width via the OpenCLIP model configs (ViT-H-14: vision width 1280
+with head width 80 → 16 heads; text width 1024 → 16 heads). A wrong head count would load without complaint and
+give wrong features, so an unknown width is an error, not a guess. The activation is exact GELU
 for the LAION-trained towers (``hidden_act``; "quick_gelu" for OpenAI-trained ones). Pooling matches: OpenCLIP
 takes the class token after ``ln_post`` and the text feature at the end-of-text token (the largest id), which is
 what ``CLIPModel`` does with ``eos_token_id`` set to the tokenizer's end-of-text id.
@@ -63,7 +65,22 @@ def _count_blocks(sd: dict, prefix: str) -> int:
     return max(ids) + 1 if ids else 0
 
 
-def openclip_config(sd: dict, *, head_width: int = 64, hidden_act: str = "gelu", eos_token_id: int = 49407,
+# Tower width → number of heads in the OpenCLIP configs (vision towers: ViT-B/L/H/bigG; text towers of those).
+_VISION_HEADS = {768: 12, 1024: 16, 1280: 16, 1664: 16}
+_TEXT_HEADS = {512: 8, 768: 12, 1024: 16, 1280: 20}
+
+
+def _heads(width: int, given: Optional[int], table: dict, option: str) -> int:
+    heads = given if given is not None else table.get(width)
+    if heads is None:
+        raise ValueError(f"cannot infer the number of attention heads of a width-{width} tower; set reward.{option}")
+    if width % heads:
+        raise ValueError(f"reward.{option}={heads} does not divide the tower width {width}")
+    return int(heads)
+
+
+def openclip_config(sd: dict, *, vision_heads: Optional[int] = None, text_heads: Optional[int] = None,
+                    hidden_act: str = "gelu", eos_token_id: int = 49407,
                     bos_token_id: int = 49406, pad_token_id: int = 0, layer_norm_eps: float = 1e-5):
     """A ``CLIPConfig`` matching an OpenCLIP (plain ``CLIP`` class) state dict."""
     from transformers import CLIPConfig
@@ -82,19 +99,18 @@ def openclip_config(sd: dict, *, head_width: int = 64, hidden_act: str = "gelu",
     proj_dim = sd["visual.proj"].shape[1]
     if sd["text_projection"].shape[1] != proj_dim:
         raise ValueError("visual.proj and text_projection project to different sizes")
-    for w in (v_width, t_width):
-        if w % head_width:
-            raise ValueError(f"width {w} is not a multiple of head_width {head_width}")
+    v_heads = _heads(v_width, vision_heads, _VISION_HEADS, "vision_heads")
+    t_heads = _heads(t_width, text_heads, _TEXT_HEADS, "text_heads")
     vision = dict(
         hidden_size=v_width, intermediate_size=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-        num_hidden_layers=_count_blocks(sd, "visual.transformer."), num_attention_heads=v_width // head_width,
+        num_hidden_layers=_count_blocks(sd, "visual.transformer."), num_attention_heads=v_heads,
         image_size=grid * patch, patch_size=patch, hidden_act=hidden_act, layer_norm_eps=layer_norm_eps,
         projection_dim=proj_dim,
     )
     text = dict(
         vocab_size=sd["token_embedding.weight"].shape[0], hidden_size=t_width,
         intermediate_size=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-        num_hidden_layers=_count_blocks(sd, "transformer."), num_attention_heads=t_width // head_width,
+        num_hidden_layers=_count_blocks(sd, "transformer."), num_attention_heads=t_heads,
         max_position_embeddings=sd["positional_embedding"].shape[0], hidden_act=hidden_act,
         layer_norm_eps=layer_norm_eps, eos_token_id=eos_token_id, bos_token_id=bos_token_id,
         pad_token_id=pad_token_id, projection_dim=proj_dim,
@@ -171,13 +187,15 @@ def _resolve_checkpoint(variant: str, path: Optional[str]) -> str:
 class HPSv2Reward(RewardFn):
     """Options: ``model`` (path to the HPS checkpoint; default: fetched from the hub), ``tokenizer`` (alias
     ``processor``: dir or hub id of a CLIP tokenizer, default laion/CLIP-ViT-H-14-laion2B-s32B-b79K),
-    ``head_width`` (64), ``hidden_act`` ("gelu"), ``checkpointing``."""
+    ``vision_heads`` / ``text_heads`` (inferred from the widths: 16 / 16 for ViT-H-14), ``hidden_act`` ("gelu"),
+    ``checkpointing``."""
 
     name = "hpsv2"
     needs_prompts = True
 
     def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None, processor: Optional[str] = None,
-                 head_width: int = 64, hidden_act: str = "gelu", checkpointing: bool = False,
+                 vision_heads: Optional[int] = None, text_heads: Optional[int] = None, hidden_act: str = "gelu",
+                 checkpointing: bool = False,
                  variant: str = "hpsv2"):
         super().__init__(checkpointing)
         self.name = variant
@@ -189,7 +207,7 @@ class HPSv2Reward(RewardFn):
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
             self.clip = clip_from_openclip_state_dict(
-                sd, head_width=head_width, hidden_act=hidden_act, eos_token_id=self.tokenizer.eos_token_id,
+                sd, vision_heads=vision_heads, text_heads=text_heads, hidden_act=hidden_act, eos_token_id=self.tokenizer.eos_token_id,
                 bos_token_id=self.tokenizer.bos_token_id, pad_token_id=self.tokenizer.pad_token_id or 0)
         except Exception as e:  # noqa: BLE001
             raise missing_weights_error("model", f"the {variant} checkpoint", path,

@@ -308,12 +308,10 @@ class SDBackbone(Backbone):
         os.makedirs(directory, exist_ok=True)
         if self.lora_rank > 0:
             layers = {k: v.detach().float().cpu().contiguous() for k, v in self.lora_state_dict().items()}
-            kw = {}
-            if self.lora_alpha != self.lora_rank:  # otherwise the loader's default (alpha = rank) is right
-                kw["unet_lora_adapter_metadata"] = {"r": self.lora_rank, "lora_alpha": self.lora_alpha,
-                                                    "target_modules": self.lora_target_modules}
+            # the adapter config rides along as safetensors metadata, so lora_alpha ≠ rank survives the load
+            meta = next(iter(self.unet.peft_config.values())).to_dict()
             StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True,
-                                                      **kw)
+                                                      unet_lora_adapter_metadata=meta)
         else:
             self.unet.save_pretrained(os.path.join(directory, "unet"))
         self.flow_net.save_pretrained(os.path.join(directory, "flow_net"))

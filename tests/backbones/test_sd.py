@@ -11,8 +11,8 @@ BASE = [
     "model.backbone=sd", "model.resolution=32", "model.flow_channels=[8,16]", "model.dtype=fp32",
     "reward.name=brightness", "sampling.num_steps=4", "sampling.batch_size=2", "sampling.num_batches=1",
     "gfn.timestep_fraction=0.5", "gfn.reward_scale=100.0", "gfn.trust_region_scale=1.0",
-    "train.epochs=2", "train.batch_size=3", "train.gradient_accumulation_steps=2", "train.lr=1e-2",
-    "train.flow_lr=1e-2", "eval.every=0", "eval.num_samples=2", "checkpoint.every=0", "logging.progress=false",
+    "train.epochs=2", "train.batch_size=3", "train.gradient_accumulation_steps=2", "train.lr=0.01",
+    "train.flow_lr=0.01", "eval.every=0", "eval.num_samples=2", "checkpoint.every=0", "logging.progress=false",
     "logging.plots=false", "prompts.train=simple_animals",
 ]
 

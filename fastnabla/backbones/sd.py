@@ -126,8 +126,8 @@ class SDBackbone(Backbone):
         self.flow_text_conditioning = bool(flow_text_conditioning)
         self.tokenizer = tokenizer
 
-        self.vae = vae.to(dtype).requires_grad_(False).eval()
-        self.text_encoder = text_encoder.to(dtype).requires_grad_(False).eval()
+        self.vae = _cast(vae, dtype).requires_grad_(False).eval()
+        self.text_encoder = _cast(text_encoder, dtype).requires_grad_(False).eval()
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if resolution % self.vae_scale_factor:
             raise ValueError(f"model.resolution={resolution} must be a multiple of the VAE's downsampling factor "
@@ -138,7 +138,7 @@ class SDBackbone(Backbone):
         if self.lora_rank > 0:
             from peft import LoraConfig
 
-            unet = unet.to(dtype).requires_grad_(False)
+            unet = _cast(unet, dtype).requires_grad_(False)
             unet.add_adapter(LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, init_lora_weights="gaussian",
                                         target_modules=self.lora_target_modules))
             for p in unet.parameters():  # the adapter is created in the base dtype: trainables are fp32
@@ -150,8 +150,8 @@ class SDBackbone(Backbone):
                 import copy
 
                 ref_unet = copy.deepcopy(unet)
-            self.ref_unet = ref_unet.to(dtype).requires_grad_(False).eval()
-            unet = unet.float().requires_grad_(True)
+            self.ref_unet = _cast(ref_unet, dtype).requires_grad_(False).eval()
+            unet = _cast(unet, torch.float32).requires_grad_(True)
         self.unet = unet.eval()  # no dropout in SD's UNet; eval keeps it that way for custom configs too
 
         self.flow_net = build_flow_net(latent, unet.config.in_channels, text_encoder.config.hidden_size, flow_channels)
@@ -315,6 +315,13 @@ class SDBackbone(Backbone):
         else:
             self.unet.save_pretrained(os.path.join(directory, "unet"))
         self.flow_net.save_pretrained(os.path.join(directory, "flow_net"))
+
+
+def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module.to(dtype)`` unless it is already there (diffusers warns on every ``.to(dtype)`` of a model)."""
+    if all(p.dtype == dtype for p in module.parameters()):
+        return module
+    return module.to(dtype)
 
 
 def _load_unet(pretrained: str, revision: Optional[str], dtype: torch.dtype):

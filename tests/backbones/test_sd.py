@@ -226,10 +226,25 @@ def test_bf16_weights_keep_fp32_trainables_and_fp32_reward(tiny_sd_dir, tmp_path
 
 # --- memory switches ---------------------------------------------------------------------------------------------
 
+class _CountCalls:
+    """Counts calls of ``module.forward`` (forward hooks do not fire in a checkpoint's recomputation)."""
+
+    def __init__(self, module):
+        self.module, self.calls, self._fwd = module, [], module.forward
+
+        def counted(*a, **k):
+            self.calls.append(1)
+            return self._fwd(*a, **k)
+
+        module.forward = counted
+
+    def remove(self):
+        del self.module.forward
+
+
 def _count_calls(module):
-    calls = []
-    h = module.register_forward_hook(lambda *a: calls.append(1))
-    return calls, h
+    c = _CountCalls(module)
+    return c.calls, c
 
 
 def test_checkpointing_flags_give_the_same_gradients(tiny_sd_dir, tmp_path, tiny_clip_dir, aesthetic_head_file):
@@ -246,14 +261,14 @@ def test_checkpointing_flags_give_the_same_gradients(tiny_sd_dir, tmp_path, tiny
         reward = build_reward("aesthetic", {**opts, "checkpointing": name in ("reward", "all")})
         x, t, cond = inputs(bb)
         # each switch really recomputes: its module runs again during the backward
-        unet_calls, h1 = _count_calls(bb.unet.down_blocks[0])
+        unet_calls, h1 = _count_calls(bb.unet.down_blocks[0].resnets[0])
         vae_calls, h2 = _count_calls(bb.vae.decoder)
         clip_calls, h3 = _count_calls(reward.clip)
         grads[name], _, _ = _reward_grad(bb, reward, x, t, cond)
         for h in (h1, h2, h3):
             h.remove()
         assert len(unet_calls) == (2 if name in ("unet", "all") else 1), name
-        assert len(vae_calls) == {"vae": 4, "all": 2}.get(name, 1 if name != "vae" else 2), name
+        assert len(vae_calls) == {"vae": 4, "all": 2}.get(name, 1), name  # "vae" decodes in 2 micro-batches
         assert len(clip_calls) == (2 if name in ("reward", "all") else 1), name
     assert grads["none"].abs().sum() > 0
     for name, g in grads.items():

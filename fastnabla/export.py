@@ -34,8 +34,6 @@ def build_parser(prog: str = "fastnabla.export") -> argparse.ArgumentParser:
 
 def export(pretrained: str, lora: str, output: str, revision=None, dtype: str = "fp32", lora_scale: float = 1.0):
     """Load ``pretrained``, fuse the LoRA in ``lora``, save the plain pipeline to ``output``; returns ``output``."""
-    from diffusers import StableDiffusionPipeline
-
     from fastnabla.backbones.sd import DTYPES, _missing_model_error
 
     lora_file = os.path.join(lora, LORA_FILE) if os.path.isdir(lora) else lora
@@ -44,6 +42,8 @@ def export(pretrained: str, lora: str, output: str, revision=None, dtype: str = 
     looks_local = os.path.isabs(pretrained) or pretrained.startswith(".") or os.path.exists(pretrained)
     if looks_local and not os.path.isdir(pretrained):
         raise _missing_model_error(pretrained, FileNotFoundError("no such directory"))
+    from diffusers import StableDiffusionPipeline  # after the cheap checks: importing it is slow and chatty
+
     try:
         pipe = StableDiffusionPipeline.from_pretrained(pretrained, revision=revision, torch_dtype=DTYPES[dtype],
                                                        safety_checker=None, requires_safety_checker=False)

@@ -18,3 +18,14 @@ from tests.rewards.conftest import aesthetic_head_file, tiny_clip_dir, tiny_hps 
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     return make_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: thread start-up costs more than it saves (8× slower with 2 threads on a busy 2-core box)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -122,6 +122,7 @@ def test_reference_is_the_pretrained_unet_and_policy_starts_there(tiny_sd_dir, t
     from diffusers import UNet2DConditionModel
 
     bb = make_backbone(tiny_sd_dir, tmp_path)
+    assert bb.ref_unet is None  # LoRA mode: the reference is the same UNet with the adapter off, not a copy
     x, t, cond = inputs(bb)
     with torch.no_grad():
         pol0, ref0 = bb.policy(x, t, cond), bb.reference(x, t, cond)

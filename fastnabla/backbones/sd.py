@@ -183,8 +183,9 @@ class SDBackbone(Backbone):
             raise ValueError(XFORMERS_ERROR)  # before loading gigabytes
         unet, vae, text_encoder, tokenizer, sched_cfg = load_sd_components(m.pretrained, m.revision, dtype)
         ref_unet = None
-        if m.lora_rank == 0:  # a second, independent load is cheaper on memory than deepcopy of a fp32 cast
-            ref_unet = _load_unet(m.pretrained, m.revision, dtype)
+        if m.lora_rank == 0:  # full finetuning: the loaded UNet (model.dtype) is the frozen reference; the
+            ref_unet = unet  # trainable one is loaded again in fp32 (not up-cast from bf16, which would round it)
+            unet = _load_unet(m.pretrained, m.revision, torch.float32)
         base = dict(sched_cfg)
         # σ > 0 on every step: the last step must not jump to ᾱ = 1 (SD's own config already says so)
         base["set_alpha_to_one"] = False

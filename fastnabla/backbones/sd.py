@@ -15,7 +15,7 @@ Precision: frozen weights live in ``model.dtype`` (bf16 halves their memory); tr
 UNet, the flow net) are always fp32. Inputs arrive fp32 and are cast to the weights' dtype at the network's door;
 outputs go back to fp32, so gradients w.r.t. x flow through the low-precision weights and the reward always sees
 fp32 images. Memory switches: ``train.gradient_checkpointing`` (UNet and flow net), ``reward.vae_checkpointing``
-(each decode micro-batch recomputed in the backward), ``reward.checkpointing`` (the reward model; handled by the
+(each VAE decoder block recomputed in the backward), ``reward.checkpointing`` (the reward model; handled by the
 reward), ``reward.micro_batch`` (decode chunk size).
 """
 from __future__ import annotations
@@ -27,7 +27,6 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from fastnabla.backbones.base import Backbone
 
@@ -171,6 +170,11 @@ class SDBackbone(Backbone):
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             self.flow_net.enable_gradient_checkpointing()
+        if self.vae_checkpointing:
+            # Block-level: the decoder keeps only each block's input and recomputes one block at a time in the
+            # backward. (One checkpoint around the whole decode would not lower the peak: its recomputation in the
+            # backward materialises every decoder activation at once, as the plain forward does.)
+            self.vae.enable_gradient_checkpointing()
         self._uncond: dict = {}
 
     @classmethod
@@ -275,17 +279,10 @@ class SDBackbone(Backbone):
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents (B, 4, h, w) → images (B, 3, H, W) in [0, 1], float32; in micro-batches of
-        ``reward.micro_batch``, each recomputed in the backward when ``reward.vae_checkpointing`` is on."""
+        """Latents (B, 4, h, w) → images (B, 3, H, W) in [0, 1], float32, in micro-batches of ``reward.micro_batch``
+        (with ``reward.vae_checkpointing`` each decoder block is recomputed in the backward)."""
         mb = self.decode_micro_batch or x.shape[0]
-        outs = []
-        for s in range(0, x.shape[0], mb):
-            z = x[s:s + mb]
-            if self.vae_checkpointing and torch.is_grad_enabled() and z.requires_grad:
-                outs.append(_checkpoint(self._decode_chunk, z, use_reentrant=False))
-            else:
-                outs.append(self._decode_chunk(z))
-        return torch.cat(outs)
+        return torch.cat([self._decode_chunk(x[s:s + mb]) for s in range(0, x.shape[0], mb)])
 
     # --- parameters and saving ------------------------------------------------------------------------------------
     def policy_parameters(self):

@@ -12,12 +12,13 @@ What is measured
    configs; nothing is downloaded; memory does not depend on the values). It runs through ``SDBackbone`` so the
    switches are the library's own: ``train.gradient_checkpointing`` (UNet), ``reward.vae_checkpointing``,
    ``reward.checkpointing`` (the reward tower, as ``RewardFn.run_model`` does it).
-   Each configuration runs in a fresh subprocess. On CUDA the figure is ``torch.cuda.max_memory_allocated`` during
-   the step minus the allocation before it. On CPU (the allocator is invisible to tracemalloc) a thread samples the
-   process RSS from /proc every millisecond during the step; the figure is the peak minus the RSS just before the
-   step, after ``gc.collect()`` and glibc ``malloc_trim(0)`` (so memory freed during setup is returned to the OS
-   and cannot be silently reused by the step). It is the step's peak *extra* memory: activations kept for the
-   backward, gradients, and transient workspace.
+   Each configuration runs in a fresh subprocess and measures its second step (the first is a warm-up, so
+   one-time allocations are not counted). On CUDA the figure is ``torch.cuda.max_memory_allocated`` during the step
+   minus the allocation before it. On CPU (the allocator is invisible to tracemalloc) a thread samples the process
+   RSS from /proc every millisecond during the step; the figure is the peak minus the RSS just before the step,
+   after ``gc.collect()`` and glibc ``malloc_trim(0)``, with glibc's mmap threshold fixed at 128 KiB
+   (``MALLOC_MMAP_THRESHOLD_``) so that every large tensor is its own mapping and freed memory leaves the RSS. It is
+   the step's peak *extra* memory: activations kept for the backward, gradients, and transient workspace.
 2. Optimizer-state bytes of AdamW (torch) vs AdamW8bit (bitsandbytes) for the rank-8 LoRA parameters of the SD1.5
    UNet and for the full UNet: every parameter shape gets its own optimizer, one step on a zero gradient, and
    the bytes of all state tensors are summed (exact, and never more than one parameter in memory at a time).
@@ -175,6 +176,7 @@ def worker(name: str, resolution: int, batch: int, dtype_name: str) -> dict:
         (g,) = torch.autograd.grad(log_r.sum(), xr)
         return g
 
+    step()  # warm-up: one-time allocations (kernel caches, thread pools, lazy buffers) are not the step's memory
     gc.collect()
     t0 = time.time()
     if device.type == "cuda":
@@ -257,14 +259,17 @@ def plot(step_rows, opt_rows, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.6))
     names = [r["config"] for r in step_rows]
-    ax[0].bar(names, [r["peak_step_mib"] for r in step_rows], color="tab:blue")
+    bars = ax[0].bar(names, [r["peak_step_mib"] for r in step_rows], color="tab:blue")
+    ax[0].bar_label(bars, fmt="%.0f")
     ax[0].set_ylabel("peak extra memory of the step (MiB)")
     ax[0].set_title("reward-gradient step (UNet+CFG → VAE → CLIP-L)")
     ax[0].tick_params(axis="x", rotation=20)
     labels = [f"{r['params']}\n{r['optimizer']}" for r in opt_rows]
-    ax[1].bar(labels, [r["state_mib"] for r in opt_rows], color=["tab:orange", "tab:green"] * (len(opt_rows) // 2))
+    bars = ax[1].bar(labels, [r["state_mib"] for r in opt_rows],
+                     color=["tab:orange", "tab:green"] * (len(opt_rows) // 2))
+    ax[1].bar_label(bars, fmt="%.1f")
     ax[1].set_yscale("log")
     ax[1].set_ylabel("optimizer state (MiB, log)")
     ax[1].set_title("AdamW vs AdamW8bit state")
@@ -296,7 +301,10 @@ def main(argv=None) -> int:
     for name in args.configs.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--resolution", str(res),
                "--batch", str(args.batch), "--dtype", dtype]
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        # a fixed mmap threshold: every large tensor is its own mapping, returned to the OS when freed, so the
+        # RSS follows the live tensors (glibc's adaptive threshold would keep freed blocks in the heap)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if r.returncode != 0:
             print(r.stderr[-3000:], file=sys.stderr)
             return 1
@@ -335,7 +343,7 @@ def main(argv=None) -> int:
         a = next(r for r in opt_rows if r["params"] == what and r["optimizer"] == "adamw")
         b = next(r for r in opt_rows if r["params"] == what and r["optimizer"] == "adamw8bit")
         summary.append(f"{what}: 8-bit state = {100 * b['state_mib'] / a['state_mib']:.1f}% of AdamW's")
-    plot(step_rows, opt_rows, stem + ".png", f"{dev}, {res}×{res}, batch {args.batch}, {dtype} weights; "
+    plot(step_rows, opt_rows, stem + ".png", f"{dev}, {res}×{res}, batch {args.batch}, {dtype} weights\n"
          + "; ".join(summary))
     print("\n".join(summary))
     print(f"wrote {stem}.csv and {stem}.png")

@@ -143,6 +143,11 @@ class PromptSource:
         return [self.prompts[i] for i in idx.tolist()]
 
 
+def load_prompt_source(spec: PromptInput, column: Optional[str] = None) -> PromptSource:
+    """The trainer's entry point: a built-in set name or a prompt file → ``PromptSource``."""
+    return spec if isinstance(spec, PromptSource) else PromptSource(spec, column)
+
+
 def eval_prompts(source_or_file: PromptInput, n: int, seed: int = 0,
                  column: Optional[str] = None) -> list[tuple[str, int]]:
     """A fixed evaluation set: ``n`` pairs (prompt, noise seed), identical for the same arguments on every run.
@@ -162,4 +167,4 @@ def eval_prompts(source_or_file: PromptInput, n: int, seed: int = 0,
     return [(prompts[i], s) for i, s in zip(order[:n], noise_seeds)]
 
 
-__all__ = ["SIMPLE_ANIMALS", "BUILTIN_PROMPT_SETS", "load_prompts", "PromptSource", "eval_prompts"]
+__all__ = ["SIMPLE_ANIMALS", "BUILTIN_PROMPT_SETS", "load_prompts", "PromptSource", "load_prompt_source", "eval_prompts"]

@@ -33,9 +33,10 @@ def build_optimizer(name: str, groups: list[dict], betas=(0.9, 0.999)):
     except ImportError:
         raise RuntimeError(f"train.optimizer={name} needs bitsandbytes: pip install 'fastnabla[8bit]'") from None
     if name == "adamw8bit":
-        return bnb.optim.AdamW8bit(groups, betas=tuple(betas), eps=1e-8)
+        # bitsandbytes keeps tensors under min_8bit_size (default 4096) in 32-bit; LoRA matrices are mostly smaller
+        return bnb.optim.AdamW8bit(groups, betas=tuple(betas), eps=1e-8, min_8bit_size=256)
     if name == "lion8bit":
-        return bnb.optim.Lion8bit(groups, betas=tuple(betas))
+        return bnb.optim.Lion8bit(groups, betas=tuple(betas), min_8bit_size=256)
     raise ValueError(f"train.optimizer={name!r}: must be adamw, adamw8bit or lion8bit")
 
 

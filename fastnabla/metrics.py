@@ -37,13 +37,18 @@ def evaluate(trainer, final: bool) -> dict:
     """Precise metrics on ``eval.num_samples`` samples; at the end also samples on disk and plots."""
     cfg = trainer.cfg
     n = max(cfg.eval.num_samples, 4096) if final and _is_toy(trainer.backbone) else cfg.eval.num_samples
-    samples = trainer.sample_final(n, seed=cfg.seed + 7919)
+    samples, prompts = trainer.sample_final(n, seed=cfg.seed + 7919)
     out = {}
+    mb = cfg.sampling.batch_size  # decode and score in micro-batches: a 512×512 decode of every sample at once OOMs
+    scores = []
     with torch.no_grad():
-        lr, _ = trainer.reward_fn(trainer.backbone.decode(samples.to(trainer.device)),
-                                  trainer.prompts.sample(n, torch.Generator().manual_seed(cfg.seed))
-                                  if trainer.backbone.conditional else None, None)
-    out["eval_reward_mean"] = float(lr.float().mean())
+        for s in range(0, n, mb):
+            lr, _ = trainer.reward_fn(trainer.backbone.decode(samples[s:s + mb].to(trainer.device)),
+                                      None if prompts is None else prompts[s:s + mb], None)
+            scores.append(lr.float().cpu())
+    lr = torch.cat(scores)
+    out["eval_reward_mean"] = float(lr.mean())
+    out["eval_reward_std"] = float(lr.std()) if n > 1 else 0.0
     toy = _is_toy(trainer.backbone) and cfg.reward.name == "gaussian_bump"
     if toy:
         from fastnabla.backbones.toy2d import mode_weights, total_variation

@@ -10,12 +10,23 @@ import logging
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script path: make the package importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script path (python/deepspeed fastnabla/train.py)
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if sys.path and os.path.abspath(sys.path[0] or ".") == _here:
+        sys.path.pop(0)  # fastnabla/'s modules must not be importable as top-level `config`, `loss`, …
+    try:
+        import fastnabla  # noqa: F401  (installed: pip install -e .)
+    except ImportError:  # a bare checkout: the repository root last, so its `kernels/` shadows no installed package
+        sys.path.append(os.path.dirname(_here))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, like every other bad input
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastnabla.train", description="∇-GFlowNet (residual ∇-DB) finetuning")
+    p = _Parser(prog="fastnabla.train", description="∇-GFlowNet (residual ∇-DB) finetuning")
     p.add_argument("--config", help="YAML config (sections model reward prompts sampling gfn train eval logging "
                                     "checkpoint, and seed); without it the embedded toy2d default runs")
     p.add_argument("--output-dir", help="where metrics, checkpoints, plots and final weights go")

@@ -133,17 +133,33 @@ class Trainer:
         return Trajectories.cat(parts)
 
     @torch.no_grad()
-    def sample_final(self, n: int, seed: int) -> torch.Tensor:
-        """Clean samples of the current policy (no trajectories kept), in batches."""
+    def sample_final(self, n: int, seed: int) -> tuple[torch.Tensor, Optional[list]]:
+        """n clean samples of the current policy (no trajectories kept) and their prompts, in batches.
+
+        Prompts come from ``prompts.eval`` (the training set when unset), drawn with ``prompts.eval_seed``, so every
+        evaluation of a run scores the same prompts with the same noise."""
         g = torch.Generator().manual_seed(seed)
+        pg = torch.Generator().manual_seed(self.cfg.prompts.eval_seed)
         bs = max(self.cfg.sampling.batch_size, 1024) if not self.backbone.conditional else self.cfg.sampling.batch_size
-        outs = []
+        outs, prompts_all = [], [] if self.backbone.conditional else None
         for s in range(0, n, bs):
             m = min(bs, n - s)
-            prompts = self.prompts.sample(m, g) if self.backbone.conditional else None
+            prompts = self.eval_prompts.sample(m, pg) if self.backbone.conditional else None
             tr = sample_trajectories(self.backbone, m, g, self.coeffs, prompts, None, keep_trajectory=False)
             outs.append(tr.xs[:, -1].cpu())
-        return torch.cat(outs)
+            if prompts is not None:
+                prompts_all += prompts
+        return torch.cat(outs), prompts_all
+
+    @property
+    def eval_prompts(self):
+        if self.cfg.prompts.eval is None:
+            return self.prompts
+        if getattr(self, "_eval_prompts", None) is None:
+            from fastnabla.prompts import PromptSource
+
+            self._eval_prompts = PromptSource(self.cfg.prompts.eval, column=self.cfg.prompts.column)
+        return self._eval_prompts
 
     # --- the transitions of one epoch -------------------------------------------------------------------------
     def plan(self, epoch: int, n_traj: int) -> list[list[torch.Tensor]]:

@@ -61,3 +61,9 @@ def test_cli_exit_code_2_and_one_line():
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "did you mean 'gfn.reward_scale'" in lines[0]
+
+
+def test_cli_bad_argument_is_one_line_exit_2():
+    r = subprocess.run([sys.executable, "-m", "fastnabla.train", "--no-such-flag"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1 and "--no-such-flag" in r.stderr

@@ -41,6 +41,7 @@ VARIANTS = {
     "reverse_100": ["gfn.reverse_scale=100.0"],
     "reverse_1000": ["gfn.reverse_scale=1000.0"],
     "reverse_300": ["gfn.reverse_scale=300.0"],
+    "reverse_500": ["gfn.reverse_scale=500.0"],
     "reverse_3000": ["gfn.reverse_scale=3000.0"],
     "reverse_1e4": ["gfn.reverse_scale=1e4"],
     "reverse_1e5": ["gfn.reverse_scale=1e5"],

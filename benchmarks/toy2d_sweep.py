@@ -43,6 +43,8 @@ VARIANTS = {
     "reverse_300": ["gfn.reverse_scale=300.0"],
     "reverse_500": ["gfn.reverse_scale=500.0"],
     "reverse_3000": ["gfn.reverse_scale=3000.0"],
+    "reverse_100_terminal_100": ["gfn.reverse_scale=100.0", "gfn.terminal_scale=100.0"],
+    "reverse_100_sample_lag_0": ["gfn.reverse_scale=100.0", "gfn.sample_lag=0"],
     "reverse_1e4": ["gfn.reverse_scale=1e4"],
     "reverse_1e5": ["gfn.reverse_scale=1e5"],
     "reverse_1000_lr_3e-3": ["gfn.reverse_scale=1000.0", "train.lr=3e-3", "train.flow_lr=3e-3"],

@@ -326,8 +326,12 @@ def main(argv=None) -> int:
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["kind", "name", "unet_ckpt", "vae_ckpt", "reward_ckpt", "value_mib", "seconds_or_bytes_per_param",
-                    "method", "device", "resolution", "batch", "dtype", "torch", "diffusers", "bitsandbytes"])
-        tail = [meta["device"], res, args.batch, dtype, meta["torch"], meta["diffusers"], meta["bitsandbytes"]]
+                    "method", "device", "resolution", "batch", "dtype", "torch", "diffusers", "bitsandbytes", "git_sha",
+                    "date"])
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True).stdout.strip()
+        tail = [meta["device"], res, args.batch, dtype, meta["torch"], meta["diffusers"], meta["bitsandbytes"], sha,
+                time.strftime("%Y-%m-%d")]
         for r in step_rows:
             w.writerow(["step_peak", r["config"], r["unet_ckpt"], r["vae_ckpt"], r["reward_ckpt"], r["peak_step_mib"],
                         r["seconds"], r["method"], *tail])

@@ -6,7 +6,6 @@ mode weights to the exact target p_ref·R^β and the off-manifold mass. At eval 
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np

@@ -125,3 +125,21 @@ def missing_weights_error(option: str, what: str, source: Any, how: str, err: Ex
     """The one-line error every loader raises when weights cannot be found or loaded."""
     reason = f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})" if err is not None else ""
     return ValueError(f"reward.{option}: could not load {what} from {source!r}{reason}; {how}")
+
+
+def resolve_checkpoint_file(path: Optional[str], hub_repo: str, filename: str, what: str) -> str:
+    """A reward checkpoint file: ``path`` when given (it must exist), else ``filename`` fetched from ``hub_repo``.
+    Either failure is the one-line error that says how to provide the file."""
+    how = (f"download {filename} (hub repo {hub_repo}) and set reward.model=/path/to/{filename} "
+           f"(without reward.model it is fetched from the hub, which needs network access)")
+    if path:
+        path = os.path.expanduser(str(path))
+        if not os.path.isfile(path):
+            raise ValueError(f"reward.model: {what} not found at {path}; {how}")
+        return path
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(hub_repo, filename)
+    except Exception as e:  # noqa: BLE001
+        raise missing_weights_error("model", f"the {what}", f"{hub_repo}/{filename}", how, e) from None

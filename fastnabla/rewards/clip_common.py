@@ -181,3 +181,21 @@ __all__ = [
     "load_clip_tokenizer", "clip_tokenize", "clip_image_embeds", "clip_text_embeds", "normalize", "is_local",
     "resize_shortest_edge", "center_crop", "resize_longest_edge_and_pad",
 ]
+
+
+class ClipPromptSimilarity:
+    """Cosine similarity of normalised CLIP image and prompt embeddings, shared by the prompt-conditioned CLIP
+    rewards (pickscore, hpsv2). The reward sets ``clip``, ``tokenizer``, ``max_length``, ``preprocess`` and
+    ``text_cache = TextEmbeddingCache(self._encode_text)``."""
+
+    def _encode_text(self, prompts):
+        tok = clip_tokenize(self.tokenizer, prompts, self.max_length, self.clip.logit_scale.device)
+        return normalize(clip_text_embeds(self.clip, **tok))
+
+    def _forward(self, pixel_values):
+        return normalize(clip_image_embeds(self.clip, pixel_values))
+
+    def cosine(self, images, prompts):
+        txt = self.text_cache(prompts, images.device)
+        img = self.run_model(self._forward, self.preprocess(images))
+        return (img * txt).sum(-1)

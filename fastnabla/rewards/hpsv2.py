@@ -24,15 +24,13 @@ what ``CLIPModel`` does with ``eos_token_id`` set to the tokenizer's end-of-text
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Optional
 
 import torch
 
-from fastnabla.rewards.base import RewardFn, TextEmbeddingCache, missing_weights_error
-from fastnabla.rewards.clip_common import (clip_image_embeds, clip_text_embeds, clip_tokenize,
-                                           image_preprocess_from, load_clip_tokenizer, normalize)
+from fastnabla.rewards.base import RewardFn, TextEmbeddingCache, missing_weights_error, resolve_checkpoint_file
+from fastnabla.rewards.clip_common import ClipPromptSimilarity, image_preprocess_from, load_clip_tokenizer
 
 HUB_REPO = "xswu/HPSv2"
 CHECKPOINT_FILES = {"hpsv2": "HPS_v2_compressed.pt", "hpsv2.1": "HPS_v2.1_compressed.pt"}
@@ -167,24 +165,7 @@ def clip_from_openclip_state_dict(sd: dict, **config_kwargs):
     return model.float().eval().requires_grad_(False)
 
 
-def _resolve_checkpoint(variant: str, path: Optional[str]) -> str:
-    fname = CHECKPOINT_FILES[variant]
-    how = (f"download {fname} (hub repo {HUB_REPO}) and set reward.model=/path/to/{fname} "
-           f"(without reward.model it is fetched from the hub, which needs network access)")
-    if path:
-        path = os.path.expanduser(str(path))
-        if not os.path.isfile(path):
-            raise ValueError(f"reward.model: {variant} checkpoint not found at {path}; {how}")
-        return path
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(HUB_REPO, fname)
-    except Exception as e:  # noqa: BLE001
-        raise missing_weights_error("model", f"the {variant} checkpoint", f"{HUB_REPO}/{fname}", how, e) from None
-
-
-class HPSv2Reward(RewardFn):
+class HPSv2Reward(ClipPromptSimilarity, RewardFn):
     """Options: ``model`` (path to the HPS checkpoint; default: fetched from the hub), ``tokenizer`` (alias
     ``processor``: dir or hub id of a CLIP tokenizer, default laion/CLIP-ViT-H-14-laion2B-s32B-b79K),
     ``vision_heads`` / ``text_heads`` (inferred from the widths: 16 / 16 for ViT-H-14), ``hidden_act`` ("gelu"),
@@ -203,7 +184,7 @@ class HPSv2Reward(RewardFn):
             raise ValueError("reward.tokenizer and reward.processor are aliases; set one of them")
         tok_src = tokenizer or processor or DEFAULT_TOKENIZER
         self.tokenizer = load_clip_tokenizer(tok_src, option="tokenizer")
-        path = _resolve_checkpoint(variant, model)
+        path = resolve_checkpoint_file(model, HUB_REPO, CHECKPOINT_FILES[variant], f"{variant} checkpoint")
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
             self.clip = clip_from_openclip_state_dict(
@@ -218,15 +199,6 @@ class HPSv2Reward(RewardFn):
         self.max_length = self.clip.config.text_config.max_position_embeddings
         self.text_cache = TextEmbeddingCache(self._encode_text)
 
-    def _encode_text(self, prompts):
-        tok = clip_tokenize(self.tokenizer, prompts, self.max_length, self.clip.logit_scale.device)
-        return normalize(clip_text_embeds(self.clip, **tok))
-
-    def _forward(self, pixel_values):
-        return normalize(clip_image_embeds(self.clip, pixel_values))
-
     def score(self, images, prompts, metadata):
-        txt = self.text_cache(prompts, images.device)
-        img = self.run_model(self._forward, self.preprocess(images))
-        s = (img * txt).sum(-1)
+        s = self.cosine(images, prompts)
         return s, {self.name: s}

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from fastnabla.rewards.aesthetic import AestheticHead
-from fastnabla.rewards.base import RewardFn, TextEmbeddingCache, missing_weights_error
+from fastnabla.rewards.base import RewardFn, TextEmbeddingCache, missing_weights_error, resolve_checkpoint_file
 from fastnabla.rewards.clip_common import ImagePreprocess
 
 HUB_REPO = "THUDM/ImageReward"
@@ -128,23 +128,6 @@ def load_imagereward_modules(sd: dict, vision_heads: Optional[int] = None, text_
     return tuple(m.float().eval().requires_grad_(False) for m in (vision, text, head))
 
 
-def _resolve_checkpoint(path: Optional[str]) -> str:
-    how = (f"download {CHECKPOINT_FILE} (hub repo {HUB_REPO}) and set reward.model=/path/to/{CHECKPOINT_FILE} "
-           f"(without reward.model it is fetched from the hub, which needs network access)")
-    if path:
-        path = os.path.expanduser(str(path))
-        if not os.path.isfile(path):
-            raise ValueError(f"reward.model: ImageReward checkpoint not found at {path}; {how}")
-        return path
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(HUB_REPO, CHECKPOINT_FILE)
-    except Exception as e:  # noqa: BLE001
-        raise missing_weights_error("model", "the ImageReward checkpoint", f"{HUB_REPO}/{CHECKPOINT_FILE}", how,
-                                    e) from None
-
-
 class ImageRewardReward(RewardFn):
     """Options: ``model`` (path to ImageReward.pt; default: fetched from the hub), ``tokenizer`` (dir or hub id of
     BERT's uncased tokenizer, default bert-base-uncased), ``vision_heads`` / ``text_heads``, ``checkpointing``.
@@ -166,7 +149,7 @@ class ImageRewardReward(RewardFn):
             raise missing_weights_error("tokenizer", "the BERT tokenizer", tokenizer,
                                         "set reward.tokenizer to a local directory with vocab.txt (BERT uncased) "
                                         "or to a hub id with network access", e) from None
-        path = _resolve_checkpoint(model)
+        path = resolve_checkpoint_file(model, HUB_REPO, CHECKPOINT_FILE, "ImageReward checkpoint")
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
             self.vision, self.text, self.head = load_imagereward_modules(sd, vision_heads, text_heads)

@@ -5,17 +5,16 @@ log R(x, c) = exp(logit_scale) · ⟨normalize(E_img(x)), normalize(E_txt(c))⟩
 """
 from __future__ import annotations
 
-import torch
 
 from fastnabla.rewards.base import RewardFn, TextEmbeddingCache
-from fastnabla.rewards.clip_common import (clip_image_embeds, clip_text_embeds, clip_tokenize,
-                                           image_preprocess_from, load_clip_model, load_clip_tokenizer, normalize)
+from fastnabla.rewards.clip_common import (ClipPromptSimilarity, image_preprocess_from, load_clip_model,
+                                           load_clip_tokenizer)
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
-class PickScoreReward(RewardFn):
+class PickScoreReward(ClipPromptSimilarity, RewardFn):
     """Options: ``model`` (CLIP weights, dir or hub id), ``processor`` (tokenizer + preprocessor config, dir or hub
     id), ``checkpointing``."""
 
@@ -30,16 +29,6 @@ class PickScoreReward(RewardFn):
         self.max_length = self.clip.config.text_config.max_position_embeddings
         self.text_cache = TextEmbeddingCache(self._encode_text)
 
-    def _encode_text(self, prompts):
-        device = self.clip.logit_scale.device
-        tok = clip_tokenize(self.tokenizer, prompts, self.max_length, device)
-        return normalize(clip_text_embeds(self.clip, **tok))
-
-    def _forward(self, pixel_values):
-        return normalize(clip_image_embeds(self.clip, pixel_values))
-
     def score(self, images, prompts, metadata):
-        txt = self.text_cache(prompts, images.device)
-        img = self.run_model(self._forward, self.preprocess(images))
-        s = self.clip.logit_scale.exp() * (img * txt).sum(-1)
+        s = self.clip.logit_scale.exp() * self.cosine(images, prompts)
         return s, {"pickscore": s}

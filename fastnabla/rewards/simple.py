@@ -5,7 +5,7 @@ zero-ish gradient instead of NaN).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 

@@ -78,23 +78,25 @@ class Objective:
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         beta = self.gfn.reward_scale
         jj = j.clamp(max=self.N - 1)
-        term = (j >= self.N).view(-1, *([1] * (x.dim() - 1)))
         with torch.enable_grad():
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)
-            if bool(term.all()):
-                x0 = x
-            else:
-                if out is None:
-                    if self.gfn.reward_grad_through_model:
-                        out = self.backbone.policy(x, self.timesteps[jj], cond).to(x.dtype)
-                    else:
-                        with torch.no_grad():
-                            out = self.backbone.policy(x, self.timesteps[jj], cond).to(x.dtype)
+            if out is not None:  # a forward at x already exists (x is never terminal here)
                 if not self.gfn.reward_grad_through_model:
                     out = out.detach()
                 x0 = _col(self.c.x0_coef_x[jj], x) * x + _col(self.c.x0_coef_out[jj], x) * out
-                x0 = torch.where(term, x, x0)
+            else:  # the network runs only on non-terminal rows: at the clean sample x̂0 = x_N
+                rows = (j < self.N).nonzero(as_tuple=True)[0]
+                x0 = x
+                if rows.numel():
+                    xs, js = x[rows], jj[rows]
+                    with torch.set_grad_enabled(self.gfn.reward_grad_through_model):
+                        out = self.backbone.policy(xs, self.timesteps[js], None if cond is None else cond[rows])
+                    out = out.to(x.dtype)
+                    if not self.gfn.reward_grad_through_model:
+                        out = out.detach()
+                    x0_rows = _col(self.c.x0_coef_x[js], xs) * xs + _col(self.c.x0_coef_out[js], xs) * out
+                    x0 = x.index_copy(0, rows, x0_rows)
             g, lr = self._reward_grad(x, x0, prompts)
         return beta * _col(self.gamma(j), g) * g, lr
 
@@ -113,7 +115,7 @@ class Objective:
         need_x_grad = reverse
         x = b.x.detach().requires_grad_(need_x_grad)
         out = bb.policy(x, t, b.cond).to(x.dtype)
-        if reverse:
+        if reverse and lam != 0:  # s_R^ref needs the pretrained network's input gradient
             with torch.enable_grad():
                 x_ref = b.x.detach().requires_grad_(True)
                 out_ref_g = bb.reference(x_ref, t, b.cond).to(x.dtype)

@@ -2,6 +2,7 @@
 
     python benchmarks/toy2d_sweep.py variants --epochs 1500 --eval-every 250
     python benchmarks/toy2d_sweep.py rewards  --epochs 1500            # 3 centers × β ∈ {0.5, 1, 2}
+    python benchmarks/toy2d_sweep.py seeds    --epochs 2000            # seeds 0, 1, 2 of the default reward
     python benchmarks/toy2d_sweep.py variants --only full,no_flow --set train.lr=3e-3
 
 Each variant is ``configs/toy2d.yaml`` plus overrides, run in a subprocess (so runs can go in parallel with
@@ -22,43 +23,64 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-VARIANTS = {
-    "default": [],
-    "full_squared": ["gfn.reward_adaptive_mode=squared"],
-    "full_sqrt": ["gfn.reward_adaptive_mode=sqrt"],
-    "full_none": ["gfn.reward_adaptive_mode=none"],
-    "no_flow_squared": ["gfn.no_flow=true", "gfn.reward_adaptive_mode=squared"],
-    "no_flow_sqrt": ["gfn.no_flow=true", "gfn.reward_adaptive_mode=sqrt"],
-    "flow_lr_1e-4": ["train.flow_lr=1e-4"],
-    "flow_warmup_1000": ["train.flow_warmup_updates=1000"],
-    "sample_lag_0": ["gfn.sample_lag=0"],
-    "uniform_subsampling": ["gfn.low_var_subsampling=false"],
-    "all_transitions": ["gfn.timestep_fraction=1.0"],
-    "no_reverse": ["gfn.reverse_scale=0.0"],
-    "reverse_3": ["gfn.reverse_scale=3.0"],
-    "reverse_10": ["gfn.reverse_scale=10.0"],
-    "reverse_30": ["gfn.reverse_scale=30.0"],
-    "reverse_100": ["gfn.reverse_scale=100.0"],
-    "reverse_1000": ["gfn.reverse_scale=1000.0"],
-    "reverse_300": ["gfn.reverse_scale=300.0"],
-    "reverse_500": ["gfn.reverse_scale=500.0"],
-    "reverse_3000": ["gfn.reverse_scale=3000.0"],
-    "reverse_100_terminal_100": ["gfn.reverse_scale=100.0", "gfn.terminal_scale=100.0"],
-    "reverse_100_sample_lag_0": ["gfn.reverse_scale=100.0", "gfn.sample_lag=0"],
-    "reverse_1e4": ["gfn.reverse_scale=1e4"],
-    "reverse_1e5": ["gfn.reverse_scale=1e5"],
-    "reverse_1000_lr_3e-3": ["gfn.reverse_scale=1000.0", "train.lr=3e-3", "train.flow_lr=3e-3"],
-    "reverse_1000_policy_lr_3e-3": ["gfn.reverse_scale=1000.0", "train.lr=3e-3"],
-    "lr_3e-3": ["train.lr=3e-3", "train.flow_lr=3e-3"],
-    "policy_lr_3e-3": ["train.lr=3e-3"],
-    "lr_1e-2": ["train.lr=1e-2", "train.flow_lr=1e-2"],
-    "six_updates_per_epoch": ["train.batch_size=256"],
-    "flow_warmup_1000_lr_3e-3": ["train.flow_warmup_updates=1000", "train.lr=3e-3", "train.flow_lr=3e-3"],
-    "flow_lr_3e-4_lr_3e-3": ["train.lr=3e-3", "train.flow_lr=3e-4"],
+#: the paper's objective as configs/toy2d.yaml shipped it before the gradient-returns recipe (reverse_scale 100)
+PAPER = ["gfn.recipe=paper", "gfn.reverse_scale=100.0"]
+
+#: the gradient-returns recipe (ALGORITHM §5b) and its levers; configs/toy2d.yaml is the "returns" row
+RETURNS_VARIANTS = {
+    "returns": [],
+    "returns_fl_off": ["gfn.reward_adaptive_mode=off"],
+    "returns_fl_through_model": ["gfn.reward_grad_through_model=true"],
+    "returns_fl_sqrt": ["gfn.reward_adaptive_mode=sqrt"],
+    "returns_unweighted": ["gfn.policy_weighting=none"],
+    "returns_no_flow": ["gfn.no_flow=true"],
+    "returns_sample_lag_0": ["gfn.sample_lag=0"],
 }
+
+#: the paper's objective and its levers (the study before the returns recipe)
+PAPER_VARIANTS = {
+    "default": [*PAPER],
+    "full_squared": [*PAPER, "gfn.reward_adaptive_mode=squared"],
+    "full_sqrt": [*PAPER, "gfn.reward_adaptive_mode=sqrt"],
+    "full_none": [*PAPER, "gfn.reward_adaptive_mode=none"],
+    "no_flow_squared": [*PAPER, "gfn.no_flow=true", "gfn.reward_adaptive_mode=squared"],
+    "no_flow_sqrt": [*PAPER, "gfn.no_flow=true", "gfn.reward_adaptive_mode=sqrt"],
+    "flow_lr_1e-4": [*PAPER, "train.flow_lr=1e-4"],
+    "flow_warmup_1000": [*PAPER, "train.flow_warmup_updates=1000"],
+    "sample_lag_0": [*PAPER, "gfn.sample_lag=0"],
+    "uniform_subsampling": [*PAPER, "gfn.low_var_subsampling=false"],
+    "all_transitions": [*PAPER, "gfn.timestep_fraction=1.0"],
+    "no_reverse": [*PAPER, "gfn.reverse_scale=0.0"],
+    "reverse_3": [*PAPER, "gfn.reverse_scale=3.0"],
+    "reverse_10": [*PAPER, "gfn.reverse_scale=10.0"],
+    "reverse_30": [*PAPER, "gfn.reverse_scale=30.0"],
+    "reverse_100": [*PAPER, "gfn.reverse_scale=100.0"],
+    "reverse_1000": [*PAPER, "gfn.reverse_scale=1000.0"],
+    "reverse_300": [*PAPER, "gfn.reverse_scale=300.0"],
+    "reverse_500": [*PAPER, "gfn.reverse_scale=500.0"],
+    "reverse_3000": [*PAPER, "gfn.reverse_scale=3000.0"],
+    "reverse_100_terminal_100": [*PAPER, "gfn.reverse_scale=100.0", "gfn.terminal_scale=100.0"],
+    "reverse_100_sample_lag_0": [*PAPER, "gfn.reverse_scale=100.0", "gfn.sample_lag=0"],
+    "reverse_1e4": [*PAPER, "gfn.reverse_scale=1e4"],
+    "reverse_1e5": [*PAPER, "gfn.reverse_scale=1e5"],
+    "reverse_1000_lr_3e-3": [*PAPER, "gfn.reverse_scale=1000.0", "train.lr=3e-3", "train.flow_lr=3e-3"],
+    "reverse_1000_policy_lr_3e-3": [*PAPER, "gfn.reverse_scale=1000.0", "train.lr=3e-3"],
+    "lr_3e-3": [*PAPER, "train.lr=3e-3", "train.flow_lr=3e-3"],
+    "policy_lr_3e-3": [*PAPER, "train.lr=3e-3"],
+    "lr_1e-2": [*PAPER, "train.lr=1e-2", "train.flow_lr=1e-2"],
+    "six_updates_per_epoch": [*PAPER, "train.batch_size=256"],
+    "flow_warmup_1000_lr_3e-3": [*PAPER, "train.flow_warmup_updates=1000", "train.lr=3e-3", "train.flow_lr=3e-3"],
+    "flow_lr_3e-4_lr_3e-3": [*PAPER, "train.lr=3e-3", "train.flow_lr=3e-4"],
+}
+
+VARIANTS = {**RETURNS_VARIANTS, **{("paper" if k == "default" else f"paper_{k}"): v for k, v in PAPER_VARIANTS.items()}}
 
 REWARDS = {f"c{ci}_b{b:g}": [f"reward.center=[{c[0]},{c[1]}]", f"gfn.reward_scale={b}"]
            for ci, c in enumerate([(1.0, 0.5), (-1.0, -1.5), (2.0, 2.0)]) for b in (0.5, 1.0, 2.0)}
+
+SEEDS = {f"seed{s}": [f"seed={s}"] for s in (0, 1, 2)}
+
+TABLES = {"variants": VARIANTS, "rewards": REWARDS, "seeds": SEEDS}
 
 
 def run_one(name: str, overrides: list[str], out_root: str, epochs: int, eval_every: int, extra: list[str]) -> dict:
@@ -84,7 +106,7 @@ def run_one(name: str, overrides: list[str], out_root: str, epochs: int, eval_ev
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["variants", "rewards"])
+    p.add_argument("mode", choices=sorted(TABLES))
     p.add_argument("--epochs", type=int, default=1500)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--only", default="", help="comma-separated names")
@@ -93,7 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "toy2d_sweep"))
     p.add_argument("--tag", default="")
     a = p.parse_args(argv)
-    table = VARIANTS if a.mode == "variants" else REWARDS
+    table = TABLES[a.mode]
     names = [n for n in (a.only.split(",") if a.only else table) if n]
     unknown = [n for n in names if n not in table]
     if unknown:

@@ -89,12 +89,20 @@ class GFNConfig:
     pretrained_strength: float = 1.0  # λ
     timestep_fraction: float = 0.1
     low_var_subsampling: bool = True
-    reverse_scale: float = 1.0
+    # The objective (ALGORITHM §4/§5b). "returns": the policy's forward residual against the detached target
+    # sg(r' + g'), weighted per transition (policy_weighting), and the flow regressed on gradient κ-returns of the
+    # frozen reference (L_A); no reverse or terminal-flow term. "paper": §4 exactly as the reference implementation.
+    recipe: str = "returns"  # returns | paper
+    # w_k on the policy's share of L_F: sigma2 (σ_k²) | none. Unset keys below take the recipe's default
+    # (RECIPE_DEFAULTS: paper = reverse 1, terminal 1, FL through the model, no weighting; returns = no reverse or
+    # terminal term, FL with the network held constant, σ²-weighting)
+    policy_weighting: Optional[str] = None
+    reverse_scale: Optional[float] = None
     trust_region_scale: float = 0.0
-    terminal_scale: float = 1.0
+    terminal_scale: Optional[float] = None
     no_flow: bool = False
-    reward_adaptive_mode: str = "squared"  # squared | sqrt | none
-    reward_grad_through_model: bool = True
+    reward_adaptive_mode: str = "squared"  # squared | sqrt | none | off (γ = 0 before the clean sample)
+    reward_grad_through_model: Optional[bool] = None
     sample_lag: int = 1
 
 
@@ -297,6 +305,8 @@ def validate(cfg: Config) -> None:
     """Coerce types and check every value once; raises ``ConfigError`` naming the first bad key."""
     import typing
 
+    if cfg.gfn.reward_adaptive_mode is False:  # YAML 1.1 reads an unquoted `off` as false
+        cfg.gfn.reward_adaptive_mode = "off"
     hints_cache = {}
     for s in SECTIONS:
         section = getattr(cfg, s)
@@ -363,9 +373,12 @@ def validate(cfg: Config) -> None:
                   "gfn.low_var_subsampling=false")
         else:
             check(k <= sa.num_steps - 1, "gfn.timestep_fraction", "draws more transitions than there are")
+    choice("gfn.recipe", g.recipe, ["returns", "paper"])
+    _resolve_recipe(g, check)
+    choice("gfn.policy_weighting", g.policy_weighting, ["sigma2", "none"])
     for key in ("reverse_scale", "trust_region_scale", "terminal_scale"):
         check(getattr(g, key) >= 0, f"gfn.{key}", "must be ≥ 0")
-    choice("gfn.reward_adaptive_mode", g.reward_adaptive_mode, ["squared", "sqrt", "none"])
+    choice("gfn.reward_adaptive_mode", g.reward_adaptive_mode, ["squared", "sqrt", "none", "off"])
     check(g.sample_lag in (0, 1), "gfn.sample_lag", f"{g.sample_lag} must be 0 (on-policy) or 1 (one epoch behind)")
     check(t.epochs >= 1, "train.epochs", "must be ≥ 1")
     check(t.batch_size >= 0, "train.batch_size", "must be ≥ 0 (0 = all transitions of the epoch in one batch)")
@@ -384,3 +397,31 @@ def validate(cfg: Config) -> None:
     check(cfg.eval.every >= 0 and cfg.eval.num_samples >= 1, "eval.every", "every ≥ 0 and num_samples ≥ 1")
     check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be ≥ 0")
     check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be ≥ 1")
+
+
+#: what ``gfn.recipe`` fills in for the keys left unset (None)
+RECIPE_DEFAULTS = {
+    "paper": {"reverse_scale": 1.0, "terminal_scale": 1.0, "reward_grad_through_model": True,
+              "policy_weighting": "none"},
+    "returns": {"reverse_scale": 0.0, "terminal_scale": 0.0, "reward_grad_through_model": False,
+                "policy_weighting": "sigma2"},
+}
+
+
+def _resolve_recipe(g: GFNConfig, check) -> None:
+    """Fill the recipe's defaults into the unset keys and refuse the combinations a recipe does not define."""
+    for key, v in RECIPE_DEFAULTS[g.recipe].items():
+        if getattr(g, key) is None:
+            setattr(g, key, v)
+    if g.recipe == "returns":
+        for key in ("reverse_scale", "terminal_scale"):
+            check(getattr(g, key) == 0, f"gfn.{key}",
+                  f"{getattr(g, key)} is a term of gfn.recipe=paper; gfn.recipe=returns trains the flow on gradient "
+                  "returns instead (drop the key, or set gfn.recipe=paper)")
+        check(g.pretrained_strength == 1.0, "gfn.pretrained_strength",
+              f"{g.pretrained_strength}: the gradient returns of gfn.recipe=returns carry the pretrained model's "
+              "flow, which needs λ = 1; set gfn.pretrained_strength=1.0 or gfn.recipe=paper")
+    else:
+        check(g.policy_weighting == "none", "gfn.policy_weighting",
+              f"{g.policy_weighting!r} weights the policy's share of L_F, which the paper's L_F shares with the flow; "
+              "use gfn.recipe=returns, or gfn.policy_weighting=none")

@@ -34,6 +34,7 @@ class TransitionBatch:
     out_old: torch.Tensor  # (B, *S) sampling-time policy output at x
     cond: Optional[torch.Tensor]
     prompts: Optional[list]
+    returns: Optional[torch.Tensor] = None  # (B, *S) gradient return G_{k+1} at x_next (recipe "returns")
 
 
 def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,8 @@ class Objective:
         """FL attenuation at state index j (0..N; N = the clean sample, where γ = 1)."""
         a = self.c.alpha_prod[j.clamp(max=self.N - 1)]
         mode = self.gfn.reward_adaptive_mode
-        g = a if mode == "squared" else a.sqrt() if mode == "sqrt" else torch.ones_like(a)
+        g = {"squared": lambda: a, "sqrt": a.sqrt, "none": lambda: torch.ones_like(a),
+             "off": lambda: torch.zeros_like(a)}[mode]()
         return torch.where(j >= self.N, torch.ones_like(g), g)
 
     def _reward_grad(self, x: torch.Tensor, x0: torch.Tensor, prompts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +102,35 @@ class Objective:
             g, lr = self._reward_grad(x, x0, prompts)
         return beta * _col(self.gamma(j), g) * g, lr
 
+    # --- gradient returns (recipe "returns", ALGORITHM §5b) -------------------------------------------------------
+    def gradient_returns(self, xs: torch.Tensor, cond, prompts) -> torch.Tensor:
+        """Monte-Carlo gradient returns of sampled trajectories, (n, N+1, *S), detached.
+
+        G_N = β·∇log R(x_N) and G_k = J_ref(x_k)ᵀ·G_{k+1} with J_ref = ∂μ_ref/∂x of the frozen (guided) reference:
+        the gradient of β·log R(x_N) carried back along the trajectory through the reference's mean maps. Under the
+        target policy its expectation is ∇log h_k(x_k), the residual flow score the flow net regresses on
+        (L_A). One reference input-VJP per step; ``micro_batch`` bounds the trajectories per VJP.
+        """
+        n, N = xs.shape[0], self.N
+        G = torch.zeros_like(xs)
+        mb = self.micro_batch if 0 < self.micro_batch < n else n
+        for s in range(0, n, mb):
+            sl = slice(s, s + mb)
+            c_s = None if cond is None else cond[sl]
+            p_s = None if prompts is None else prompts[sl]
+            jN = torch.full((xs[sl].shape[0],), N, dtype=torch.long, device=xs.device)
+            G[sl, N], _ = self.reward_grad(xs[sl, N], jN, c_s, p_s)  # γ = 1 at the clean sample in every FL mode
+            for k in range(N - 1, -1, -1):
+                kk = torch.full_like(jN, k)
+                with torch.enable_grad():
+                    x = xs[sl, k].detach().requires_grad_(True)
+                    mu = self.c[kk].mean(x, self.backbone.reference(x, self.timesteps[kk], c_s).to(x.dtype))
+                    (G[sl, k],) = torch.autograd.grad(mu, x, grad_outputs=G[sl, k + 1])
+        return G
+
     def __call__(self, b: TransitionBatch, return_stats: bool = True):
+        if self.gfn.recipe == "returns":
+            return self._returns_objective(b, return_stats)
         bb, gfn, c = self.backbone, self.gfn, self.c
         k = b.k
         t = self.timesteps[k]
@@ -157,3 +187,49 @@ class Objective:
             flow_cur=flow_cur, reward_grad_cur=r_cur, terminal_scale=gfn.terminal_scale, backend=self.backend,
             return_stats=return_stats, check_values=False,  # the coefficients were checked once at start
         )
+
+    def _returns_objective(self, b: TransitionBatch, return_stats: bool):
+        """ALGORITHM §5b: loss_b = w_k·|d − sg(r' + g')|² + trust_region + L_A, with
+        L_A = (1 − terminal)·mean_S (g(x') + r' − sg(G_{k+1}))² training the flow on the next state x' only.
+
+        w_k·|d − t|² = |√w_k·d − √w_k·t|² and d is linear in coef_out, so the weighted policy term is
+        ``residual_db_loss`` with coef_out and the target scaled by √w_k: the same loss (and kernel) as the paper's.
+        """
+        bb, gfn, c = self.backbone, self.gfn, self.c
+        k = b.k
+        t = self.timesteps[k]
+        terminal = k == self.N - 1
+        coef = c[k]
+        if b.returns is None:
+            raise ValueError("gfn.recipe=returns needs the gradient returns of the sampled trajectories "
+                             "(Objective.gradient_returns), stored with them")
+        r_next, _ = self.reward_grad(b.x_next, k + 1, b.cond, b.prompts)
+        out = bb.policy(b.x, t, b.cond).to(b.x.dtype)
+        with torch.no_grad():
+            out_ref = bb.reference(b.x, t, b.cond).to(b.x.dtype)
+        live = _col((~terminal).to(b.x.dtype), b.x)
+        if gfn.no_flow:
+            g_next = torch.zeros_like(b.x_next)
+        else:  # the flow at a clean x_N is never read (g' := 0); only non-terminal rows are evaluated
+            rows = (~terminal).nonzero(as_tuple=True)[0]
+            g_next = torch.zeros_like(b.x_next)
+            if rows.numel():
+                g_rows = bb.flow(b.x_next[rows], self.timesteps[k[rows] + 1],
+                                 None if b.cond is None else b.cond[rows]).to(b.x.dtype)
+                g_next = g_next.index_copy(0, rows, g_rows)
+        w = coef.std.square() if gfn.policy_weighting == "sigma2" else torch.ones_like(coef.std)
+        sw = w.sqrt()
+        target = (r_next + live * g_next).detach()
+        loss_b, stats = residual_db_loss(
+            out, out_ref, coef_out=coef.coef_out * sw, inv_var=coef.inv_var, reward_grad_next=_col(sw, target) * target,
+            out_old=b.out_old if gfn.trust_region_scale > 0 else None, trust_region_scale=gfn.trust_region_scale,
+            backend=self.backend, return_stats=True, check_values=False,
+        )
+        if gfn.no_flow:
+            l_ret = torch.zeros_like(loss_b)
+        else:
+            res = (g_next + r_next - b.returns) * live
+            l_ret = res.flatten(1).square().mean(1).to(loss_b.dtype)
+        stats["loss_returns"] = l_ret.detach()
+        loss_b = loss_b + l_ret
+        return (loss_b, stats) if return_stats else loss_b

@@ -52,6 +52,7 @@ class Trajectories:
     log_reward: torch.Tensor  # (n,) log R(x_N) (float32)
     prompts: Optional[list]  # n prompts, or None for an unconditional backbone
     cond: Optional[torch.Tensor]  # (n, ...) conditioning, or None
+    returns: Optional[torch.Tensor] = None  # (n, N+1, *S) gradient returns G_0..G_N (recipe "returns"), or None
 
     def __len__(self) -> int:
         return self.xs.shape[0]
@@ -63,16 +64,22 @@ class Trajectories:
             return None if vals[0] is None else torch.cat(vals)
 
         prompts = None if items[0].prompts is None else [p for i in items for p in i.prompts]
-        return Trajectories(c("xs"), c("outs"), c("log_reward"), prompts, c("cond"))
+        return Trajectories(c("xs"), c("outs"), c("log_reward"), prompts, c("cond"), c("returns"))
 
     def state_dict(self) -> dict:
+        def cpu(t):
+            return None if t is None else t.cpu()
+
         return {"xs": self.xs.cpu(), "outs": self.outs.cpu(), "log_reward": self.log_reward.cpu(),
-                "prompts": self.prompts, "cond": None if self.cond is None else self.cond.cpu()}
+                "prompts": self.prompts, "cond": cpu(self.cond), "returns": cpu(self.returns)}
 
     @staticmethod
     def from_state_dict(d: dict, device) -> "Trajectories":
+        def dev(t):
+            return None if t is None else t.to(device)
+
         return Trajectories(d["xs"].to(device), d["outs"].to(device), d["log_reward"].to(device), d["prompts"],
-                            None if d["cond"] is None else d["cond"].to(device))
+                            dev(d["cond"]), dev(d.get("returns")))
 
 
 @torch.no_grad()

@@ -83,6 +83,10 @@ class Trainer:
                                   [] if cfg.gfn.no_flow else self.backbone.flow_parameters(), cfg.train,
                                   reused_forward=cfg.gfn.reverse_scale > 0 and not cfg.gfn.no_flow)
         self.engine = engine
+        if getattr(engine, "stage", 0) == 3 and cfg.gfn.recipe == "returns" and not cfg.gfn.no_flow:
+            raise ValueError("ZeRO stage 3 cannot compute the gradient returns of gfn.recipe=returns (input-VJPs "
+                             "through the sharded reference); use ZeRO stage 2 (configs/deepspeed/zero2.json), or "
+                             "gfn.recipe=paper with gfn.reverse_scale=0")
         self.rank, self.world_size = engine.rank, engine.world_size
         self.is_main = engine.is_main
         shards = cfg.sampling.data_shards or self.world_size
@@ -125,8 +129,11 @@ class Trainer:
             g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch, shard, 1))
             for _ in range(sc.num_batches):
                 prompts = self.prompts.sample(sc.batch_size, g) if self.backbone.conditional else None
-                parts.append(sample_trajectories(self.backbone, sc.batch_size, g, self.coeffs, prompts, self.reward_fn,
-                                                 progress=bar))
+                tr = sample_trajectories(self.backbone, sc.batch_size, g, self.coeffs, prompts, self.reward_fn,
+                                         progress=bar)
+                if self.cfg.gfn.recipe == "returns" and not self.cfg.gfn.no_flow:  # the flow's regression targets
+                    tr.returns = self.objective.gradient_returns(tr.xs, tr.cond, tr.prompts)
+                parts.append(tr)
         if bar is not None:
             bar.close()
         return Trajectories.cat(parts)
@@ -186,6 +193,7 @@ class Trainer:
             x=tr.xs[i, k], x_next=tr.xs[i, k + 1], k=k.to(self.device), out_old=tr.outs[i, k],
             cond=None if tr.cond is None else tr.cond[i],
             prompts=None if tr.prompts is None else [tr.prompts[j] for j in i.tolist()],
+            returns=None if tr.returns is None else tr.returns[i, k + 1],
         )
 
     # --- one update -------------------------------------------------------------------------------------------

@@ -85,8 +85,11 @@ def _manual(cfg, bb, reward, c, b):
     {"gfn.reward_adaptive_mode": "none", "gfn.reward_grad_through_model": "false", "gfn.pretrained_strength": 0.7},
     {"gfn.reverse_scale": 0.0, "gfn.terminal_scale": 2.0},
 ])
-def test_objective_matches_per_sample_jacobians(over):
-    cfg, bb, reward, c = _setup(**over)
+def test_paper_objective_matches_per_sample_jacobians(over):
+    """gfn.recipe=paper is main's objective before the returns recipe: every term of ALGORITHM §4."""
+    cfg, bb, reward, c = _setup(**{"gfn.recipe": "paper", **over})
+    assert cfg.gfn.reverse_scale == over.get("gfn.reverse_scale", 1.0) and cfg.gfn.policy_weighting == "none"
+    assert cfg.gfn.reward_grad_through_model == (over.get("gfn.reward_grad_through_model") != "false")
     g = torch.Generator().manual_seed(3)
     tr = sample_trajectories(bb, 6, g, c)
     k = torch.tensor([0, 7, 25, 48, 49, 49])
@@ -100,7 +103,7 @@ def test_objective_matches_per_sample_jacobians(over):
 
 
 def test_no_flow_drops_flow_and_reverse():
-    cfg, bb, reward, c = _setup(**{"gfn.no_flow": "true"})
+    cfg, bb, reward, c = _setup(**{"gfn.no_flow": "true", "gfn.recipe": "paper"})
     tr = sample_trajectories(bb, 3, torch.Generator().manual_seed(0), c)
     k = torch.tensor([3, 20, 49])
     i = torch.arange(3)
@@ -114,7 +117,7 @@ def test_no_flow_drops_flow_and_reverse():
 
 def test_objective_through_the_triton_kernel_equals_reference():
     """The trainer's objective with backend='triton' (interpreter on CPU) gives the reference's loss and grads."""
-    cfg, bb, reward, c = _setup(**{"gfn.trust_region_scale": 2.0})
+    cfg, bb, reward, c = _setup(**{"gfn.trust_region_scale": 2.0, "gfn.recipe": "paper"})
     bb = bb.float()
     c = c.to(torch.float32)
     tr = sample_trajectories(bb, 4, torch.Generator().manual_seed(2), c)
@@ -131,3 +134,87 @@ def test_objective_through_the_triton_kernel_equals_reference():
     for a, r in zip(grads["triton"][1], grads["reference"][1]):
         # fp32 sums in a different order: tolerance relative to the gradient's scale
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5 * float(r.abs().max()))
+
+
+# --- the gradient-returns recipe (ALGORITHM §5b) ---------------------------------------------------------------
+
+def _jacobian_chain_returns(cfg, bb, reward, c, xs):
+    """G_k = J_ref(x_k)ᵀ ⋯ J_ref(x_{N−1})ᵀ · β∇log R(x_N), with each J_ref a full per-sample Jacobian of μ_ref."""
+    N, ts = c.coef_x.numel(), bb.scheduler.timesteps
+    out = torch.zeros_like(xs)
+    for i in range(xs.shape[0]):
+        xN = xs[i, N].clone().requires_grad_(True)
+        (gN,) = torch.autograd.grad(reward(xN[None], None, None)[0][0], xN)
+        G = cfg.gfn.reward_scale * gN
+        out[i, N] = G
+        for k in range(N - 1, -1, -1):
+            J = torch.autograd.functional.jacobian(
+                lambda z: c.coef_x[k] * z + c.coef_out[k] * bb.reference(z[None], ts[k : k + 1])[0], xs[i, k])
+            G = J.T @ G
+            out[i, k] = G
+    return out
+
+
+@pytest.mark.parametrize("micro_batch", [0, 2])
+def test_gradient_returns_match_a_hand_unrolled_jacobian_chain(micro_batch):
+    cfg, bb, reward, c = _setup(**{"gfn.reward_scale": 1.7, "gfn.reward_adaptive_mode": "off"})
+    tr = sample_trajectories(bb, 3, torch.Generator().manual_seed(5), c)
+    G = Objective(bb, reward, c, cfg.gfn, micro_batch=micro_batch).gradient_returns(tr.xs, None, None)
+    torch.testing.assert_close(G, _jacobian_chain_returns(cfg, bb, reward, c, tr.xs), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("over", [
+    {},
+    {"gfn.reward_adaptive_mode": "off", "gfn.trust_region_scale": 3.0},
+    {"gfn.policy_weighting": "none", "gfn.reward_grad_through_model": "true", "gfn.reward_scale": 2.0},
+    {"gfn.no_flow": "true"},
+])
+def test_returns_objective_matches_an_independent_computation(over):
+    """loss_b = w_k·mean(d − sg(r' + g'))² + trust·mean(out − out_old)² + (1 − terminal)·mean(g' + r' − G_{k+1})²,
+    with the policy's gradient from the first two terms only and the flow's from the last only."""
+    cfg, bb, reward, c = _setup(**over)
+    g, N, ts = cfg.gfn, c.coef_x.numel(), bb.scheduler.timesteps
+    tr = sample_trajectories(bb, 6, torch.Generator().manual_seed(3), c)
+    k = torch.tensor([0, 7, 25, 48, 49, 49])
+    i = torch.arange(6)
+    returns = torch.randn(6, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    b = TransitionBatch(x=tr.xs[i, k], x_next=tr.xs[i, k + 1], k=k, out_old=tr.outs[i, k] + 0.1, cond=None,
+                        prompts=None, returns=returns)
+    loss_b, stats = Objective(bb, reward, c, cfg.gfn)(b)
+    pol, flow = list(bb.policy_parameters()), list(bb.flow_parameters())
+    got = torch.autograd.grad(loss_b.sum(), pol + flow, allow_unused=True)
+
+    gamma = {"squared": lambda a: a, "sqrt": lambda a: a**0.5, "none": lambda a: 1.0, "off": lambda a: 0.0}
+    expect_pol, expect_flow = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for n in range(6):
+        kk, x, xn = int(k[n]), b.x[n], b.x_next[n]
+        term = kk == N - 1
+        sig2 = 1 / float(c.inv_var[kk])
+        out = bb.policy(x[None], ts[kk : kk + 1])[0]
+        out_ref = bb.reference(x[None], ts[kk : kk + 1])[0].detach()
+        d = c.coef_out[kk] * (out - out_ref) / sig2  # λ = 1: the x and x' terms cancel
+        xr = xn.clone().requires_grad_(True)
+        if term:
+            (r,) = torch.autograd.grad(reward(xr[None], None, None)[0][0], xr)
+            r, g_next = g.reward_scale * r, torch.zeros(2, dtype=torch.float64)
+        else:
+            o = bb.policy(xr[None], ts[kk + 1 : kk + 2])[0]
+            o = o if g.reward_grad_through_model else o.detach()
+            (r,) = torch.autograd.grad(reward((c.x0_coef_x[kk + 1] * xr + c.x0_coef_out[kk + 1] * o)[None], None,
+                                              None)[0][0], xr)
+            r = g.reward_scale * gamma[g.reward_adaptive_mode](float(c.alpha_prod[kk + 1])) * r
+            g_next = torch.zeros(2, dtype=torch.float64) if g.no_flow else bb.flow(xn[None], ts[kk + 1 : kk + 2])[0]
+        w = sig2 if g.policy_weighting == "sigma2" else 1.0
+        expect_pol = expect_pol + w * ((d - (r + g_next).detach()) ** 2).mean() \
+            + g.trust_region_scale * ((out - b.out_old[n]) ** 2).mean()
+        if not term and not g.no_flow:
+            expect_flow = expect_flow + ((g_next + r.detach() - returns[n]) ** 2).mean()
+    torch.testing.assert_close(loss_b.sum(), (expect_pol + expect_flow).detach(), rtol=1e-9, atol=1e-12)
+    want = torch.autograd.grad(expect_pol, pol, allow_unused=True)
+    for a, e in zip(got[: len(pol)], want):
+        torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-12)
+    if g.no_flow:
+        assert all(a is None for a in got[len(pol):])
+    else:
+        for a, e in zip(got[len(pol):], torch.autograd.grad(expect_flow, flow)):
+            torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-12)

@@ -101,7 +101,19 @@ def run_one(name: str, overrides: list[str], out_root: str, epochs: int, eval_ev
     curve = [(h["updates_total"], h["tv"], h["off_manifold"]) for h in hist if "tv" in h]
     curve.append((hist[-1]["updates_total"], summ["tv"], summ["off_manifold"]))
     return {"name": name, "overrides": overrides, "curve": curve, "tv": summ["tv"], "off": summ["off_manifold"],
-            "seconds": secs}
+            "target_off": summ.get("target_off_manifold", float("nan")), "seconds": secs}
+
+
+def verdict(r: dict) -> str:
+    """The recipe issue's bar for one run: final TV ≤ 0.10; the last three evaluations each ≤ 0.12 and within 0.03
+    of each other; off-manifold mass ≤ the exact target's own + 1 %."""
+    last = [tv for _, tv, _ in r["curve"][-3:]]
+    ok_final = r["tv"] <= 0.10
+    ok_last = len(last) == 3 and max(last) <= 0.12 and max(last) - min(last) <= 0.03
+    ok_off = r["off"] <= r["target_off"] + 0.01
+    return ("PASS" if ok_final and ok_last and ok_off else "FAIL") + \
+        f" (final {r['tv']:.3f}, last three {' '.join(f'{v:.3f}' for v in last)}, off {r['off']:.4f} vs " \
+        f"exact {r['target_off']:.4f})"
 
 
 def main(argv=None) -> int:
@@ -130,20 +142,25 @@ def main(argv=None) -> int:
             if "error" in r:
                 print(f"{r['name']}: FAILED {r['error']}", flush=True)
             else:
-                print(f"{r['name']}: tv={r['tv']:.3f} off={r['off']:.4f} ({r['seconds']:.0f} s)", flush=True)
+                print(f"{r['name']}: tv={r['tv']:.3f} off={r['off']:.4f} (exact target {r['target_off']:.4f}) "
+                      f"({r['seconds']:.0f} s)", flush=True)
     results.sort(key=lambda r: names.index(r["name"]))
+    for r in results:
+        if r.get("curve"):
+            r["verdict"] = verdict(r)
+            print(f"{r['name']}: {r['verdict']}")
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     stem = os.path.join(ROOT, "benchmarks", "results", f"toy2d_{a.mode}{a.tag}")
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     date = datetime.date.today().isoformat()
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["variant", "overrides", "updates", "tv", "off_manifold", "run_seconds", "device", "git_sha", "date",
-                    "extra"])
+        w.writerow(["variant", "overrides", "updates", "tv", "off_manifold", "target_off_manifold", "run_seconds",
+                    "device", "git_sha", "date", "extra", "verdict"])
         for r in results:
             for u, tv, off in r.get("curve", []):
-                w.writerow([r["name"], " ".join(r["overrides"]), u, f"{tv:.4f}", f"{off:.4f}", f"{r['seconds']:.0f}",
-                            "cpu", sha, date, " ".join(a.set)])
+                w.writerow([r["name"], " ".join(r["overrides"]), u, f"{tv:.4f}", f"{off:.4f}", f"{r['target_off']:.4f}",
+                            f"{r['seconds']:.0f}", "cpu", sha, date, " ".join(a.set), r["verdict"].split()[0]])
     import matplotlib
 
     matplotlib.use("Agg")

@@ -116,6 +116,11 @@ class TrainConfig:
     flow_lr: float = 1e-3
     flow_weight_decay: float = 1e-2
     flow_warmup_updates: int = 0  # updates during which the flow net's lr ramps linearly from 0
+    lr_schedule: str = "constant"  # constant | cosine (both groups, over the run's epochs, down to lr_min_ratio)
+    lr_min_ratio: float = 0.1
+    # EMA of the policy's trainables used for evaluation, the final samples and the exported weights (0 = off;
+    # training always samples with the live policy)
+    ema_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     max_grad_norm: float = 1.0  # per parameter group; 0 = off
     optimizer: str = "adamw"  # adamw | adamw8bit | lion8bit
@@ -386,6 +391,9 @@ def validate(cfg: Config) -> None:
     check(t.lr > 0 and t.flow_lr >= 0, "train.lr", "lr must be > 0 and flow_lr ≥ 0")
     check(t.weight_decay >= 0 and t.flow_weight_decay >= 0, "train.weight_decay", "must be ≥ 0")
     check(t.flow_warmup_updates >= 0, "train.flow_warmup_updates", "must be ≥ 0")
+    choice("train.lr_schedule", t.lr_schedule, ["constant", "cosine"])
+    check(0 <= t.lr_min_ratio <= 1, "train.lr_min_ratio", f"{t.lr_min_ratio} must be in [0, 1]")
+    check(0 <= t.ema_decay < 1, "train.ema_decay", f"{t.ema_decay} must be in [0, 1) (0 = no policy EMA), e.g. 0.99")
     check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", f"{t.betas} must be two values in [0, 1)")
     check(t.max_grad_norm >= 0, "train.max_grad_norm", "must be ≥ 0 (0 = no clipping)")
     choice("train.optimizer", t.optimizer, ["adamw", "adamw8bit", "lion8bit"])

@@ -40,6 +40,60 @@ def build_optimizer(name: str, groups: list[dict], betas=(0.9, 0.999)):
     raise ValueError(f"train.optimizer={name!r}: must be adamw, adamw8bit or lion8bit")
 
 
+def set_group_lrs(groups: list[dict], train_cfg, updates: int, progress: float) -> None:
+    """Each group's learning rate for the coming update: its base lr (``train.lr`` / ``train.flow_lr``) times the
+    schedule of ``train.lr_schedule`` at ``progress`` (the fraction of the run done), and for the flow a linear
+    warm-up over ``train.flow_warmup_updates``. Cosine decays to ``train.lr_min_ratio``·base at the end."""
+    t = train_cfg
+    decay = 1.0
+    if t.lr_schedule == "cosine":
+        decay = t.lr_min_ratio + (1 - t.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    for i, g in enumerate(groups):
+        flow = g.get("name", "flow" if i == 1 else "policy") == "flow"
+        warm = min(1.0, (updates + 1) / t.flow_warmup_updates) if flow and t.flow_warmup_updates > 0 else 1.0
+        g["lr"] = (t.flow_lr if flow else t.lr) * decay * warm
+
+
+class PolicyEMA:
+    """Exponential moving average of the policy's trainables (``train.ema_decay``), kept in float32.
+
+    Training samples with the live policy; evaluation, the final samples and the exported weights use the average,
+    which smooths the update-to-update jitter of the policy (a window of about 1/(1 − decay) updates).
+    """
+
+    def __init__(self, params: list, decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().float().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The averaged weights in place of the live ones inside the block."""
+        live = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                p.copy_(s.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for v, p in zip(live, self.params):
+                    p.copy_(v)
+
+    def state_dict(self) -> list:
+        return [s.cpu() for s in self.shadow]
+
+    def load_state_dict(self, state: list) -> None:
+        if len(state) != len(self.shadow):
+            raise ValueError(f"checkpoint's policy EMA has {len(state)} tensors, this model {len(self.shadow)}")
+        for s, v in zip(self.shadow, state):
+            s.copy_(v)
+
+
 class Engine:
     """Plain PyTorch on one process."""
 
@@ -57,6 +111,11 @@ class Engine:
                                name="flow"))
         self.optimizer = build_optimizer(train_cfg.optimizer, groups, train_cfg.betas)
         self.updates = 0
+        self.ema = PolicyEMA(self.policy_params, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
+
+    def policy_average(self):
+        """Context with the policy's EMA weights in place (``train.ema_decay``); the live weights without one."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
 
     #: whether ``save_checkpoint``/``load_checkpoint`` carry the trainable weights (else the trainer's state does)
     owns_weights = False
@@ -74,11 +133,11 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    #: fraction of the run done at the coming update, in [0, 1) (set by the trainer; drives ``train.lr_schedule``)
+    progress = 0.0
+
     def _set_lr(self) -> None:
-        w = self.cfg.flow_warmup_updates
-        for g in self.optimizer.param_groups:
-            if g.get("name") == "flow":
-                g["lr"] = self.cfg.flow_lr * (min(1.0, (self.updates + 1) / w) if w > 0 else 1.0)
+        set_group_lrs(self.optimizer.param_groups, self.cfg, self.updates, self.progress)
 
     def step(self) -> dict:
         """Clip per group, step unless something is non-finite, zero the gradients. Returns diagnostics."""
@@ -95,6 +154,8 @@ class Engine:
             self._set_lr()
             self.optimizer.step()
             self.updates += 1
+            if self.ema is not None:
+                self.ema.update()
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm_policy": norms["policy"], "grad_norm_flow": norms["flow"], "skipped": not finite}
 
@@ -128,14 +189,25 @@ class Engine:
         pass
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "updates": self.updates}
+        return {"optimizer": self.optimizer.state_dict(), "updates": self.updates,
+                "ema": None if self.ema is None else self.ema.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.updates = state["updates"]
+        _load_ema(self.ema, state)
 
 
 # --- DeepSpeed ---------------------------------------------------------------------------------------------------
+
+def _load_ema(ema: Optional[PolicyEMA], state: dict) -> None:
+    saved = state.get("ema")
+    if (ema is None) != (saved is None):
+        raise ValueError("the checkpoint and this run disagree on train.ema_decay (one keeps a policy EMA, the other "
+                         "does not); resume with the checkpoint's config.yaml setting")
+    if ema is not None:
+        ema.load_state_dict(saved)
+
 
 class CollectiveTimeout(RuntimeError):
     """A collective did not complete within ``train.collective_timeout_s``: another rank died, hung or lags."""
@@ -305,6 +377,10 @@ class DeepSpeedEngine(Engine):
                                                              dist_init_required=False)
         self.updates = 0
         self._n_micro, self._micro = 1, 0
+        if train_cfg.ema_decay > 0 and self.stage == 3:
+            raise ValueError("train.ema_decay needs whole policy weights on every rank, and ZeRO stage 3 partitions "
+                             "them; use ZeRO stage 2 (configs/deepspeed/zero2.json) or train.ema_decay=0")
+        self.ema = PolicyEMA(self.policy_params, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
 
     @property
     def trainables(self) -> list:
@@ -324,14 +400,10 @@ class DeepSpeedEngine(Engine):
         self.ds.set_gradient_accumulation_boundary(self._micro >= self._n_micro)
         self.ds.backward(loss, scale_wrt_gas=False)  # the trainer already divides by the accumulation steps
 
+    progress = 0.0
+
     def _set_lr(self) -> None:
-        w = self.cfg.flow_warmup_updates
-        if w <= 0:
-            return
-        groups = self.ds.optimizer.param_groups
-        for i, g in enumerate(groups):
-            if g.get("name", "flow" if i == 1 else "policy") == "flow":
-                g["lr"] = self.cfg.flow_lr * min(1.0, (self.updates + 1) / w)
+        set_group_lrs(self.ds.optimizer.param_groups, self.cfg, self.updates, self.progress)
 
     def _group_norms(self) -> tuple[float, float]:
         def norm(params):
@@ -359,6 +431,8 @@ class DeepSpeedEngine(Engine):
         self.ds.set_gradient_accumulation_boundary(False)
         if not skipped:
             self.updates += 1
+            if self.ema is not None:
+                self.ema.update()
         return {"grad_norm_policy": pn, "grad_norm_flow": fn, "skipped": skipped}
 
     def skip(self, loss: Optional[torch.Tensor] = None) -> None:
@@ -416,10 +490,11 @@ class DeepSpeedEngine(Engine):
 
     # --- checkpoints -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"updates": self.updates}
+        return {"updates": self.updates, "ema": None if self.ema is None else self.ema.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.updates = state["updates"]
+        _load_ema(self.ema, state)
 
     def save_checkpoint(self, directory: str) -> None:
         self.ds.save_checkpoint(directory, tag="deepspeed", save_latest=False)

@@ -57,8 +57,14 @@ def evaluate(trainer, final: bool) -> dict:
         w, _ = mode_weights(samples, trainer.backbone.means.cpu())
         out.update(tv=tv, off_manifold=off)
         if final:
+            # exact target samples are off the manifold too (a component's tail beyond the radius; sharp rewards move
+            # the tilted components): the bar for the model's off-manifold mass
+            r, beta = cfg.reward, cfg.gfn.reward_scale
+            exact = trainer.backbone.sample_target(20000, torch.Generator().manual_seed(cfg.seed + 104729), r.center,
+                                                   r.width, beta)
+            _, target_off = total_variation(exact, trainer.backbone.means.cpu(), target)
             out.update(mode_weights=[round(float(v), 4) for v in w], target_weights=[round(float(v), 4) for v in target],
-                       num_samples=n)
+                       num_samples=n, target_off_manifold=target_off)
     if final and trainer.is_main:
         if toy:
             np.save(os.path.join(trainer.out_dir, "final_samples.npy"), samples.numpy())

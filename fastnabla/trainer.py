@@ -140,7 +140,8 @@ class Trainer:
 
     @torch.no_grad()
     def sample_final(self, n: int, seed: int) -> tuple[torch.Tensor, Optional[list]]:
-        """n clean samples of the current policy (no trajectories kept) and their prompts, in batches.
+        """n clean samples of the current policy (its EMA with ``train.ema_decay``; no trajectories kept) and their
+        prompts, in batches.
 
         Prompts come from ``prompts.eval`` (the training set when unset), drawn with ``prompts.eval_seed``, so every
         evaluation of a run scores the same prompts with the same noise."""
@@ -148,13 +149,14 @@ class Trainer:
         pg = torch.Generator().manual_seed(self.cfg.prompts.eval_seed)
         bs = max(self.cfg.sampling.batch_size, 1024) if not self.backbone.conditional else self.cfg.sampling.batch_size
         outs, prompts_all = [], [] if self.backbone.conditional else None
-        for s in range(0, n, bs):
-            m = min(bs, n - s)
-            prompts = self.eval_prompts.sample(m, pg) if self.backbone.conditional else None
-            tr = sample_trajectories(self.backbone, m, g, self.coeffs, prompts, None, keep_trajectory=False)
-            outs.append(tr.xs[:, -1].cpu())
-            if prompts is not None:
-                prompts_all += prompts
+        with self.engine.policy_average():  # the EMA weights when train.ema_decay > 0
+            for s in range(0, n, bs):
+                m = min(bs, n - s)
+                prompts = self.eval_prompts.sample(m, pg) if self.backbone.conditional else None
+                tr = sample_trajectories(self.backbone, m, g, self.coeffs, prompts, None, keep_trajectory=False)
+                outs.append(tr.xs[:, -1].cpu())
+                if prompts is not None:
+                    prompts_all += prompts
         return torch.cat(outs), prompts_all
 
     @property
@@ -321,6 +323,7 @@ class Trainer:
         while self.update_in_epoch < len(updates):
             if self._stop_requested():
                 return False
+            self.engine.progress = (e + self.update_in_epoch / len(updates)) / cfg.train.epochs
             info = self.update(tr, updates[self.update_in_epoch])
             self.update_in_epoch += 1
             if info["skipped"]:
@@ -386,7 +389,7 @@ class Trainer:
 
         result = metrics.evaluate(self, final=True)
         self.save()
-        with self.engine.gathered_parameters():  # collective: ZeRO-3 holds only a shard of each weight
+        with self.engine.gathered_parameters(), self.engine.policy_average():  # ZeRO-3 gathers: collective
             if self.is_main:
                 final = os.path.join(self.out_dir, "final")
                 os.makedirs(final, exist_ok=True)

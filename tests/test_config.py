@@ -13,7 +13,7 @@ def test_defaults_file_overrides_and_aliases(tmp_path):
                                  "train": {"epochs": 4}}))
     cfg = load_config(str(p), ["reward.center=[0.0,-1.5]", "seed=3", "timestep_fraction=0.2", "reverse_loss_scale=0.5",
                                "pretrained_strength=0.9", "no_flow=true", "reward_adaptive_mode=sqrt",
-                               "low_var_subsampling=false"], output_dir="o")
+                               "low_var_subsampling=false", "gfn.recipe=paper"], output_dir="o")
     assert cfg.gfn.reward_scale == 3.0 and cfg.gfn.trust_region_scale == 7.0
     assert cfg.seed == 3 and cfg.train.epochs == 4 and cfg.reward.center == [0.0, -1.5]
     assert cfg.gfn.timestep_fraction == 0.2 and cfg.gfn.reverse_scale == 0.5 and cfg.gfn.pretrained_strength == 0.9
@@ -40,6 +40,13 @@ def test_exponent_without_dot_is_a_number():
     ("model.backbone=sd", "model.pretrained: required"),
     ("gfn.reward_adaptive_mode=cube", "must be one of squared, sqrt, none"),
     ("nokey", "must look like key=value"),
+    ("gfn.recipe=adjoint", "gfn.recipe='adjoint': must be one of returns, paper"),
+    ("gfn.reverse_scale=100", "gfn.reverse_scale: 100.0 is a term of gfn.recipe=paper"),
+    ("gfn.terminal_scale=1", "gfn.terminal_scale: 1.0 is a term of gfn.recipe=paper"),
+    ("gfn.pretrained_strength=0.5", "gfn.pretrained_strength: 0.5: the gradient returns"),
+    ("gfn.policy_weighting=snr", "gfn.policy_weighting='snr': must be one of sigma2, none"),
+    ("train.lr_schedule=linear", "train.lr_schedule='linear': must be one of constant, cosine"),
+    ("train.lr_min_ratio=2", "train.lr_min_ratio: 2.0 must be in"),
 ])
 def test_bad_values_one_line_errors(override, msg):
     with pytest.raises(ConfigError, match=msg) as e:
@@ -67,3 +74,38 @@ def test_cli_bad_argument_is_one_line_exit_2():
     r = subprocess.run([sys.executable, "-m", "fastnabla.train", "--no-such-flag"], capture_output=True, text=True)
     assert r.returncode == 2
     assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1 and "--no-such-flag" in r.stderr
+
+
+def test_recipe_fills_its_defaults_and_keeps_explicit_values(tmp_path):
+    r = load_config(None, []).gfn
+    assert (r.recipe, r.reverse_scale, r.terminal_scale, r.reward_grad_through_model, r.policy_weighting) == \
+        ("returns", 0.0, 0.0, False, "sigma2")
+    p = load_config(None, ["gfn.recipe=paper"]).gfn
+    assert (p.reverse_scale, p.terminal_scale, p.reward_grad_through_model, p.policy_weighting) == \
+        (1.0, 1.0, True, "none")
+    p = load_config(None, ["gfn.recipe=paper", "gfn.reverse_scale=3", "gfn.reward_grad_through_model=false"]).gfn
+    assert p.reverse_scale == 3.0 and p.reward_grad_through_model is False
+    with pytest.raises(ConfigError, match="gfn.policy_weighting: 'sigma2' weights the policy's share"):
+        load_config(None, ["gfn.recipe=paper", "gfn.policy_weighting=sigma2"])
+    # YAML 1.1 reads an unquoted `off` as false: the FL mode still means "off"
+    f = tmp_path / "c.yaml"
+    f.write_text("gfn:\n  reward_adaptive_mode: off\n")
+    assert load_config(str(f)).gfn.reward_adaptive_mode == "off"
+
+
+def test_lr_schedule_cosine_and_flow_warmup():
+    import math
+
+    from fastnabla.engine import set_group_lrs
+
+    t = load_config(None, ["train.lr=1e-3", "train.flow_lr=2e-3", "train.lr_schedule=cosine", "train.lr_min_ratio=0.1",
+                           "train.flow_warmup_updates=4"]).train
+    groups = [{"name": "policy"}, {"name": "flow"}]
+    for progress, updates in ((0.0, 0), (0.5, 10), (1.0, 10), (0.25, 1)):
+        set_group_lrs(groups, t, updates, progress)
+        decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        assert math.isclose(groups[0]["lr"], 1e-3 * decay, rel_tol=1e-12)
+        assert math.isclose(groups[1]["lr"], 2e-3 * decay * min(1.0, (updates + 1) / 4), rel_tol=1e-12)
+    const = load_config(None, []).train
+    set_group_lrs(groups, const, 0, 0.7)
+    assert groups[0]["lr"] == const.lr and groups[1]["lr"] == const.flow_lr

@@ -1,8 +1,9 @@
-"""toy2d end to end with the shipped config: training moves the samples toward the exact tilted target for
-several rewards (three reward centers, β ∈ {0.5, 1, 2}), stays on the data manifold, and raises the reward.
+"""toy2d end to end with the shipped config: the samples reach the exact tilted target p_ref·R^β.
 
-The TV numbers of full-length runs live in benchmarks/results/toy2d_rewards_*.csv (benchmarks/toy2d_sweep.py);
-this test runs a shortened schedule so the suite stays fast.
+The TV curves of full-length runs (every recipe variant, three seeds, nine rewards) live in
+benchmarks/results/toy2d_*.csv (benchmarks/toy2d_sweep.py). The default-suite tests run a shortened schedule; the
+bounds sit between what the shipped recipe reaches there and what the paper's objective reaches (main's recipe
+before gfn.recipe=returns: TV 0.44 at 300 updates on the default reward, benchmarks/results/toy2d_short.csv).
 """
 import os
 
@@ -13,21 +14,40 @@ from fastnabla.config import load_config
 from fastnabla.trainer import Trainer
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "toy2d.yaml")
-CASES = [((1.0, 0.5), 1.0), ((-1.0, -1.5), 0.5), ((2.0, 2.0), 2.0)]
+QUIET = ["eval.every=0", "logging.progress=false", "logging.plots=false", "checkpoint.every=0"]
 
 
-@pytest.mark.parametrize("center,beta", CASES)
-def test_training_moves_toward_the_tilted_target(tmp_path, center, beta):
-    cfg = load_config(CONFIG, [
-        f"reward.center=[{center[0]},{center[1]}]", f"gfn.reward_scale={beta}", "train.epochs=500",
-        "eval.every=0", "eval.num_samples=2048", "logging.progress=false", "logging.plots=false",
-        "checkpoint.every=0"], output_dir=str(tmp_path))
+def _run(tmp_path, *overrides):
+    cfg = load_config(CONFIG, [*QUIET, *overrides], output_dir=str(tmp_path))
     tr = Trainer(cfg)
-    target = tr.backbone.target_weights(list(center), 1.0, beta)
+    r, beta = cfg.reward, cfg.gfn.reward_scale
     prior_samples, _ = tr.sample_final(4096, seed=123)
-    prior_tv, _ = total_variation(prior_samples, tr.backbone.means, target)
-    res = tr.run()
-    assert res["off_manifold"] <= 0.02
-    assert res["tv"] <= prior_tv - 0.04, (prior_tv, res["tv"])
-    first = tr.history[0]["reward_mean"]
-    assert res["eval_reward_mean"] > first
+    prior_tv, _ = total_variation(prior_samples, tr.backbone.means, tr.backbone.target_weights(r.center, r.width, beta))
+    return tr, prior_tv, tr.run()
+
+
+def test_short_run_gets_close_to_the_tilted_target(tmp_path):
+    """300 updates on the default reward: the prior is at TV 0.48; the paper's objective is still at 0.44."""
+    tr, prior_tv, res = _run(tmp_path, "train.epochs=300", "eval.num_samples=4096")
+    assert prior_tv > 0.45
+    assert res["tv"] <= 0.30, res["tv"]
+    assert res["off_manifold"] <= res["target_off_manifold"] + 0.01
+    assert res["eval_reward_mean"] > tr.history[0]["reward_mean"]
+
+
+@pytest.mark.parametrize("center,beta", [((-1.0, -1.5), 0.5), ((2.0, 2.0), 2.0)])
+def test_short_run_moves_toward_other_targets(tmp_path, center, beta):
+    tr, prior_tv, res = _run(tmp_path, f"reward.center=[{center[0]},{center[1]}]", f"gfn.reward_scale={beta}",
+                             "train.epochs=300", "eval.num_samples=2048")
+    assert res["tv"] <= prior_tv - 0.15, (prior_tv, res["tv"])
+    assert res["off_manifold"] <= res["target_off_manifold"] + 0.01
+
+
+@pytest.mark.slow
+def test_full_default_run_reaches_the_target(tmp_path):
+    """`make demo`'s run: TV ≤ 0.10 at the end, and the last three evaluations within 0.03 of each other."""
+    tr, _, res = _run(tmp_path, "eval.every=250")
+    evals = [h["tv"] for h in tr.history if "tv" in h][-2:] + [res["tv"]]
+    assert res["tv"] <= 0.10, res["tv"]
+    assert max(evals) <= 0.12 and max(evals) - min(evals) <= 0.03, evals
+    assert res["off_manifold"] <= res["target_off_manifold"] + 0.01

@@ -87,7 +87,7 @@ def plot_toy2d(trainer, samples: torch.Tensor) -> str:
     lim = 3.5
     g, prior = bb.log_density_grid(lim)
     _, target = bb.log_density_grid(lim, center=r.center, width=r.width, beta=beta)
-    fig, ax = plt.subplots(1, 3, figsize=(13.5, 4.5))
+    fig, ax = plt.subplots(1, 4, figsize=(18, 4.5), gridspec_kw={"width_ratios": [1, 1, 1, 1.15]})
     ax[0].imshow(np.exp(prior), origin="lower", extent=(-lim, lim, -lim, lim), cmap="viridis")
     ax[0].set_title("pretrained prior p_ref (exact)")
     h, _, _ = np.histogram2d(samples[:, 1].numpy(), samples[:, 0].numpy(), bins=120, range=[[-lim, lim], [-lim, lim]])
@@ -96,10 +96,22 @@ def plot_toy2d(trainer, samples: torch.Tensor) -> str:
     ax[1].set_title(f"finetuned samples (n={len(samples)})")
     ax[2].imshow(np.exp(target), origin="lower", extent=(-lim, lim, -lim, lim), cmap="viridis")
     ax[2].set_title(f"target p_ref·R^β (exact, β={beta:g})")
-    for a in ax:
+    for a in ax[:3]:
         a.plot([r.center[0]], [r.center[1]], "r+", ms=12, mew=2)
         a.set_xticks([])
         a.set_yticks([])
+    from fastnabla.backbones.toy2d import mode_weights
+
+    target = bb.target_weights(r.center, r.width, beta).numpy()
+    got, _ = mode_weights(samples, bb.means.cpu())
+    k = np.arange(len(target))
+    ax[3].bar(k - 0.27, bb.weights.cpu().numpy(), 0.27, color="0.7", label="prior")
+    ax[3].bar(k, got.numpy(), 0.27, label="finetuned")
+    ax[3].bar(k + 0.27, target, 0.27, label="target")
+    tv = 0.5 * float(np.abs(got.numpy() - target).sum())
+    ax[3].set_title(f"mode weights (TV to target {tv:.3f})")
+    ax[3].set_xticks(k, [f"({m[0]:g},{m[1]:g})" for m in bb.means.cpu().tolist()], rotation=60, fontsize=7)
+    ax[3].legend(fontsize=8)
     fig.suptitle(f"toy2d: reward center {list(r.center)}, width {r.width:g}; epoch {res.get('epoch', '-')}")
     fig.tight_layout()
     path = os.path.join(trainer.out_dir, "toy2d_densities.png")

@@ -180,7 +180,8 @@ def test_zero2_two_ranks_trains_checkpoints_and_resumes_exactly(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [1, 3])
 def test_zero_stages_two_epochs(tmp_path, stage):
-    extra = ["gfn.reverse_scale=0"] if stage == 3 else []  # ZeRO-3 refuses the reverse loss (see engine.py)
+    # ZeRO-3 refuses the reverse loss and the gradient returns (see engine.py, trainer.py)
+    extra = ["gfn.recipe=paper", "gfn.reverse_scale=0"] if stage == 3 else []
     out = _ok(launch(2, tmp_path, f"zero{stage}", "train.epochs=2", *extra))
     assert [r["epoch"] for r in _records(tmp_path)] == [0, 1] and "done:" in out
     w = _final(tmp_path)
@@ -190,9 +191,11 @@ def test_zero_stages_two_epochs(tmp_path, stage):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_zero3_refuses_reverse_loss_clearly(tmp_path):
-    p = launch(2, tmp_path, "zero3", "train.epochs=1")
+def test_zero3_refuses_reverse_loss_and_returns_clearly(tmp_path):
+    p = launch(2, tmp_path / "a", "zero3", "train.epochs=1", "gfn.recipe=paper")
     assert p.returncode != 0 and "ZeRO stage 3 cannot run the reverse loss" in p.stdout + p.stderr
+    p = launch(2, tmp_path / "b", "zero3", "train.epochs=1")
+    assert p.returncode != 0 and "ZeRO stage 3 cannot compute the gradient returns" in p.stdout + p.stderr
 
 
 @pytest.mark.slow
@@ -370,7 +373,7 @@ def test_tiny_sd_full_finetuning_zero2_resume_and_zero3(tmp_path):
     wa, wb = _safetensors(a / "final"), _safetensors(b / "final")
     assert any(k.startswith("unet/") for k in wa)
     _same(wa, wb)
-    _ok(launch(2, c, "zero3", *sd, "gfn.reverse_scale=0"))
+    _ok(launch(2, c, "zero3", *sd, "gfn.recipe=paper", "gfn.reverse_scale=0"))
     wc, w0 = _safetensors(c / "final"), _safetensors(sd_dir)
     unet = {k: v for k, v in wc.items() if k.startswith("unet/")}
     assert unet and all(v.shape == w0[k].shape for k, v in unet.items())

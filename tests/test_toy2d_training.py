@@ -2,8 +2,8 @@
 
 The TV curves of full-length runs (every recipe variant, three seeds, nine rewards) live in
 benchmarks/results/toy2d_*.csv (benchmarks/toy2d_sweep.py). The default-suite tests run a shortened schedule; the
-bounds sit between what the shipped recipe reaches there and what the paper's objective reaches (main's recipe
-before gfn.recipe=returns: TV 0.44 at 300 updates on the default reward, benchmarks/results/toy2d_short.csv).
+bound sits between what the shipped recipe reaches there and what the paper's objective reaches (main's recipe
+before gfn.recipe=returns).
 """
 import os
 
@@ -26,21 +26,16 @@ def _run(tmp_path, *overrides):
     return tr, prior_tv, tr.run()
 
 
-def test_short_run_gets_close_to_the_tilted_target(tmp_path):
-    """300 updates on the default reward: the prior is at TV 0.48; the paper's objective is still at 0.44."""
-    tr, prior_tv, res = _run(tmp_path, "train.epochs=300", "eval.num_samples=4096")
-    assert prior_tv > 0.45
-    assert res["tv"] <= 0.30, res["tv"]
+@pytest.mark.parametrize("center,beta", [((1.0, 0.5), 1.0), ((-1.0, -1.5), 0.5), ((2.0, 2.0), 2.0)])
+def test_short_run_gets_close_to_the_tilted_target(tmp_path, center, beta):
+    """300 updates from the prior (TV 0.48, 0.46, 0.83): the shipped recipe measured 0.23, 0.10, 0.24; the paper's
+    objective 0.44, 0.42, 0.71 (benchmarks/results/toy2d_rewards_short_{returns,paper}.csv)."""
+    tr, prior_tv, res = _run(tmp_path, f"reward.center=[{center[0]},{center[1]}]", f"gfn.reward_scale={beta}",
+                             "train.epochs=300", "eval.num_samples=4096")
+    assert prior_tv > 0.4
+    assert res["tv"] <= 0.30, (prior_tv, res["tv"])
     assert res["off_manifold"] <= res["target_off_manifold"] + 0.01
     assert res["eval_reward_mean"] > tr.history[0]["reward_mean"]
-
-
-@pytest.mark.parametrize("center,beta", [((-1.0, -1.5), 0.5), ((2.0, 2.0), 2.0)])
-def test_short_run_moves_toward_other_targets(tmp_path, center, beta):
-    tr, prior_tv, res = _run(tmp_path, f"reward.center=[{center[0]},{center[1]}]", f"gfn.reward_scale={beta}",
-                             "train.epochs=300", "eval.num_samples=2048")
-    assert res["tv"] <= prior_tv - 0.15, (prior_tv, res["tv"])
-    assert res["off_manifold"] <= res["target_off_manifold"] + 0.01
 
 
 @pytest.mark.slow

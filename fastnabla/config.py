@@ -347,7 +347,7 @@ def validate(cfg: Config) -> None:
         check(m.pretrained is not None, "model.pretrained",
               "required for model.backbone=sd: a local diffusers directory or a hub id (e.g. "
               "stable-diffusion-v1-5/stable-diffusion-v1-5)")
-    choice("model.image_size", m.image_size, [8, 16])
+    check(m.image_size in (8, 16), "model.image_size", f"{m.image_size} must be 8 (the digits' own) or 16")
     check(len(m.unet_channels) >= 1 and all(isinstance(c, int) and c > 0 for c in m.unet_channels)
           and m.image_size % 2 ** (len(m.unet_channels) - 1) == 0, "model.unet_channels",
           f"{m.unet_channels} must be positive ints, at most log2(image_size) + 1 levels, e.g. [32, 64]")

@@ -386,6 +386,28 @@ def pretrained_quality(backbone, classifier, n: int = 2000, seed: int = 0, batch
                 diversity_real_heldout=metrics.diversity(real_te)["overall"])
 
 
+def environment() -> dict:
+    """Where a measurement was taken: machine, library versions, git commit, UTC date."""
+    import datetime
+    import platform
+    import subprocess
+
+    vers = {}
+    for mod in ("torch", "diffusers", "peft", "sklearn", "torchmetrics", "numpy"):
+        try:
+            vers[mod] = __import__(mod).__version__
+        except ImportError:
+            vers[mod] = None
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    return dict(machine=f"{platform.machine()} {platform.processor() or ''}".strip(), cpus=os.cpu_count(),
+                torch_threads=torch.get_num_threads(), python=platform.python_version(), versions=vers,
+                git_sha=sha, date_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"))
+
+
 def main(argv=None) -> int:
     """``fastnabla pretrain-digits --config configs/digits.yaml [--report FILE] [key=value …]``: train (or load) the
     classifier and the UNet, measure the pretrained model, and print/write the numbers."""
@@ -434,7 +456,8 @@ def main(argv=None) -> int:
                                   cache=cmeta.get("hash")),
                   unet=dict(path=path, **{k: umeta.get(k) for k in ("parameters", "train_seconds", "final_loss",
                                                                     "spec")}),
-                  sampler=sampler, quality=quality, seconds_this_call=round(time.time() - t0, 1))
+                  sampler=sampler, quality=quality, seconds_this_call=round(time.time() - t0, 1),
+                  environment=environment())
     print(json.dumps(report, indent=2))
     if args.report:
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)

@@ -311,6 +311,7 @@ def plot_digit_grid(path: str, pretrained01: torch.Tensor, finetuned01: torch.Te
         k = int(math.ceil(math.sqrt(min(n, x.shape[0]))))
         x = x[: k * k, 0].clamp(0, 1).cpu().numpy()
         x = np.concatenate([x, np.zeros((k * k - x.shape[0], *x.shape[1:]))]) if x.shape[0] < k * k else x
+        x = np.pad(x, ((0, 0), (1, 1), (1, 1)), constant_values=0.3)  # a grey frame around each image
         S = x.shape[-1]
         return x.reshape(k, k, S, S).transpose(0, 2, 1, 3).reshape(k * S, k * S)
 

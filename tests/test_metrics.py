@@ -9,6 +9,15 @@ from fastnabla import metrics
 from fastnabla.backbones.toy2d import mixture_from_config, mode_weights, tilted_weights
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: thread start-up costs more than it saves on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 def test_importance_sampling_recovers_the_exact_tilted_mixture_weights():
     means, stds, w = mixture_from_config([-2.0, 0.0, 2.0], 0.25)
     g = torch.Generator().manual_seed(0)

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 __all__ = ["epoch_metrics", "evaluate", "plot_toy2d", "plot_curves", "importance_weights", "class_histogram",
-           "histogram_tv", "diversity", "fid", "kid", "plot_digit_grid", "plot_class_histogram"]
+           "histogram_tv", "diversity", "fid", "kid", "prior_preservation", "plot_digit_grid",
+           "plot_class_histogram"]
 
 TORCHMETRICS_ERROR = "FID/KID need torchmetrics: pip install 'fastnabla[digits]'"
 
@@ -82,6 +83,23 @@ def diversity(features: torch.Tensor, groups: torch.Tensor | None = None, weight
             if idx.numel() >= 2:
                 out["per_group"][int(c)] = sub(idx)
     return out
+
+
+def prior_preservation(feats_pre: torch.Tensor, feats_ft: torch.Tensor, groups=None, kid_subsets: int = 50) -> dict:
+    """FID and KID of the finetuned model's features against the pretrained model's for the same prompts and seeds,
+    per group (prompt or class label, row i of both sets shares ``groups[i]``) and averaged over groups: the
+    paper's protocol. Without groups, one group. Returns {"fid", "kid", "per_group": {g: {"fid", "kid"}}}."""
+    keys = [None] if groups is None else sorted(set(groups), key=str)
+    per = {}
+    for g in keys:
+        idx = torch.arange(feats_pre.shape[0]) if g is None else \
+            torch.tensor([i for i, p in enumerate(groups) if p == g], dtype=torch.long)
+        if idx.numel() < 2:
+            continue
+        per[g] = {"fid": fid(feats_pre[idx], feats_ft[idx]), "kid": kid(feats_pre[idx], feats_ft[idx], kid_subsets)[0]}
+    return {"fid": float(np.mean([v["fid"] for v in per.values()])),
+            "kid": float(np.mean([v["kid"] for v in per.values()])),
+            "per_group": {str(k): v for k, v in per.items() if k is not None}}
 
 
 class _Features(torch.nn.Module):
@@ -269,12 +287,17 @@ def _digits_eval(trainer, samples: torch.Tensor, prompts, log_r: torch.Tensor, f
     hist, p_hist = class_histogram(pred, C), class_histogram(p_pred, C)
     div, p_div = diversity(feats, pred), diversity(p_feats, p_pred)
     kid_m, kid_s = kid(p_feats, feats)
-    out = {"class_histogram": [round(float(v), 4) for v in hist], "mean_log_r": float(log_r.mean()),
-           "diversity": div["overall"], "diversity_per_class": div["per_group"],
-           "fid_pretrained": fid(p_feats, feats), "kid_pretrained": kid_m, "kid_pretrained_std": kid_s,
-           "pretrained": {"class_histogram": [round(float(v), 4) for v in p_hist], "mean_log_r": float(p_lr.mean()),
-                          "diversity": p_div["overall"], "diversity_per_class": p_div["per_group"]},
-           "classifier_test_accuracy": st["classifier_test_accuracy"], "num_samples": n}
+    out = {}
+    if prompts is not None:  # class-conditional: per prompt, then averaged (the paper's protocol)
+        pp = prior_preservation(p_feats, feats, prompts)
+        out.update(fid_pretrained_per_prompt=pp["fid"], kid_pretrained_per_prompt=pp["kid"])
+    out.update({
+        "class_histogram": [round(float(v), 4) for v in hist], "mean_log_r": float(log_r.mean()),
+        "diversity": div["overall"], "diversity_per_class": div["per_group"],
+        "fid_pretrained": fid(p_feats, feats), "kid_pretrained": kid_m, "kid_pretrained_std": kid_s,
+        "pretrained": {"class_histogram": [round(float(v), 4) for v in p_hist], "mean_log_r": float(p_lr.mean()),
+                       "diversity": p_div["overall"], "diversity_per_class": p_div["per_group"]},
+        "classifier_test_accuracy": st["classifier_test_accuracy"], "num_samples": n})
     tgt = st["target"]
     if tgt is not None:
         out["class_tv"] = histogram_tv(hist, tgt["class_histogram"])

@@ -1,6 +1,7 @@
 """The digits benchmark: data, the cached p_ref samples, and a 2-epoch run of a tiny on-the-fly pixel model through
 the Trainer with every digits output (samples, summary, plots)."""
 import json
+import math
 import os
 
 import numpy as np
@@ -100,3 +101,22 @@ def test_two_epoch_digits_run_writes_every_output(tmp_path):
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and "class_tv_batch" in lines[0] and "fid_pretrained" in lines[0]
     assert res["eval_reward_mean"] == pytest.approx(summary["mean_log_r"])
+
+
+def test_class_conditional_run_uses_digit_prompts(tmp_path):
+    from fastnabla.trainer import Trainer
+
+    torch.manual_seed(0)
+    sched = make_scheduler("ddim", SCHEDULER_CONFIG, 2)
+    bb = PixelBackbone(build_unet(8, [8, 16], num_classes=10), sched, lora_rank=2, flow_channels=[8, 16],
+                       guidance_scale=2.0, lora_target_modules=["to_q", "to_v"])
+    cfg = load_config(None, [
+        "model.backbone=pixel", "model.class_conditional=true", "model.flow_channels=[8,16]", "prompts.train=digits",
+        "sampling.num_steps=2", "sampling.batch_size=8", "sampling.guidance_scale=2.0", "gfn.timestep_fraction=0.5",
+        "train.epochs=1", "eval.every=0", "eval.num_samples=40", "eval.ground_truth_samples=0",
+        "logging.progress=false", "logging.plots=false", "checkpoint.every=0", f"model.cache_dir={tmp_path / 'c'}"],
+        output_dir=str(tmp_path / "run"))
+    tr = Trainer(cfg, backbone=bb, reward_fn=DigitClassReward(3, classifier=DigitClassifier(8, 8, 16).eval()))
+    assert set(tr.prompts.sample(50, torch.Generator().manual_seed(0))) <= set("0123456789")
+    res = tr.run()
+    assert "class_tv" not in res and "fid_pretrained_per_prompt" in res and math.isfinite(res["kid_pretrained_per_prompt"])

@@ -127,3 +127,17 @@ def test_digits_ground_truth_by_hand():
     assert gt["mean_log_r"] == pytest.approx(float((w * log_r.double()).sum()))
     assert gt["ess"] == pytest.approx(1 / float((w**2).sum()))
     assert gt["diversity_per_class"] == {1: pytest.approx(3.0)}  # the one class with two samples: ‖(3, 0)‖
+
+
+def test_prior_preservation_is_the_per_group_mean():
+    pytest.importorskip("torchmetrics")
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(300, 3, generator=g, dtype=torch.float64)
+    b = a + 0.5 * torch.randn(300, 3, generator=g, dtype=torch.float64)
+    groups = ["cat"] * 100 + ["dog"] * 200
+    pp = metrics.prior_preservation(a, b, groups, kid_subsets=5)
+    f_cat, f_dog = metrics.fid(a[:100], b[:100]), metrics.fid(a[100:], b[100:])
+    assert pp["per_group"]["cat"]["fid"] == pytest.approx(f_cat) and pp["per_group"]["dog"]["fid"] == pytest.approx(f_dog)
+    assert pp["fid"] == pytest.approx((f_cat + f_dog) / 2)
+    assert pp["kid"] == pytest.approx((metrics.kid(a[:100], b[:100], 5)[0] + metrics.kid(a[100:], b[100:], 5)[0]) / 2)
+    assert metrics.prior_preservation(a, b, kid_subsets=5)["fid"] == pytest.approx(metrics.fid(a, b))

@@ -85,6 +85,10 @@ class DigitClassReward(_DigitReward):
         self.register_buffer("_idx", torch.tensor(self.classes, dtype=torch.long), persistent=False)
 
     def score(self, images, prompts, metadata):
+        size = getattr(self.classifier, "config", {}).get("image_size")
+        if size is not None and images.shape[-1] != size:
+            raise ValueError(f"{self.name}: the classifier reads {size}×{size} images, got {images.shape[-1]}×"
+                             f"{images.shape[-2]}; set reward.options.image_size={images.shape[-1]} (= model.image_size)")
         logp = torch.log_softmax(self.run_model(self.classifier, images), dim=1)
         log_r = torch.logsumexp(logp.index_select(1, self._idx.to(images.device)), dim=1)
         return log_r, {"pred": logp.argmax(1)}

@@ -57,6 +57,8 @@ def test_digit_reward_errors():
     r = build_reward("digit_class", {"classes": 3, "classifier": clf})
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
         r(torch.rand(2, 3, 8, 8), None, None)
+    with pytest.raises(ValueError, match="reward.options.image_size=16"):
+        r(torch.rand(2, 1, 16, 16), None, None)
     with pytest.raises(ValueError, match="scale"):
         build_reward("digit_ink", {"scale": 0})
     with pytest.raises(ValueError, match="not a digits classifier directory"):

@@ -20,7 +20,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         if argv:
-            print("usage: fastnabla {train,export,pretrain-digits} …\n" + "\n".join(f"  {k:8s}{v}" for k, v in COMMANDS.items()))
+            print("usage: fastnabla {train,export,pretrain-digits} …\n"
+                  + "\n".join(f"  {k:8s}{v}" for k, v in COMMANDS.items()))
             return 0
         print("fastnabla: error: missing subcommand; use `fastnabla train …` or `fastnabla export …`",
               file=sys.stderr)

@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         if argv:
             print("usage: fastnabla {train,export,pretrain-digits} …\n"
-                  + "\n".join(f"  {k:8s}{v}" for k, v in COMMANDS.items()))
+                  + "\n".join(f"  {k:16s}{v}" for k, v in COMMANDS.items()))
             return 0
         print("fastnabla: error: missing subcommand; use `fastnabla train …` or `fastnabla export …`",
               file=sys.stderr)

@@ -71,6 +71,7 @@ def test_reference_samples_are_cached_and_keyed_by_the_sampler(tmp_path):
 
 
 def test_two_epoch_digits_run_writes_every_output(tmp_path):
+    pytest.importorskip("torchmetrics")
     from fastnabla.trainer import Trainer
 
     bb, clf = _tiny()
@@ -104,6 +105,7 @@ def test_two_epoch_digits_run_writes_every_output(tmp_path):
 
 
 def test_class_conditional_run_uses_digit_prompts(tmp_path):
+    pytest.importorskip("torchmetrics")
     from fastnabla.trainer import Trainer
 
     torch.manual_seed(0)

@@ -1,14 +1,15 @@
-# `make demo` runs the main job on the embedded default config; `make test` runs the suite.
-# Both create/refresh .venv; a stamp file keeps a second run from reinstalling anything.
+# `make demo` runs the main job on the embedded default config; `make digits` the digits image benchmark;
+# `make test` runs the suite.
+# Each creates/refreshes .venv; a stamp file keeps a second run from reinstalling anything.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-EXTRAS ?= dev,8bit,deepspeed
+EXTRAS ?= dev,8bit,deepspeed,digits
 # the default suite; `make test PYTEST_ARGS=` runs the slow tests too (distributed ZeRO-1/3, 8-bit, …)
 PYTEST_ARGS ?= -m "not slow"
 export TRITON_INTERPRET ?= 1
 
-.PHONY: demo test venv clean
+.PHONY: demo digits test venv clean
 
 venv: $(VENV)/.installed
 
@@ -27,6 +28,14 @@ $(VENV)/.installed: $(VENV)/.torch setup.py constraints.txt
 
 demo: venv
 	$(PY) -m fastnabla.train --config configs/toy2d.yaml --output-dir runs/toy2d $(ARGS)
+
+# pretrains the digits classifier and UNet when not cached (~/.cache/fastnabla/digits), reports their quality, then
+# finetunes; the first run also draws the 50,000-sample importance-sampling target (cached).
+digits: venv
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m fastnabla.cli pretrain-digits --config configs/digits.yaml \
+		--report runs/digits/pretrained.json $(ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m fastnabla.train --config configs/digits.yaml \
+		--output-dir runs/digits $(ARGS)
 
 test: venv
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)

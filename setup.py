@@ -31,6 +31,8 @@ setup(
         "deepspeed": ["deepspeed>=0.15"],
         "xformers": ["xformers"],
         "rewards": ["scipy"],
+        # the digits benchmark: scikit-learn's load_digits and torchmetrics' FID/KID
+        "digits": ["scikit-learn", "torchmetrics"],
     },
     entry_points={"console_scripts": ["fastnabla=fastnabla.cli:main"]},
 )

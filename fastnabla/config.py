@@ -25,9 +25,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    backbone: str = "toy2d"  # toy2d | sd
+    backbone: str = "toy2d"  # toy2d | sd | pixel
     # --- Stable Diffusion -------------------------------------------------------------------------------------
-    pretrained: Optional[str] = None  # local diffusers directory or hub id
+    pretrained: Optional[str] = None  # local diffusers directory or hub id (pixel: unset = the cached digits UNet)
     revision: Optional[str] = None
     dtype: str = "fp32"  # weights of the frozen parts: fp32 | bf16 | fp16 (trainables are always fp32)
     lora_rank: int = 8  # 0 = full finetuning of the UNet
@@ -43,6 +43,15 @@ class ModelConfig:
     weights: Optional[list] = None  # mixture weights (default equal)
     hidden: int = 128  # width of the residual policy MLP and of the flow MLP
     layers: int = 3
+    # --- pixel (the digits benchmark; lora_*, flow_channels and pretrained above apply too) ---------------------
+    image_size: int = 8  # 8 (the data's own) or 16 (bilinear upsampling)
+    unet_channels: list = field(default_factory=lambda: [32, 64, 64])  # UNet2DModel widths; attention at level 2
+    class_conditional: bool = False  # class label as the prompt ("0"…"9"), CFG with sampling.guidance_scale
+    pretrain_steps: int = 2000  # one-time pretraining when model.pretrained is unset (cached by config hash)
+    pretrain_batch_size: int = 128
+    pretrain_lr: float = 2e-3
+    cache_dir: Optional[str] = None  # pretrained UNet/classifier/ground truth; default $FASTNABLA_CACHE_DIR or
+    #                                  ~/.cache/fastnabla/digits
 
 
 @dataclass
@@ -136,6 +145,7 @@ class TrainConfig:
 class EvalConfig:
     every: int = 10  # epochs; 0 = only at the end
     num_samples: int = 4096
+    ground_truth_samples: int = 50000  # pixel: p_ref samples for the importance-sampled target (0 = none)
 
 
 @dataclass
@@ -341,7 +351,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: {msg}")
 
     m, r, sa, g, t = cfg.model, cfg.reward, cfg.sampling, cfg.gfn, cfg.train
-    choice("model.backbone", m.backbone, ["toy2d", "sd"])
+    choice("model.backbone", m.backbone, ["toy2d", "sd", "pixel"])
     choice("model.dtype", m.dtype, ["fp32", "bf16", "fp16"])
     choice("model.attention", m.attention, ["sdpa", "xformers"])
     check(m.lora_rank >= 0, "model.lora_rank", f"{m.lora_rank} must be ≥ 0 (0 = full finetuning)")
@@ -352,6 +362,18 @@ def validate(cfg: Config) -> None:
         check(m.pretrained is not None, "model.pretrained",
               "required for model.backbone=sd: a local diffusers directory or a hub id (e.g. "
               "stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    check(m.image_size in (8, 16), "model.image_size", f"{m.image_size} must be 8 (the digits' own) or 16")
+    check(len(m.unet_channels) >= 1 and all(isinstance(c, int) and c > 0 for c in m.unet_channels)
+          and m.image_size % 2 ** (len(m.unet_channels) - 1) == 0, "model.unet_channels",
+          f"{m.unet_channels} must be positive ints, at most log2(image_size) + 1 levels, e.g. [32, 64]")
+    check(m.pretrain_steps >= 1 and m.pretrain_batch_size >= 1 and m.pretrain_lr > 0, "model.pretrain_steps",
+          "pretrain_steps and pretrain_batch_size must be ≥ 1 and pretrain_lr > 0")
+    if m.backbone == "pixel":
+        check(all(isinstance(c, int) and c > 0 for c in m.flow_channels)
+              and m.image_size % 2 ** (len(m.flow_channels) - 1) == 0, "model.flow_channels",
+              f"{m.flow_channels}: the pixel flow net needs positive ints and at most log2(image_size) + 1 levels, "
+              "e.g. [16, 32]")
+        check(m.dtype == "fp32", "model.dtype", "the pixel backbone runs in fp32; set model.dtype=fp32")
     check(len(r.center) == 2 and all(isinstance(c, (int, float)) for c in r.center), "reward.center",
           f"{r.center!r} must be two numbers, e.g. [1.0, 0.5]")
     check(r.width > 0, "reward.width", "must be > 0")
@@ -403,6 +425,7 @@ def validate(cfg: Config) -> None:
     choice("train.backend", t.backend, ["auto", "reference", "triton"])
     choice("train.device", t.device, ["auto", "cpu", "cuda"])
     check(cfg.eval.every >= 0 and cfg.eval.num_samples >= 1, "eval.every", "every ≥ 0 and num_samples ≥ 1")
+    check(cfg.eval.ground_truth_samples >= 0, "eval.ground_truth_samples", "must be ≥ 0 (0 = no ground truth)")
     check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be ≥ 0")
     check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be ≥ 1")
 

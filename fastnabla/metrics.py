@@ -3,15 +3,153 @@
 Per epoch: reward statistics of the fresh samples (in the trainer) and, for toy2d, the total variation of their
 mode weights to the exact target p_ref·R^β and the off-manifold mass. At eval epochs and at the end: the same on
 ``eval.num_samples`` fresh samples (precise), ``final_samples.npy``, and plots.
+
+For the pixel (digits) backbone, features come from the digit classifier's penultimate layer and the target from
+importance sampling (``fastnabla.digits``): class histogram and its TV to the target, mean log R, diversity,
+FID/KID against the pretrained model's samples at the same seeds, a sample grid and the class histogram plot.
+
+The sample-and-feature metrics (``importance_weights``, ``class_histogram``, ``histogram_tv``, ``diversity``,
+``fid``, ``kid``) take tensors only, so any backbone can use them.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 import torch
 
-__all__ = ["epoch_metrics", "evaluate", "plot_toy2d", "plot_curves"]
+__all__ = ["epoch_metrics", "evaluate", "plot_toy2d", "plot_curves", "importance_weights", "class_histogram",
+           "histogram_tv", "diversity", "fid", "kid", "prior_preservation", "plot_digit_grid",
+           "plot_class_histogram"]
+
+TORCHMETRICS_ERROR = "FID/KID need torchmetrics: pip install 'fastnabla[digits]'"
+
+
+# --- sample-and-feature metrics -------------------------------------------------------------------------------------
+
+def importance_weights(log_r: torch.Tensor, beta: float) -> tuple[torch.Tensor, float]:
+    """Self-normalised importance weights of p_ref·R^β given samples of p_ref: w_i = exp(β·log R_i) / Σ_j exp(β·log
+    R_j), float64 (n,), and the effective sample size ESS = 1 / Σ_i w_i² (n for equal weights, 1 for one)."""
+    w = torch.softmax(float(beta) * log_r.detach().double().flatten(), dim=0)
+    return w, float(1.0 / (w**2).sum())
+
+
+def class_histogram(labels: torch.Tensor, num_classes: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(num_classes,) float64: the (weighted) fraction of samples per class label; sums to 1."""
+    labels = labels.long().flatten().cpu()
+    w = torch.ones(labels.numel(), dtype=torch.float64) if weights is None else weights.double().flatten().cpu()
+    h = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, w)
+    return h / h.sum()
+
+
+def histogram_tv(p, q) -> float:
+    """Total variation ½·Σ_c |p_c − q_c| between two histograms."""
+    p, q = torch.as_tensor(p, dtype=torch.float64), torch.as_tensor(q, dtype=torch.float64)
+    return 0.5 * float((p - q).abs().sum())
+
+
+def _mean_pairwise(f: torch.Tensor, w: torch.Tensor | None) -> float:
+    """Σ_{i≠j} w_i w_j ‖f_i − f_j‖ / Σ_{i≠j} w_i w_j (equal weights: the mean over ordered pairs i ≠ j)."""
+    d = torch.cdist(f.double(), f.double())
+    w = torch.ones(f.shape[0], dtype=torch.float64) if w is None else w.double()
+    den = float(w.sum() ** 2 - (w**2).sum())
+    return float(w @ d @ w) / den if den > 0 else float("nan")
+
+
+def diversity(features: torch.Tensor, groups: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+              max_per_group: int = 4000, seed: int = 0) -> dict:
+    """Mean pairwise feature distance E‖φ(x) − φ(x′)‖ over pairs of distinct samples, overall and within each group
+    (class or prompt); with ``weights`` (importance weights) each pair counts w_i·w_j.
+
+    Sets larger than ``max_per_group`` are subsampled uniformly (fixed seed; weights ride along, so the weighted
+    ratio stays consistent). Returns {"overall": float, "per_group": {group: float}} (groups with < 2 samples are
+    left out).
+    """
+    f = features.detach().cpu()
+    w = None if weights is None else weights.detach().double().cpu()
+    g = torch.Generator().manual_seed(seed)
+
+    def sub(idx):
+        if idx.numel() > max_per_group:
+            idx = idx[torch.randperm(idx.numel(), generator=g)[:max_per_group]]
+        return _mean_pairwise(f[idx], None if w is None else w[idx])
+
+    out = {"overall": sub(torch.arange(f.shape[0])), "per_group": {}}
+    if groups is not None:
+        groups = groups.cpu()
+        for c in torch.unique(groups).tolist():
+            idx = (groups == c).nonzero().flatten()
+            if idx.numel() >= 2:
+                out["per_group"][int(c)] = sub(idx)
+    return out
+
+
+def prior_preservation(feats_pre: torch.Tensor, feats_ft: torch.Tensor, groups=None, kid_subsets: int = 50) -> dict:
+    """FID and KID of the finetuned model's features against the pretrained model's for the same prompts and seeds,
+    per group (prompt or class label, row i of both sets shares ``groups[i]``) and averaged over groups: the
+    paper's protocol. Without groups, one group. Returns {"fid", "kid", "per_group": {g: {"fid", "kid"}}}."""
+    keys = [None] if groups is None else sorted(set(groups), key=str)
+    per = {}
+    for g in keys:
+        idx = torch.arange(feats_pre.shape[0]) if g is None else \
+            torch.tensor([i for i, p in enumerate(groups) if p == g], dtype=torch.long)
+        if idx.numel() < 2:
+            continue
+        per[g] = {"fid": fid(feats_pre[idx], feats_ft[idx]), "kid": kid(feats_pre[idx], feats_ft[idx], kid_subsets)[0]}
+    return {"fid": float(np.mean([v["fid"] for v in per.values()])),
+            "kid": float(np.mean([v["kid"] for v in per.values()])),
+            "per_group": {str(k): v for k, v in per.items() if k is not None}}
+
+
+class _Features(torch.nn.Module):
+    """The identity as torchmetrics' "feature extractor": our metrics receive features, not images."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = int(num_features)
+
+    def forward(self, x):
+        return x
+
+
+def _torchmetrics(name: str):
+    try:
+        import torchmetrics.image.fid as fid_mod
+        import torchmetrics.image.kid as kid_mod
+    except ImportError:
+        raise ImportError(TORCHMETRICS_ERROR) from None
+    return fid_mod.FrechetInceptionDistance if name == "fid" else kid_mod.KernelInceptionDistance
+
+
+def fid(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
+    """Fréchet distance ‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2(Σ_a Σ_b)^½) between two feature sets (n, F), by torchmetrics'
+    FrechetInceptionDistance with the features passed through."""
+    FID = _torchmetrics("fid")
+    m = FID(feature=_Features(feats_a.shape[1]))
+    m.update(feats_a.double().cpu(), real=True)
+    m.update(feats_b.double().cpu(), real=False)
+    return float(m.compute())
+
+
+def kid(feats_a: torch.Tensor, feats_b: torch.Tensor, subsets: int = 50, subset_size: int = 1000,
+        seed: int = 0) -> tuple[float, float]:
+    """Kernel distance: unbiased MMD² with the kernel k(x, y) = (x·y/F + 1)³, averaged over ``subsets`` random subsets
+    of ``min(subset_size, n_a, n_b)`` samples (torchmetrics' KernelInceptionDistance; the subsets are drawn under a
+    fixed seed). Returns (mean, std over subsets)."""
+    KID = _torchmetrics("kid")
+    k = min(subset_size, feats_a.shape[0], feats_b.shape[0])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "will save all extracted features in buffer": intended
+        m = KID(feature=_Features(feats_a.shape[1]), subsets=subsets, subset_size=k)
+    m.update(feats_a.double().cpu(), real=True)
+    m.update(feats_b.double().cpu(), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = m.compute()
+    return float(mean), float(std)
 
 
 def _is_toy(backbone) -> bool:
@@ -23,7 +161,13 @@ def _target(trainer):
     return trainer.backbone.target_weights(r.center, r.width, g.reward_scale)
 
 
+def _is_pixel(trainer) -> bool:
+    return hasattr(trainer.backbone, "reference_sampling")
+
+
 def epoch_metrics(trainer, fresh) -> dict:
+    if _is_pixel(trainer):
+        return _digits_epoch(trainer, fresh.xs[:, -1])
     if not _is_toy(trainer.backbone) or trainer.cfg.reward.name != "gaussian_bump":
         return {}
     from fastnabla.backbones.toy2d import total_variation
@@ -38,16 +182,12 @@ def evaluate(trainer, final: bool) -> dict:
     n = max(cfg.eval.num_samples, 4096) if final and _is_toy(trainer.backbone) else cfg.eval.num_samples
     samples, prompts = trainer.sample_final(n, seed=cfg.seed + 7919)
     out = {}
-    mb = cfg.sampling.batch_size  # decode and score in micro-batches: a 512×512 decode of every sample at once OOMs
-    scores = []
-    with torch.no_grad():
-        for s in range(0, n, mb):
-            lr, _ = trainer.reward_fn(trainer.backbone.decode(samples[s:s + mb].to(trainer.device)),
-                                      None if prompts is None else prompts[s:s + mb], None)
-            scores.append(lr.float().cpu())
-    lr = torch.cat(scores)
+    lr = _scores(trainer, samples, prompts)
     out["eval_reward_mean"] = float(lr.mean())
     out["eval_reward_std"] = float(lr.std()) if n > 1 else 0.0
+    if _is_pixel(trainer):
+        out.update(_digits_eval(trainer, samples, prompts, lr, final))
+        return out
     toy = _is_toy(trainer.backbone) and cfg.reward.name == "gaussian_bump"
     if toy:
         from fastnabla.backbones.toy2d import mode_weights, total_variation
@@ -75,6 +215,172 @@ def evaluate(trainer, final: bool) -> dict:
             if curves:
                 out.setdefault("plots", []).append(curves)
     return out
+
+
+def _scores(trainer, samples: torch.Tensor, prompts) -> torch.Tensor:
+    """log R of samples (n, *S), decoded and scored in micro-batches of sampling.batch_size (a 512×512 decode of
+    every sample at once OOMs); (n,) float32 on the CPU."""
+    mb = trainer.cfg.sampling.batch_size
+    scores = []
+    with torch.no_grad():
+        for s in range(0, samples.shape[0], mb):
+            lr, _ = trainer.reward_fn(trainer.backbone.decode(samples[s:s + mb].to(trainer.device)),
+                                      None if prompts is None else prompts[s:s + mb], None)
+            scores.append(lr.float().cpu())
+    return torch.cat(scores)
+
+
+# --- the digits benchmark ---------------------------------------------------------------------------------------
+
+def _digits_state(trainer) -> dict:
+    """What a digits run computes once and keeps: the feature classifier and the importance-sampled target."""
+    st = getattr(trainer, "_digits_metrics", None)
+    if st is not None:
+        return st
+    from fastnabla import digits
+
+    cfg = trainer.cfg
+    clf = getattr(trainer.reward_fn, "classifier", None)
+    meta = dict(getattr(trainer.reward_fn, "meta", {}) or {})
+    if clf is None:
+        clf, meta = digits.ensure_classifier(cfg.model.image_size, cfg.model.cache_dir, cfg.logging.progress)
+    clf = clf.to(trainer.device).eval()
+    st = {"classifier": clf, "classifier_test_accuracy": meta.get("test_accuracy"), "target": None}
+    n_gt = cfg.eval.ground_truth_samples
+    if n_gt and not trainer.backbone.conditional:
+        ref = digits.reference_samples(trainer.backbone, clf, n_gt, seed=cfg.seed + 104729,
+                                       batch=max(cfg.sampling.batch_size, 1024), cache_dir=cfg.model.cache_dir,
+                                       progress=cfg.logging.progress and trainer.is_main)
+        log_r = _scores(trainer, ref["images"], None)
+        st["target"] = digits.ground_truth(ref, log_r, cfg.gfn.reward_scale, clf.head.out_features)
+    trainer._digits_metrics = st
+    return st
+
+
+def _digits_features(st, backbone, samples: torch.Tensor):
+    from fastnabla.digits import classifier_outputs
+
+    return classifier_outputs(st["classifier"], backbone.decode(samples))
+
+
+def _digits_epoch(trainer, finals: torch.Tensor) -> dict:
+    st = _digits_state(trainer)
+    logits, feats = _digits_features(st, trainer.backbone, finals)
+    pred = logits.argmax(1)
+    out = {"diversity_batch": diversity(feats, max_per_group=1024)["overall"]}
+    if st["target"] is not None:
+        out["class_tv_batch"] = histogram_tv(class_histogram(pred, logits.shape[1]),
+                                             st["target"]["class_histogram"])
+    return out
+
+
+def _digits_eval(trainer, samples: torch.Tensor, prompts, log_r: torch.Tensor, final: bool) -> dict:
+    """Class histogram (and its TV to the target), diversity, FID/KID against the pretrained model's samples at the
+    same seeds and prompts; at the end also the .npy files and the report plots."""
+    cfg, bb = trainer.cfg, trainer.backbone
+    st = _digits_state(trainer)
+    n = samples.shape[0]
+    key = ("pretrained", n)
+    if st.get("pretrained_key") != key:  # the reference never changes: its samples are drawn once per size
+        with bb.reference_sampling():
+            ps, pp = trainer.sample_final(n, seed=cfg.seed + 7919)
+        st["pretrained"] = (ps, pp, _scores(trainer, ps, pp)) + tuple(_digits_features(st, bb, ps))
+        st["pretrained_key"] = key
+    ps, _, p_lr, p_logits, p_feats = st["pretrained"]
+    logits, feats = _digits_features(st, bb, samples)
+    C = logits.shape[1]
+    pred, p_pred = logits.argmax(1), p_logits.argmax(1)
+    hist, p_hist = class_histogram(pred, C), class_histogram(p_pred, C)
+    div, p_div = diversity(feats, pred), diversity(p_feats, p_pred)
+    kid_m, kid_s = kid(p_feats, feats)
+    out = {}
+    if prompts is not None:  # class-conditional: per prompt, then averaged (the paper's protocol)
+        pp = prior_preservation(p_feats, feats, prompts)
+        out.update(fid_pretrained_per_prompt=pp["fid"], kid_pretrained_per_prompt=pp["kid"])
+    out.update({
+        "class_histogram": [round(float(v), 4) for v in hist], "mean_log_r": float(log_r.mean()),
+        "diversity": div["overall"], "diversity_per_class": div["per_group"],
+        "fid_pretrained": fid(p_feats, feats), "kid_pretrained": kid_m, "kid_pretrained_std": kid_s,
+        "pretrained": {"class_histogram": [round(float(v), 4) for v in p_hist], "mean_log_r": float(p_lr.mean()),
+                       "diversity": p_div["overall"], "diversity_per_class": p_div["per_group"]},
+        "classifier_test_accuracy": st["classifier_test_accuracy"], "num_samples": n})
+    tgt = st["target"]
+    if tgt is not None:
+        out["class_tv"] = histogram_tv(hist, tgt["class_histogram"])
+        out["mean_log_r_gap"] = out["mean_log_r"] - tgt["mean_log_r"]
+        # within-class diversity relative to the target's, for every class the target keeps (mass ≥ 2 %)
+        out["diversity_ratio_per_class"] = {
+            c: div["per_group"].get(c, 0.0) / v for c, v in tgt["diversity_per_class"].items()
+            if tgt["class_histogram"][c] >= 0.02 and v > 0}
+        if final:
+            out["target"] = tgt
+        out["pretrained"]["class_tv"] = histogram_tv(p_hist, tgt["class_histogram"])
+    if final and trainer.is_main:
+        np.save(os.path.join(trainer.out_dir, "final_samples.npy"), samples.clamp(-1, 1).numpy())
+        np.save(os.path.join(trainer.out_dir, "pretrained_samples.npy"), ps.clamp(-1, 1).numpy())
+        if cfg.logging.plots:
+            out["plots"] = [
+                plot_digit_grid(os.path.join(trainer.out_dir, "samples_grid.png"), bb.decode(ps), bb.decode(samples)),
+                plot_class_histogram(os.path.join(trainer.out_dir, "class_histogram.png"), hist, p_hist,
+                                     None if tgt is None else tgt["class_histogram"])]
+            curves = plot_curves(trainer.out_dir, trainer.history)
+            if curves:
+                out["plots"].append(curves)
+    return out
+
+
+def plot_digit_grid(path: str, pretrained01: torch.Tensor, finetuned01: torch.Tensor, n: int = 64) -> str:
+    """Side-by-side grids of the first n pretrained and finetuned images (same seeds), images in [0, 1]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def grid(x):
+        k = int(math.ceil(math.sqrt(min(n, x.shape[0]))))
+        x = x[: k * k, 0].clamp(0, 1).cpu().numpy()
+        x = np.concatenate([x, np.zeros((k * k - x.shape[0], *x.shape[1:]))]) if x.shape[0] < k * k else x
+        x = np.pad(x, ((0, 0), (1, 1), (1, 1)), constant_values=0.3)  # a grey frame around each image
+        S = x.shape[-1]
+        return x.reshape(k, k, S, S).transpose(0, 2, 1, 3).reshape(k * S, k * S)
+
+    fig, ax = plt.subplots(1, 2, figsize=(9, 4.8))
+    for a, x, title in zip(ax, (pretrained01, finetuned01), ("pretrained", "finetuned (same seeds)")):
+        a.imshow(grid(x), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        a.set_title(title)
+        a.set_xticks([])
+        a.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_class_histogram(path: str, model, pretrained, target=None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    C = len(model)
+    xs = np.arange(C)
+    bars = [("pretrained", pretrained), ("finetuned", model)] + ([("target (IS)", target)] if target is not None else [])
+    wdt = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for i, (name, h) in enumerate(bars):
+        ax.bar(xs + (i - (len(bars) - 1) / 2) * wdt, [float(v) for v in h], wdt, label=name)
+    ax.set_xticks(xs)
+    ax.set_xlabel("class (classifier argmax)")
+    ax.set_ylabel("fraction")
+    title = "class histogram"
+    if target is not None:
+        title += f": TV(finetuned, target) = {histogram_tv(model, target):.3f}"
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_toy2d(trainer, samples: torch.Tensor) -> str:
@@ -132,9 +438,23 @@ def plot_curves(out_dir: str, history: list) -> str | None:
     panels = [("reward_mean", "reward (mean log R of fresh samples)"), ("loss", "loss")]
     if "tv_batch" in history[0]:
         panels.append(("tv", "TV to the exact target"))
+    if "diversity_batch" in history[0]:
+        panels.append(("diversity", "diversity (mean pairwise feature distance)"))
+    if "class_tv_batch" in history[0]:
+        panels.append(("class_tv", "class-histogram TV to the IS target"))
+    if any("fid_pretrained" in h for h in history):
+        panels.append(("fid_pretrained", "FID vs pretrained samples (eval)"))
     fig, ax = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
     for a, (key, title) in zip(np.atleast_1d(ax), panels):
-        if key == "tv":
+        if key in ("diversity", "class_tv"):
+            a.plot(ep, [h.get(f"{key}_batch") for h in history], alpha=0.5, label="fresh batch")
+            ev = [(h["epoch"], h[key]) for h in history if key in h]
+            if ev:
+                a.plot(*zip(*ev), "o-", label="eval")
+            a.legend()
+        elif key == "fid_pretrained":
+            a.plot(*zip(*[(h["epoch"], h[key]) for h in history if key in h]), "o-")
+        elif key == "tv":
             a.plot(ep, [h.get("tv_batch") for h in history], alpha=0.5, label="fresh batch")
             ev = [(h["epoch"], h["tv"]) for h in history if "tv" in h]
             if ev:

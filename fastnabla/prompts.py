@@ -30,7 +30,10 @@ SIMPLE_ANIMALS: list[str] = [
     "frog", "turtle", "snake", "dolphin", "whale",
 ]
 
-BUILTIN_PROMPT_SETS: dict[str, list[str]] = {"simple_animals": SIMPLE_ANIMALS}
+# The class labels of the class-conditional digits model (backbone pixel, model.class_conditional: true).
+DIGITS: list[str] = [str(d) for d in range(10)]
+
+BUILTIN_PROMPT_SETS: dict[str, list[str]] = {"simple_animals": SIMPLE_ANIMALS, "digits": DIGITS}
 
 PromptInput = Union[str, os.PathLike, Sequence[str], "PromptSource"]
 

@@ -35,7 +35,8 @@ def test_txt_json_csv(tmp_path):
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"neither a built-in prompt set \(simple_animals\) nor an existing file.*"
+    assert load_prompts("digits") == [str(d) for d in range(10)]
+    with pytest.raises(ValueError, match=r"neither a built-in prompt set \(simple_animals, digits\) nor an existing file.*"
                                          r"did you mean the built-in set 'simple_animals'"):
         load_prompts("simple_animal")
     with pytest.raises(ValueError, match="nor an existing file"):

@@ -13,4 +13,8 @@ def build_backbone(cfg) -> Backbone:
         from fastnabla.backbones.sd import SDBackbone
 
         return SDBackbone.from_config(cfg)
-    raise ValueError(f"model.backbone={cfg.model.backbone!r}: must be toy2d or sd")
+    if cfg.model.backbone == "pixel":
+        from fastnabla.backbones.pixel import PixelBackbone
+
+        return PixelBackbone.from_config(cfg)
+    raise ValueError(f"model.backbone={cfg.model.backbone!r}: must be toy2d, sd or pixel")

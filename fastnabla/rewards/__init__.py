@@ -18,6 +18,8 @@ pickscore       exp(logit_scale)·cos(image, prompt) with the PickScore CLIP    
 hpsv2, hpsv2.1  cos(image, prompt) with the HPS OpenCLIP ViT-H-14 (converted on load)     yes
 combo           Σ_k w_k·log R_k over other registered rewards                             if any is
 imagereward     ImageReward's standardised score (BLIP ViT + cross-attending BERT + MLP)   yes
+digit_class     log Σ_{c∈classes} p(y = c | x), a small CNN on digit images (B, 1, S, S)   no
+digit_ink       scale · mean ink of digit images (B, 1, S, S)                             no
 ==============  =======================================================================  =========
 """
 from __future__ import annotations
@@ -124,6 +126,20 @@ def _build_imagereward(**options):
     from fastnabla.rewards.imagereward import ImageRewardReward
 
     return ImageRewardReward(**options)
+
+
+@register_reward("digit_class")
+def _build_digit_class(**options):
+    from fastnabla.rewards.digits import DigitClassReward
+
+    return DigitClassReward(**options)
+
+
+@register_reward("digit_ink")
+def _build_digit_ink(**options):
+    from fastnabla.rewards.digits import DigitInkReward
+
+    return DigitInkReward(**options)
 
 
 __all__ = ["RewardFn", "build_reward", "register_reward", "available_rewards"]

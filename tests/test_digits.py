@@ -1,0 +1,124 @@
+"""The digits benchmark: data, the cached p_ref samples, and a 2-epoch run of a tiny on-the-fly pixel model through
+the Trainer with every digits output (samples, summary, plots)."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fastnabla.backbones.pixel import SCHEDULER_CONFIG, PixelBackbone, build_unet
+from fastnabla.config import load_config
+from fastnabla.rewards.digits import DigitClassifier, DigitClassReward
+from fastnabla.sampling import make_scheduler
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: thread start-up costs more than it saves on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def _tiny(num_steps=4, eta=1.0):
+    torch.manual_seed(0)
+    sched = make_scheduler("ddim", SCHEDULER_CONFIG, num_steps)
+    bb = PixelBackbone(build_unet(8, [8, 16]), sched, lora_rank=2, flow_channels=[8, 16], eta=eta,
+                       lora_target_modules=["to_q", "to_v", "conv1"])
+    return bb, DigitClassifier(8, width=8, features=16).eval()
+
+
+def test_digit_data_and_split():
+    pytest.importorskip("sklearn")
+    from fastnabla.digits import _shift, load_digit_data, split_indices
+
+    x, y = load_digit_data(8)
+    assert x.shape == (1797, 1, 8, 8) and y.shape == (1797,)
+    assert float(x.min()) == -1.0 and float(x.max()) == 1.0 and set(y.tolist()) == set(range(10))
+    x16, _ = load_digit_data(16)
+    assert x16.shape == (1797, 1, 16, 16) and float(x16.min()) >= -1 and float(x16.max()) <= 1
+    tr, te = split_indices(1797)
+    assert len(te) == 359 and len(set(tr.tolist()) | set(te.tolist())) == 1797
+    one = torch.full((64, 1, 8, 8), -1.0)
+    one[:, 0, 4, 4] = 1.0
+    moved = _shift(one, torch.Generator().manual_seed(0))
+    where = (moved[:, 0] == 1).nonzero()[:, 1:]
+    assert where.shape == (64, 2) and bool(((where - 4).abs() <= 1).all()) and len(torch.unique(where, dim=0)) == 9
+
+
+def test_reference_samples_are_cached_and_keyed_by_the_sampler(tmp_path):
+    from fastnabla.digits import reference_samples
+
+    bb, clf = _tiny()
+    a = reference_samples(bb, clf, 40, seed=1, batch=16, cache_dir=str(tmp_path), progress=False)
+    files = os.listdir(tmp_path)
+    assert a["images"].shape == (40, 1, 8, 8) and a["logits"].shape == (40, 10) and a["features"].shape == (40, 16)
+    b = reference_samples(bb, clf, 40, seed=1, batch=16, cache_dir=str(tmp_path), progress=False)
+    assert os.listdir(tmp_path) == files and torch.equal(a["images"], b["images"])
+    # the policy's adapter does not change p_ref's samples; another sampler (η) is another cache entry
+    with torch.no_grad():
+        for n, p in bb.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    c = reference_samples(bb, clf, 40, seed=1, batch=16, cache_dir=str(tmp_path), progress=False)
+    assert torch.equal(a["images"], c["images"]) and os.listdir(tmp_path) == files
+    bb2, _ = _tiny(eta=0.5)
+    reference_samples(bb2, clf, 40, seed=1, batch=16, cache_dir=str(tmp_path), progress=False)
+    assert len(os.listdir(tmp_path)) == 2
+
+
+def test_two_epoch_digits_run_writes_every_output(tmp_path):
+    pytest.importorskip("torchmetrics")
+    from fastnabla.trainer import Trainer
+
+    bb, clf = _tiny()
+    cfg = load_config(None, [
+        "model.backbone=pixel", "model.flow_channels=[8,16]", "sampling.num_steps=4", "sampling.batch_size=8",
+        "sampling.guidance_scale=1.0", "gfn.timestep_fraction=0.5", "train.epochs=2", "eval.every=1",
+        "eval.num_samples=48", "eval.ground_truth_samples=96", "logging.progress=false", "checkpoint.every=0",
+        f"model.cache_dir={tmp_path / 'cache'}"], output_dir=str(tmp_path / "run"))
+    tr = Trainer(cfg, backbone=bb, reward_fn=DigitClassReward([3, 5, 8], classifier=clf))
+    res = tr.run()
+    out = tmp_path / "run"
+    fin, pre = np.load(out / "final_samples.npy"), np.load(out / "pretrained_samples.npy")
+    assert fin.shape == pre.shape == (48, 1, 8, 8) and fin.min() >= -1 and fin.max() <= 1
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("class_histogram", "class_tv", "mean_log_r", "mean_log_r_gap", "diversity", "fid_pretrained",
+                "kid_pretrained", "pretrained", "target", "classifier_test_accuracy"):
+        assert key in summary, key
+    tgt = summary["target"]
+    assert tgt["num_samples"] == 96 and 1 <= tgt["ess"] <= 96 and sum(tgt["class_histogram"]) == pytest.approx(1)
+    # the TV is recomputed from the reported histograms, and the pretrained samples are p_ref's at the same seeds
+    assert summary["class_tv"] == pytest.approx(
+        0.5 * sum(abs(a - b) for a, b in zip(summary["class_histogram"], tgt["class_histogram"])), abs=1e-3)
+    with bb.reference_sampling():
+        again, _ = tr.sample_final(48, seed=cfg.seed + 7919)
+    np.testing.assert_allclose(pre, again.clamp(-1, 1).numpy(), atol=1e-6)
+    for png in ("samples_grid.png", "class_histogram.png", "curves.png"):
+        assert (out / png).stat().st_size > 1000
+    lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and "class_tv_batch" in lines[0] and "fid_pretrained" in lines[0]
+    assert res["eval_reward_mean"] == pytest.approx(summary["mean_log_r"])
+
+
+def test_class_conditional_run_uses_digit_prompts(tmp_path):
+    pytest.importorskip("torchmetrics")
+    from fastnabla.trainer import Trainer
+
+    torch.manual_seed(0)
+    sched = make_scheduler("ddim", SCHEDULER_CONFIG, 2)
+    bb = PixelBackbone(build_unet(8, [8, 16], num_classes=10), sched, lora_rank=2, flow_channels=[8, 16],
+                       guidance_scale=2.0, lora_target_modules=["to_q", "to_v"])
+    cfg = load_config(None, [
+        "model.backbone=pixel", "model.class_conditional=true", "model.flow_channels=[8,16]", "prompts.train=digits",
+        "sampling.num_steps=2", "sampling.batch_size=8", "sampling.guidance_scale=2.0", "gfn.timestep_fraction=0.5",
+        "train.epochs=1", "eval.every=0", "eval.num_samples=40", "eval.ground_truth_samples=0",
+        "logging.progress=false", "logging.plots=false", "checkpoint.every=0", f"model.cache_dir={tmp_path / 'c'}"],
+        output_dir=str(tmp_path / "run"))
+    tr = Trainer(cfg, backbone=bb, reward_fn=DigitClassReward(3, classifier=DigitClassifier(8, 8, 16).eval()))
+    assert set(tr.prompts.sample(50, torch.Generator().manual_seed(0))) <= set("0123456789")
+    res = tr.run()
+    assert "class_tv" not in res and "fid_pretrained_per_prompt" in res and math.isfinite(res["kid_pretrained_per_prompt"])

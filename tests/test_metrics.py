@@ -1,0 +1,143 @@
+"""Sample-and-feature metrics against closed forms and hand computations: importance sampling vs toy2d's exact
+tilted weights, FID/KID for Gaussian features, diversity, class histograms; the digits ground truth by hand."""
+import math
+
+import pytest
+import torch
+
+from fastnabla import metrics
+from fastnabla.backbones.toy2d import mixture_from_config, mode_weights, tilted_weights
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: thread start-up costs more than it saves on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def test_importance_sampling_recovers_the_exact_tilted_mixture_weights():
+    means, stds, w = mixture_from_config([-2.0, 0.0, 2.0], 0.25)
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    idx = torch.multinomial(w, n, replacement=True, generator=g)
+    x = means[idx] + stds[idx, None] * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    for center, width, beta in [([1.0, 0.5], 1.0, 1.0), ([-1.0, -1.5], 1.0, 0.5), ([2.0, 2.0], 1.0, 2.0)]:
+        log_r = -((x - torch.tensor(center, dtype=torch.float64)) ** 2).sum(1) / (2 * width**2)
+        iw, ess = metrics.importance_weights(log_r, beta)
+        assert 1 < ess < n
+        _, near = torch.cdist(x, means).min(1)
+        est = metrics.class_histogram(near, means.shape[0], iw)
+        exact = tilted_weights(means, stds, w, center, width, beta)
+        assert metrics.histogram_tv(est, exact) < 0.01, (center, beta)
+    # unweighted histogram = toy2d's mode weights
+    torch.testing.assert_close(metrics.class_histogram(near, 9), mode_weights(x.float(), means.float())[0])
+
+
+def test_importance_weights_and_ess_limits():
+    w, ess = metrics.importance_weights(torch.zeros(50), 3.0)
+    torch.testing.assert_close(w, torch.full((50,), 1 / 50, dtype=torch.float64))
+    assert ess == pytest.approx(50)
+    w, ess = metrics.importance_weights(torch.tensor([0.0, 0.0, math.log(2.0)]), 1.0)
+    torch.testing.assert_close(w, torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64))
+    assert ess == pytest.approx(1 / (0.25**2 * 2 + 0.25))
+
+
+def test_class_histogram_and_tv_by_hand():
+    h = metrics.class_histogram(torch.tensor([0, 1, 1, 2]), 4)
+    torch.testing.assert_close(h, torch.tensor([0.25, 0.5, 0.25, 0.0], dtype=torch.float64))
+    hw = metrics.class_histogram(torch.tensor([0, 1, 1, 2]), 4, torch.tensor([1.0, 1.0, 2.0, 4.0]))
+    torch.testing.assert_close(hw, torch.tensor([0.125, 0.375, 0.5, 0.0], dtype=torch.float64))
+    assert metrics.histogram_tv(h, hw) == pytest.approx(0.5 * (0.125 + 0.125 + 0.25))
+
+
+def test_diversity_by_hand():
+    f = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 4.0], [10.0, 10.0], [10.0, 12.0]])
+    groups = torch.tensor([0, 0, 0, 1, 1])
+    d = metrics.diversity(f[:3])
+    assert d["overall"] == pytest.approx((5 + 4 + 3) / 3)  # pairwise distances 5, 4, 3
+    dw = metrics.diversity(f[:3], weights=torch.tensor([1.0, 1.0, 2.0]))
+    assert dw["overall"] == pytest.approx(2 * (1 * 1 * 5 + 1 * 2 * 4 + 1 * 2 * 3) / (4**2 - 6))
+    dg = metrics.diversity(f, groups)
+    assert dg["per_group"] == {0: pytest.approx(4.0), 1: pytest.approx(2.0)}
+    assert metrics.diversity(f[:1], torch.tensor([0]))["per_group"] == {}
+
+
+def test_fid_matches_the_closed_form_for_gaussian_features():
+    pytest.importorskip("torchmetrics")
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    g = torch.Generator().manual_seed(0)
+    d, n = 4, 100_000
+    mu1, mu2 = torch.zeros(d, dtype=torch.float64), torch.tensor([0.5, -0.3, 0.0, 1.0], dtype=torch.float64)
+    a = torch.randn(d, d, generator=g, dtype=torch.float64) * 0.5
+    s1 = torch.diag(torch.tensor([1.0, 0.5, 2.0, 1.0], dtype=torch.float64))
+    s2 = a @ a.T + 0.3 * torch.eye(d, dtype=torch.float64)
+    x = mu1 + torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(s1).T
+    y = mu2 + torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(s2).T
+    cross = scipy_linalg.sqrtm((s1 @ s2).numpy()).real
+    exact = float(((mu1 - mu2) ** 2).sum() + torch.trace(s1 + s2) - 2 * cross.trace())
+    assert metrics.fid(x, y) == pytest.approx(exact, rel=0.03, abs=0.01)
+    assert metrics.fid(x[: n // 2], x[n // 2:]) < 0.01
+
+
+def test_kid_matches_the_closed_form_for_one_dimensional_gaussians():
+    pytest.importorskip("torchmetrics")
+    # k(x, y) = (x·y + 1)³ in 1-D; for independent x, y: E k = E[x³]E[y³] + 3E[x²]E[y²] + 3E[x]E[y] + 1
+    def moments(m, s):
+        return m, m * m + s * s, m**3 + 3 * m * s * s
+
+    def ek(p, q):
+        return p[2] * q[2] + 3 * p[1] * q[1] + 3 * p[0] * q[0] + 1
+
+    (m1, s1), (m2, s2) = (0.0, 1.0), (0.5, 0.8)
+    p, q = moments(m1, s1), moments(m2, s2)
+    exact = ek(p, p) + ek(q, q) - 2 * ek(p, q)
+    g = torch.Generator().manual_seed(1)
+    x = m1 + s1 * torch.randn(5000, 1, generator=g, dtype=torch.float64)
+    y = m2 + s2 * torch.randn(5000, 1, generator=g, dtype=torch.float64)
+    mean, std = metrics.kid(x, y, subsets=20, subset_size=1000)
+    assert mean == pytest.approx(exact, rel=0.2) and std > 0  # the cubic kernel is heavy-tailed: a loose check
+    assert metrics.kid(x, y, subsets=5, seed=3) == metrics.kid(x, y, subsets=5, seed=3)
+
+
+def test_kid_on_the_whole_set_is_the_unbiased_mmd_by_hand():
+    pytest.importorskip("torchmetrics")
+    g = torch.Generator().manual_seed(2)
+    d, n = 3, 300
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = 0.3 + 1.2 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    mmd = ((kxx.sum() - kxx.trace()) + (kyy.sum() - kyy.trace())) / (n * (n - 1)) - 2 * kxy.mean()
+    mean, std = metrics.kid(x, y, subsets=1, subset_size=n)
+    assert mean == pytest.approx(float(mmd), rel=1e-9) and std == 0
+
+
+def test_digits_ground_truth_by_hand():
+    from fastnabla.digits import ground_truth
+
+    logits = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 5.0, 0], [0, 0, 5.0]])
+    feats = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 4.0], [1.0, 1.0]])
+    log_r = torch.tensor([0.0, math.log(2.0), math.log(2.0), math.log(4.0)])
+    gt = ground_truth({"logits": logits, "features": feats}, log_r, beta=1.0, num_classes=3)
+    w = torch.tensor([1.0, 2.0, 2.0, 4.0], dtype=torch.float64) / 9
+    assert gt["class_histogram"] == pytest.approx([1 / 9, 4 / 9, 4 / 9])
+    assert gt["mean_log_r"] == pytest.approx(float((w * log_r.double()).sum()))
+    assert gt["ess"] == pytest.approx(1 / float((w**2).sum()))
+    assert gt["diversity_per_class"] == {1: pytest.approx(3.0)}  # the one class with two samples: ‖(3, 0)‖
+
+
+def test_prior_preservation_is_the_per_group_mean():
+    pytest.importorskip("torchmetrics")
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(300, 3, generator=g, dtype=torch.float64)
+    b = a + 0.5 * torch.randn(300, 3, generator=g, dtype=torch.float64)
+    groups = ["cat"] * 100 + ["dog"] * 200
+    pp = metrics.prior_preservation(a, b, groups, kid_subsets=5)
+    f_cat, f_dog = metrics.fid(a[:100], b[:100]), metrics.fid(a[100:], b[100:])
+    assert pp["per_group"]["cat"]["fid"] == pytest.approx(f_cat) and pp["per_group"]["dog"]["fid"] == pytest.approx(f_dog)
+    assert pp["fid"] == pytest.approx((f_cat + f_dog) / 2)
+    assert pp["kid"] == pytest.approx((metrics.kid(a[:100], b[:100], 5)[0] + metrics.kid(a[100:], b[100:], 5)[0]) / 2)
+    assert metrics.prior_preservation(a, b, kid_subsets=5)["fid"] == pytest.approx(metrics.fid(a, b))

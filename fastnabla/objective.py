@@ -200,26 +200,23 @@ class Objective:
         t = self.timesteps[k]
         terminal = k == self.N - 1
         coef = c[k]
-        if b.returns is None:
+        if b.returns is None and not gfn.no_flow:
             raise ValueError("gfn.recipe=returns needs the gradient returns of the sampled trajectories "
                              "(Objective.gradient_returns), stored with them")
         r_next, _ = self.reward_grad(b.x_next, k + 1, b.cond, b.prompts)
         out = bb.policy(b.x, t, b.cond).to(b.x.dtype)
         with torch.no_grad():
             out_ref = bb.reference(b.x, t, b.cond).to(b.x.dtype)
-        live = _col((~terminal).to(b.x.dtype), b.x)
-        if gfn.no_flow:
-            g_next = torch.zeros_like(b.x_next)
-        else:  # the flow at a clean x_N is never read (g' := 0); only non-terminal rows are evaluated
-            rows = (~terminal).nonzero(as_tuple=True)[0]
-            g_next = torch.zeros_like(b.x_next)
-            if rows.numel():
-                g_rows = bb.flow(b.x_next[rows], self.timesteps[k[rows] + 1],
-                                 None if b.cond is None else b.cond[rows]).to(b.x.dtype)
-                g_next = g_next.index_copy(0, rows, g_rows)
+        # g' at the non-terminal rows only: at a clean x_N the flow is never read (g' := 0)
+        rows = (~terminal).nonzero(as_tuple=True)[0]
+        g_next = torch.zeros_like(b.x_next)
+        if not gfn.no_flow and rows.numel():
+            g_rows = bb.flow(b.x_next[rows], self.timesteps[k[rows] + 1],
+                             None if b.cond is None else b.cond[rows]).to(b.x.dtype)
+            g_next = g_next.index_copy(0, rows, g_rows)
         w = coef.std.square() if gfn.policy_weighting == "sigma2" else torch.ones_like(coef.std)
         sw = w.sqrt()
-        target = (r_next + live * g_next).detach()
+        target = (r_next + g_next).detach()
         loss_b, stats = residual_db_loss(
             out, out_ref, coef_out=coef.coef_out * sw, inv_var=coef.inv_var, reward_grad_next=_col(sw, target) * target,
             out_old=b.out_old if gfn.trust_region_scale > 0 else None, trust_region_scale=gfn.trust_region_scale,
@@ -228,7 +225,7 @@ class Objective:
         if gfn.no_flow:
             l_ret = torch.zeros_like(loss_b)
         else:
-            res = (g_next + r_next - b.returns) * live
+            res = (g_next + r_next - b.returns) * _col((~terminal).to(b.x.dtype), b.x)
             l_ret = res.flatten(1).square().mean(1).to(loss_b.dtype)
         stats["loss_returns"] = l_ret.detach()
         loss_b = loss_b + l_ret

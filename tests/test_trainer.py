@@ -47,6 +47,7 @@ def test_runs_learns_and_writes_outputs(tmp_path):
 @pytest.mark.parametrize("extra", [
     (),  # the gradient-returns recipe: the returns travel with the lagged buffer
     ("gfn.recipe=paper",),
+    ("gfn.no_flow=true",),  # returns recipe without a flow: no returns are computed or needed
     ("train.ema_decay=0.9", "train.lr_schedule=cosine"),
 ])
 def test_bit_reproducible_and_resume_equals_uninterrupted(tmp_path, extra):

@@ -15,13 +15,7 @@ from fastnabla.sampling import make_scheduler
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: thread start-up costs more than it saves on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see tests/conftest.py
 
 def _tiny(num_steps=4, eta=1.0):
     torch.manual_seed(0)

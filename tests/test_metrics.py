@@ -10,13 +10,7 @@ from fastnabla.backbones.toy2d import mixture_from_config, mode_weights, tilted_
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: thread start-up costs more than it saves on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see tests/conftest.py
 
 def test_importance_sampling_recovers_the_exact_tilted_mixture_weights():
     means, stds, w = mixture_from_config([-2.0, 0.0, 2.0], 0.25)

@@ -21,11 +21,5 @@ def tiny_sd_dir(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: thread start-up costs more than it saves (8× slower with 2 threads on a busy 2-core box)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here runs single-threaded (``one_thread`` in tests/conftest.py)."""

@@ -43,6 +43,17 @@ def _groups(channels: Sequence[int]) -> int:
     return min(8, math.gcd(*[int(c) for c in channels]))
 
 
+def _levels(key: str, channels: Sequence[int], image_size: int) -> list[int]:
+    """The widths of a UNet2DModel's resolution levels, checked: positive, and image_size halvable at each level."""
+    ch = [int(c) for c in channels]
+    if not ch or any(c <= 0 for c in ch):
+        raise ValueError(f"{key}={list(channels)}: must be a non-empty list of positive ints")
+    if image_size % 2 ** (len(ch) - 1):
+        raise ValueError(f"{key}={ch}: image_size {image_size} must be divisible by 2^(len − 1) = "
+                         f"{2 ** (len(ch) - 1)}; use fewer levels")
+    return ch
+
+
 def build_unet(image_size: int, channels: Sequence[int], in_channels: int = 1, num_classes: int = 0,
                layers_per_block: int = 1) -> nn.Module:
     """The denoiser: a ``UNet2DModel`` with len(channels) resolution levels, self-attention at the second level.
@@ -52,12 +63,7 @@ def build_unet(image_size: int, channels: Sequence[int], in_channels: int = 1, n
     """
     from diffusers import UNet2DModel
 
-    ch = [int(c) for c in channels]
-    if not ch or any(c <= 0 for c in ch):
-        raise ValueError(f"model.unet_channels={list(channels)}: must be a non-empty list of positive ints")
-    if image_size % 2 ** (len(ch) - 1):
-        raise ValueError(f"model.image_size={image_size} must be divisible by 2^(len(model.unet_channels) − 1) = "
-                         f"{2 ** (len(ch) - 1)}; use fewer levels")
+    ch = _levels("model.unet_channels", channels, image_size)
     down = ["DownBlock2D"] + ["AttnDownBlock2D"] * (len(ch) > 1) + ["DownBlock2D"] * max(len(ch) - 2, 0)
     up = [b.replace("Down", "Up") for b in reversed(down)]
     return UNet2DModel(sample_size=image_size, in_channels=in_channels, out_channels=in_channels,
@@ -70,12 +76,7 @@ def build_pixel_flow_net(image_size: int, channels: Sequence[int], in_channels: 
     """g_φ: an unconditional ``UNet2DModel`` without attention, one layer per block, conv_out zeroed (g ≡ 0)."""
     from diffusers import UNet2DModel
 
-    ch = [int(c) for c in channels]
-    if not ch or any(c <= 0 for c in ch):
-        raise ValueError(f"model.flow_channels={list(channels)}: must be a non-empty list of positive ints")
-    if image_size % 2 ** (len(ch) - 1):
-        raise ValueError(f"model.flow_channels={ch}: image_size {image_size} must be divisible by "
-                         f"2^(len − 1) = {2 ** (len(ch) - 1)}; use fewer levels")
+    ch = _levels("model.flow_channels", channels, image_size)
     net = UNet2DModel(sample_size=image_size, in_channels=in_channels, out_channels=in_channels,
                       block_out_channels=tuple(ch), layers_per_block=1,
                       down_block_types=("DownBlock2D",) * len(ch), up_block_types=("UpBlock2D",) * len(ch),

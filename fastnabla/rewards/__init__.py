@@ -86,60 +86,28 @@ register_reward("contrast")(Contrast)
 register_reward("colorfulness")(Colorfulness)
 
 
-@register_reward("aesthetic")
-def _build_aesthetic(**options):
-    from fastnabla.rewards.aesthetic import AestheticReward
+def _register_lazy(name: str, module: str, cls: str, **fixed):
+    """Register ``name`` as ``module.cls(**fixed, **options)``, importing the module (and its heavy dependencies)
+    only when the reward is built."""
 
-    return AestheticReward(**options)
+    def build(**options):
+        import importlib
 
+        return getattr(importlib.import_module(module), cls)(**fixed, **options)
 
-@register_reward("pickscore")
-def _build_pickscore(**options):
-    from fastnabla.rewards.pickscore import PickScoreReward
-
-    return PickScoreReward(**options)
-
-
-@register_reward("hpsv2")
-def _build_hpsv2(**options):
-    from fastnabla.rewards.hpsv2 import HPSv2Reward
-
-    return HPSv2Reward(variant="hpsv2", **options)
+    build.__name__ = f"_build_{name}"
+    register_reward(name)(build)
+    return build
 
 
-@register_reward("hpsv2.1")
-def _build_hpsv21(**options):
-    from fastnabla.rewards.hpsv2 import HPSv2Reward
-
-    return HPSv2Reward(variant="hpsv2.1", **options)
-
-
-@register_reward("combo")
-def _build_combo(**options):
-    from fastnabla.rewards.combo import ComboReward
-
-    return ComboReward(**options)
-
-
-@register_reward("imagereward")
-def _build_imagereward(**options):
-    from fastnabla.rewards.imagereward import ImageRewardReward
-
-    return ImageRewardReward(**options)
-
-
-@register_reward("digit_class")
-def _build_digit_class(**options):
-    from fastnabla.rewards.digits import DigitClassReward
-
-    return DigitClassReward(**options)
-
-
-@register_reward("digit_ink")
-def _build_digit_ink(**options):
-    from fastnabla.rewards.digits import DigitInkReward
-
-    return DigitInkReward(**options)
+_register_lazy("aesthetic", "fastnabla.rewards.aesthetic", "AestheticReward")
+_register_lazy("pickscore", "fastnabla.rewards.pickscore", "PickScoreReward")
+_register_lazy("hpsv2", "fastnabla.rewards.hpsv2", "HPSv2Reward", variant="hpsv2")
+_register_lazy("hpsv2.1", "fastnabla.rewards.hpsv2", "HPSv2Reward", variant="hpsv2.1")
+_build_combo = _register_lazy("combo", "fastnabla.rewards.combo", "ComboReward")  # build_reward passes it the device
+_register_lazy("imagereward", "fastnabla.rewards.imagereward", "ImageRewardReward")
+_register_lazy("digit_class", "fastnabla.rewards.digits", "DigitClassReward")
+_register_lazy("digit_ink", "fastnabla.rewards.digits", "DigitInkReward")
 
 
 __all__ = ["RewardFn", "build_reward", "register_reward", "available_rewards"]

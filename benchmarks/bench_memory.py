@@ -108,7 +108,7 @@ def build_backbone(unet_ckpt: bool, vae_ckpt: bool, resolution: int, dtype: torc
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from fastnabla.backbones.sd import SDBackbone
-    from fastnabla.sampling import make_scheduler
+    from fastnabla.transitions import make_scheduler
 
     text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=1,
                                         num_attention_heads=12))  # only its width matters: prompts are given

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
 
     from fastnabla.backbones.toy2d import Toy2DBackbone, total_variation
     from fastnabla.config import load_config
-    from fastnabla.objective import Objective
+    from fastnabla.methods.nabla_gfn import NablaGFN
     from fastnabla.rewards import build_reward
     from fastnabla.sampling import sample_trajectories, step_coefficients
 
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     if a.trainables:
         bb.load_trainable_state_dict({k: v.double() for k, v in torch.load(a.trainables).items()})
     reward = build_reward("gaussian_bump", {"center": cfg.reward.center, "width": width})
-    obj = Objective(bb, reward, c, cfg.gfn)
+    obj = NablaGFN(bb, reward, c, cfg)
     tr = sample_trajectories(bb, 2048, gen(), c)
     print("step    t  |∇log h|   FL error: squared  sqrt  none" + ("   learned g+r  policy tilt d" if a.trainables else ""))
     for k in [48, 45, 40, 35, 30, 25, 20, 15, 10]:

@@ -74,7 +74,6 @@ class PromptsConfig:
     train: str = "simple_animals"  # built-in set name, or a .txt/.json/.csv file
     eval: Optional[str] = None  # default: the training set
     column: Optional[str] = None  # csv column
-    num_eval: int = 16
     eval_seed: int = 1234
 
 
@@ -162,7 +161,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class MethodConfig:
+    # the finetuning method (fastnabla/methods/): nabla_gfn (∇-GFlowNet; its hyper-parameters are the gfn section)
+    name: str = "nabla_gfn"
+
+
+@dataclass
 class Config:
+    method: MethodConfig = field(default_factory=MethodConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
@@ -176,7 +182,7 @@ class Config:
     output_dir: str = "runs/default"
 
 
-SECTIONS = ("model", "reward", "prompts", "sampling", "gfn", "train", "eval", "logging", "checkpoint")
+SECTIONS = ("method", "model", "reward", "prompts", "sampling", "gfn", "train", "eval", "logging", "checkpoint")
 
 #: the reference implementation's names → ours (accepted at the top level or inside their section)
 ALIASES = {
@@ -339,6 +345,11 @@ def validate(cfg: Config) -> None:
             setattr(section, f.name, _typed(f"{s}.{f.name}", v, base))
     cfg.seed = _typed("seed", cfg.seed, int)
     cfg.output_dir = _typed("output_dir", cfg.output_dir, str)
+
+    from fastnabla.methods import METHODS
+
+    if cfg.method.name not in METHODS:
+        raise ConfigError(f"method.name={cfg.method.name!r} is not a method; valid: {', '.join(sorted(METHODS))}")
 
     def choice(key, v, options):
         if v not in options:

@@ -21,6 +21,7 @@ from typing import Iterable, Optional
 import torch
 
 __all__ = ["Engine", "DeepSpeedEngine", "CollectiveTimeout", "build_engine", "build_optimizer", "init_distributed",
+           "setup_device",
            "resolve_deepspeed_config"]
 
 
@@ -235,6 +236,18 @@ def _import_deepspeed():
         raise RuntimeError("train.deepspeed is set but deepspeed is not installed: pip install 'fastnabla[deepspeed]'") \
             from None
     return deepspeed
+
+
+def setup_device(train_cfg) -> torch.device:
+    """The device this process trains on. Under DeepSpeed it first joins the process group, which on CUDA picks this
+    rank's GPU (so call it before building models)."""
+    if train_cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+    if train_cfg.deepspeed:
+        init_distributed(train_cfg)
+    if train_cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(train_cfg.device)
 
 
 def init_distributed(train_cfg) -> int:

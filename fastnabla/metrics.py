@@ -1,8 +1,11 @@
 """Run metrics and report plots.
 
-Per epoch: reward statistics of the fresh samples (in the trainer) and, for toy2d, the total variation of their
-mode weights to the exact target p_ref·R^β and the off-manifold mass. At eval epochs and at the end: the same on
-``eval.num_samples`` fresh samples (precise), ``final_samples.npy``, and plots.
+Per epoch: reward statistics of the fresh samples (in the trainer) and whatever the backbone computes exactly
+against the tilted target p_ref·R^β (``Backbone.target_metrics``: toy2d's mode-weight TV and off-manifold mass).
+At eval epochs and at the end: the same on ``eval.num_samples`` fresh samples (precise), ``final_samples.npy``,
+and plots (``Backbone.report_plots`` plus the curves).
+
+The evaluation functions take an ``EvalContext`` (the run's parts and a sampling function), never the trainer.
 
 For the pixel (digits) backbone, features come from the digit classifier's penultimate layer and the target from
 importance sampling (``fastnabla.digits``): class histogram and its TV to the target, mean log R, diversity,
@@ -15,11 +18,13 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
-__all__ = ["epoch_metrics", "evaluate", "plot_toy2d", "plot_curves", "importance_weights", "class_histogram",
+__all__ = ["EvalContext", "epoch_metrics", "evaluate", "plot_curves", "importance_weights", "class_histogram",
            "histogram_tv", "diversity", "fid", "kid", "prior_preservation", "plot_digit_grid",
            "plot_class_histogram"]
 
@@ -152,79 +157,73 @@ def kid(feats_a: torch.Tensor, feats_b: torch.Tensor, subsets: int = 50, subset_
     return float(mean), float(std)
 
 
-def _is_toy(backbone) -> bool:
-    return hasattr(backbone, "target_weights")
+@dataclass
+class EvalContext:
+    """What evaluation needs of a run: its config and parts, where to write, and how to draw samples.
+
+    ``sample_final(n, seed)`` returns n clean samples of the current policy (its EMA when on) and their prompts;
+    ``cache`` keeps what a run computes once (a benchmark's classifier and importance-sampled target)."""
+
+    cfg: object
+    backbone: object
+    reward_fn: Callable
+    device: torch.device
+    out_dir: str
+    is_main: bool
+    history: list
+    sample_final: Callable
+    cache: dict = field(default_factory=dict)
 
 
-def _target(trainer):
-    r, g = trainer.cfg.reward, trainer.cfg.gfn
-    return trainer.backbone.target_weights(r.center, r.width, g.reward_scale)
+def _target_metrics(ctx: EvalContext, samples: torch.Tensor, final: bool) -> dict:
+    return ctx.backbone.target_metrics(samples, ctx.cfg.reward, ctx.cfg.gfn.reward_scale, final=final)
 
 
-def _is_pixel(trainer) -> bool:
-    return hasattr(trainer.backbone, "reference_sampling")
+def epoch_metrics(ctx: EvalContext, finals: torch.Tensor) -> dict:
+    """Metrics of one epoch's fresh clean states ``finals`` (n, *S), every rank's."""
+    if ctx.backbone.benchmark == "digits":
+        return _digits_epoch(ctx, finals)
+    return {f"{k}_batch": v for k, v in _target_metrics(ctx, finals.cpu(), final=False).items()}
 
 
-def epoch_metrics(trainer, fresh) -> dict:
-    if _is_pixel(trainer):
-        return _digits_epoch(trainer, fresh.xs[:, -1])
-    if not _is_toy(trainer.backbone) or trainer.cfg.reward.name != "gaussian_bump":
-        return {}
-    from fastnabla.backbones.toy2d import total_variation
-
-    tv, off = total_variation(fresh.xs[:, -1].cpu(), trainer.backbone.means.cpu(), _target(trainer))
-    return {"tv_batch": tv, "off_manifold_batch": off}
-
-
-def evaluate(trainer, final: bool) -> dict:
+def evaluate(ctx: EvalContext, final: bool) -> dict:
     """Precise metrics on ``eval.num_samples`` samples; at the end also samples on disk and plots."""
-    cfg = trainer.cfg
-    n = max(cfg.eval.num_samples, 4096) if final and _is_toy(trainer.backbone) else cfg.eval.num_samples
-    samples, prompts = trainer.sample_final(n, seed=cfg.seed + 7919)
+    cfg, bb = ctx.cfg, ctx.backbone
+    n = max(cfg.eval.num_samples, bb.min_final_samples) if final else cfg.eval.num_samples
+    samples, prompts = ctx.sample_final(n, seed=cfg.seed + 7919)
     out = {}
-    lr = _scores(trainer, samples, prompts)
+    lr = _scores(ctx, samples, prompts)
     out["eval_reward_mean"] = float(lr.mean())
     out["eval_reward_std"] = float(lr.std()) if n > 1 else 0.0
-    if _is_pixel(trainer):
-        out.update(_digits_eval(trainer, samples, prompts, lr, final))
+    if bb.benchmark == "digits":
+        out.update(_digits_eval(ctx, samples, prompts, lr, final))
         return out
-    toy = _is_toy(trainer.backbone) and cfg.reward.name == "gaussian_bump"
-    if toy:
-        from fastnabla.backbones.toy2d import mode_weights, total_variation
-
-        target = _target(trainer)
-        tv, off = total_variation(samples, trainer.backbone.means.cpu(), target)
-        w, _ = mode_weights(samples, trainer.backbone.means.cpu())
-        out.update(tv=tv, off_manifold=off)
-        if final:
-            # exact target samples are off the manifold too (a component's tail beyond the radius; sharp rewards move
-            # the tilted components): the bar for the model's off-manifold mass
-            r, beta = cfg.reward, cfg.gfn.reward_scale
-            exact = trainer.backbone.sample_target(20000, torch.Generator().manual_seed(cfg.seed + 104729), r.center,
-                                                   r.width, beta)
-            _, target_off = total_variation(exact, trainer.backbone.means.cpu(), target)
-            out.update(mode_weights=[round(float(v), 4) for v in w], target_weights=[round(float(v), 4) for v in target],
-                       num_samples=n, target_off_manifold=target_off)
-    if final and trainer.is_main:
-        if toy:
-            np.save(os.path.join(trainer.out_dir, "final_samples.npy"), samples.numpy())
+    exact = _target_metrics(ctx, samples, final)
+    out.update(exact)
+    if final and exact:
+        out["num_samples"] = n
+    if final and ctx.is_main:
+        if exact:
+            np.save(os.path.join(ctx.out_dir, "final_samples.npy"), samples.numpy())
         if cfg.logging.plots:
-            if toy:
-                out["plots"] = [plot_toy2d(trainer, samples)]
-            curves = plot_curves(trainer.out_dir, trainer.history)
+            title = f"epoch {ctx.history[-1]['epoch']}" if ctx.history else ""
+            out["plots"] = bb.report_plots(samples, cfg.reward, cfg.gfn.reward_scale, ctx.out_dir, title)
+            curves = plot_curves(ctx.out_dir, ctx.history)
             if curves:
-                out.setdefault("plots", []).append(curves)
+                out["plots"].append(curves)
+            if not out["plots"]:
+                del out["plots"]
     return out
 
 
-def _scores(trainer, samples: torch.Tensor, prompts) -> torch.Tensor:
+def _scores(ctx: EvalContext, samples: torch.Tensor, prompts) -> torch.Tensor:
     """log R of samples (n, *S), decoded and scored in micro-batches of sampling.batch_size (a 512×512 decode of
     every sample at once OOMs); (n,) float32 on the CPU."""
-    mb = trainer.cfg.sampling.batch_size
+    mb = ctx.cfg.sampling.batch_size
     scores = []
     with torch.no_grad():
         for s in range(0, samples.shape[0], mb):
-            lr, _ = trainer.reward_fn(trainer.backbone.decode(samples[s:s + mb].to(trainer.device)),
+            lr, _ = ctx.reward_fn(ctx.backbone.decode(samples[s:s + mb].to(ctx.device)),
                                       None if prompts is None else prompts[s:s + mb], None)
             scores.append(lr.float().cpu())
     return torch.cat(scores)
@@ -232,9 +231,9 @@ def _scores(trainer, samples: torch.Tensor, prompts) -> torch.Tensor:
 
 # --- the digits benchmark ---------------------------------------------------------------------------------------
 
-def _digits_state(trainer) -> dict:
+def _digits_state(trainer: EvalContext) -> dict:
     """What a digits run computes once and keeps: the feature classifier and the importance-sampled target."""
-    st = getattr(trainer, "_digits_metrics", None)
+    st = trainer.cache.get("digits")
     if st is not None:
         return st
     from fastnabla import digits
@@ -253,7 +252,7 @@ def _digits_state(trainer) -> dict:
                                        progress=cfg.logging.progress and trainer.is_main)
         log_r = _scores(trainer, ref["images"], None)
         st["target"] = digits.ground_truth(ref, log_r, cfg.gfn.reward_scale, clf.head.out_features)
-    trainer._digits_metrics = st
+    trainer.cache["digits"] = st
     return st
 
 
@@ -263,7 +262,7 @@ def _digits_features(st, backbone, samples: torch.Tensor):
     return classifier_outputs(st["classifier"], backbone.decode(samples))
 
 
-def _digits_epoch(trainer, finals: torch.Tensor) -> dict:
+def _digits_epoch(trainer: EvalContext, finals: torch.Tensor) -> dict:
     st = _digits_state(trainer)
     logits, feats = _digits_features(st, trainer.backbone, finals)
     pred = logits.argmax(1)
@@ -274,7 +273,7 @@ def _digits_epoch(trainer, finals: torch.Tensor) -> dict:
     return out
 
 
-def _digits_eval(trainer, samples: torch.Tensor, prompts, log_r: torch.Tensor, final: bool) -> dict:
+def _digits_eval(trainer: EvalContext, samples: torch.Tensor, prompts, log_r: torch.Tensor, final: bool) -> dict:
     """Class histogram (and its TV to the target), diversity, FID/KID against the pretrained model's samples at the
     same seeds and prompts; at the end also the .npy files and the report plots."""
     cfg, bb = trainer.cfg, trainer.backbone
@@ -378,49 +377,6 @@ def plot_class_histogram(path: str, model, pretrained, target=None) -> str:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_toy2d(trainer, samples: torch.Tensor) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bb, r, beta = trainer.backbone, trainer.cfg.reward, trainer.cfg.gfn.reward_scale
-    lim = 3.5
-    g, prior = bb.log_density_grid(lim)
-    _, target = bb.log_density_grid(lim, center=r.center, width=r.width, beta=beta)
-    fig, ax = plt.subplots(1, 4, figsize=(18, 4.5), gridspec_kw={"width_ratios": [1, 1, 1, 1.15]})
-    ax[0].imshow(np.exp(prior), origin="lower", extent=(-lim, lim, -lim, lim), cmap="viridis")
-    ax[0].set_title("pretrained prior p_ref (exact)")
-    h, _, _ = np.histogram2d(samples[:, 1].numpy(), samples[:, 0].numpy(), bins=120, range=[[-lim, lim], [-lim, lim]])
-    ax[1].imshow(h, origin="lower", extent=(-lim, lim, -lim, lim), cmap="viridis")
-    res = trainer.history[-1] if trainer.history else {}
-    ax[1].set_title(f"finetuned samples (n={len(samples)})")
-    ax[2].imshow(np.exp(target), origin="lower", extent=(-lim, lim, -lim, lim), cmap="viridis")
-    ax[2].set_title(f"target p_ref·R^β (exact, β={beta:g})")
-    for a in ax[:3]:
-        a.plot([r.center[0]], [r.center[1]], "r+", ms=12, mew=2)
-        a.set_xticks([])
-        a.set_yticks([])
-    from fastnabla.backbones.toy2d import mode_weights
-
-    target = bb.target_weights(r.center, r.width, beta).numpy()
-    got, _ = mode_weights(samples, bb.means.cpu())
-    k = np.arange(len(target))
-    ax[3].bar(k - 0.27, bb.weights.cpu().numpy(), 0.27, color="0.7", label="prior")
-    ax[3].bar(k, got.numpy(), 0.27, label="finetuned")
-    ax[3].bar(k + 0.27, target, 0.27, label="target")
-    tv = 0.5 * float(np.abs(got.numpy() - target).sum())
-    ax[3].set_title(f"mode weights (TV to target {tv:.3f})")
-    ax[3].set_xticks(k, [f"({m[0]:g},{m[1]:g})" for m in bb.means.cpu().tolist()], rotation=60, fontsize=7)
-    ax[3].legend(fontsize=8)
-    fig.suptitle(f"toy2d: reward center {list(r.center)}, width {r.width:g}; epoch {res.get('epoch', '-')}")
-    fig.tight_layout()
-    path = os.path.join(trainer.out_dir, "toy2d_densities.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

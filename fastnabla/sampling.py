@@ -11,36 +11,14 @@ from typing import Optional
 
 import torch
 
-from fastnabla.transitions import TransitionCoefficients, transition_coefficients
+from fastnabla.transitions import TransitionCoefficients, schedule_coefficients
 
-__all__ = ["make_scheduler", "Trajectories", "sample_trajectories", "select_transitions", "step_coefficients"]
-
-
-def make_scheduler(kind: str, base_config: dict, num_steps: int):
-    """A diffusers scheduler of ``kind`` (ddim | ddpm | sde-dpmsolver++) built from a model's scheduler config, with
-    the settings fastnabla needs (no clipping/thresholding), after ``set_timesteps(num_steps)``."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
-    cfg = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
-    cfg.update(clip_sample=False, thresholding=False)
-    if kind == "ddim":
-        sched = DDIMScheduler.from_config(cfg)
-    elif kind == "ddpm":
-        cfg.setdefault("variance_type", "fixed_small")
-        sched = DDPMScheduler.from_config(cfg)
-    elif kind == "sde-dpmsolver++":
-        cfg.update(algorithm_type="sde-dpmsolver++", solver_order=1, lower_order_final=True)
-        sched = DPMSolverMultistepScheduler.from_config(cfg)
-    else:
-        raise ValueError(f"sampling.scheduler={kind!r}: must be ddim, ddpm or sde-dpmsolver++")
-    sched.set_timesteps(num_steps)
-    return sched
+__all__ = ["Trajectories", "sample_trajectories", "select_transitions", "step_coefficients"]
 
 
 def step_coefficients(backbone) -> TransitionCoefficients:
-    """Coefficients of every sampling step, (N,) fields, float32 on the backbone's device."""
-    s = backbone.scheduler
-    return transition_coefficients(s, s.timesteps, eta=backbone.eta, device=backbone.device)
+    """Coefficients of every sampling step of ``backbone`` (its scheduler and η), (N,) float32 on its device."""
+    return schedule_coefficients(backbone.scheduler, backbone.eta, backbone.device)
 
 
 @dataclass
@@ -103,7 +81,7 @@ def sample_trajectories(backbone, n: int, generator: torch.Generator, coeffs: Tr
         t = timesteps[k].expand(n)
         out = backbone.policy(x, t, cond).to(dt)
         z = torch.randn(x.shape, generator=generator, device="cpu").to(dev, dt)
-        x = _step(coeffs, k, x, out, z)
+        x = coeffs[k].step(x, out, z)
         if keep_trajectory:
             xs.append(x)
             outs.append(out)
@@ -118,10 +96,6 @@ def sample_trajectories(backbone, n: int, generator: torch.Generator, coeffs: Tr
     if not keep_trajectory:
         return Trajectories(x[:, None], x.new_zeros((n, 0, *x.shape[1:])), log_reward, prompts, cond)
     return Trajectories(torch.stack(xs, 1), torch.stack(outs, 1), log_reward, prompts, cond)
-
-
-def _step(c: TransitionCoefficients, k: int, x, out, z):
-    return c.coef_x[k] * x + c.coef_out[k] * out + c.std[k] * z
 
 
 def select_transitions(n: int, num_steps: int, fraction: float, low_var: bool,

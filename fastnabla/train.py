@@ -51,10 +51,10 @@ def main(argv=None) -> int:
     # one log: ranks other than 0 (deepspeed launcher / torchrun set RANK) only report warnings and errors
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
-    from fastnabla.trainer import Trainer, TrainingStopped
+    from fastnabla.trainer import TrainingStopped, build_trainer
 
     try:
-        trainer = Trainer(cfg)
+        trainer = build_trainer(cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"fastnabla.train: error: {e}", file=sys.stderr)
         return 2

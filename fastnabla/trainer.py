@@ -1,11 +1,17 @@
-"""The epoch loop (ALGORITHM §5): sample → buffer → pick transitions → objective → engine step → log/ckpt/eval.
+"""The epoch loop (ALGORITHM §5): sample → buffer → pick transitions → method → engine step → log/ckpt/eval.
+
+``build_trainer(cfg)`` is the composition root: it sets up the device (the engine's business), builds the reward,
+then the backbone (which asks the reward whether it reads prompts), the method (``method.name``) and the engine,
+and hands them to ``Trainer``, which is the loop alone.
 
 One epoch e:
  1. sample ``sampling.num_batches × batch_size`` fresh trajectories with the current policy (RNG seeded by
-    (seed, e, rank), so a resumed run draws the same noise);
- 2. train on the previous epoch's trajectories (``gfn.sample_lag`` = 1; the fresh ones when there is none yet, or
-    with sample_lag = 0): pick the trained transitions of each trajectory, shuffle them, and run
-    ``gradient_accumulation_steps`` micro-batches of ``train.batch_size`` transitions per update;
+    (seed, e, shard), so a resumed run draws the same noise); the method's ``prepare`` runs on each batch;
+ 2. train on the previous epoch's trajectories (``gfn.sample_lag`` = 1; with sample_lag = 0 on the fresh ones):
+    pick the trained transitions of each trajectory, shuffle them, and run ``gradient_accumulation_steps``
+    micro-batches of ``train.batch_size`` transitions per update. With sample_lag = 1, epoch 0 first draws one
+    more batch (seeded as epoch −1, same policy) to train on, so every sampled batch is trained on exactly once
+    and every epoch has the same number of updates;
  3. the fresh trajectories become the buffer; log metrics, evaluate, checkpoint.
 
 The loop is resumable at any update: a checkpoint holds the epoch, the next update within it, the fresh samples
@@ -24,12 +30,12 @@ import torch
 
 from fastnabla import checkpoint as ckpt
 from fastnabla.config import Config, config_to_dict
-from fastnabla.objective import Objective, TransitionBatch
-from fastnabla.sampling import Trajectories, sample_trajectories, select_transitions, step_coefficients
+from fastnabla.methods import Method, TransitionBatch
+from fastnabla.sampling import Trajectories, sample_trajectories, step_coefficients
 
 log = logging.getLogger("fastnabla")
 
-__all__ = ["Trainer", "TrainingStopped"]
+__all__ = ["Trainer", "TrainingStopped", "build_trainer"]
 
 
 class TrainingStopped(RuntimeError):
@@ -51,42 +57,62 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+def build_trainer(cfg: Config, *, backbone=None, reward_fn=None, engine=None, method: Optional[Method] = None,
+                  prompt_source=None) -> "Trainer":
+    """Compose a ``Trainer`` from ``cfg``; any component passed in is used as given (tests, custom models).
+
+    Order: device (joins the process group under DeepSpeed), reward, backbone (asks the reward ``needs_prompts``),
+    per-step coefficients, method, engine (told whether the method trains the flow and reuses a policy forward),
+    prompts.
+    """
+    from fastnabla.engine import setup_device
+
+    device = setup_device(cfg.train)
+    if reward_fn is None:
+        from fastnabla.rewards import reward_from_config
+
+        reward_fn = reward_from_config(cfg, device)
+    torch.manual_seed(cfg.seed)
+    if backbone is None:
+        from fastnabla.backbones import build_backbone
+
+        backbone = build_backbone(cfg, reward=reward_fn)
+    backbone = backbone.to(device)
+    coeffs = step_coefficients(backbone)
+    if bool((coeffs.std <= 0).any()):
+        k = int((coeffs.std <= 0).nonzero()[0])
+        raise ValueError(
+            f"sampling step {k} (timestep {int(backbone.scheduler.timesteps[k])}) is deterministic (σ = 0) and cannot "
+            "be trained; use sampling.eta > 0 and a scheduler with set_alpha_to_one=False/steps_offset=1")
+    if method is None:
+        from fastnabla.methods import build_method
+
+        method = build_method(cfg, backbone, reward_fn, coeffs)
+    if engine is None:
+        from fastnabla.engine import build_engine
+
+        engine = build_engine(backbone, backbone.policy_parameters(),
+                              backbone.flow_parameters() if method.trains_flow else [], cfg.train,
+                              reused_forward=method.reuses_policy_forward)
+    method.check_engine(engine)
+    if prompt_source is None and backbone.conditional:
+        from fastnabla.prompts import PromptSource
+
+        prompt_source = PromptSource(cfg.prompts.train, column=cfg.prompts.column)
+    return Trainer(cfg, backbone, reward_fn, engine, method, prompt_source)
+
+
 class Trainer:
-    def __init__(self, cfg: Config, backbone=None, reward_fn=None, engine=None, prompt_source=None):
+    """The loop over composed parts (``build_trainer`` builds them from a config)."""
+
+    def __init__(self, cfg: Config, backbone, reward_fn, engine, method: Method, prompt_source=None):
         self.cfg = cfg
         self.out_dir = cfg.output_dir
         os.makedirs(self.out_dir, exist_ok=True)
-        if cfg.train.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        dev = cfg.train.device
-        if cfg.train.deepspeed:  # join the process group first: on CUDA it picks this rank's device
-            from fastnabla.engine import init_distributed
-
-            init_distributed(cfg.train)
-        self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if dev == "auto" else dev))
-        torch.manual_seed(cfg.seed)
-        if backbone is None:
-            from fastnabla.backbones import build_backbone
-
-            backbone = build_backbone(cfg)
-        self.backbone = backbone.to(self.device)
-        if reward_fn is None:
-            from fastnabla.rewards import build_reward
-
-            reward_fn = build_reward(cfg.reward.name, _reward_options(cfg), device=self.device)
-        self.reward_fn = reward_fn
-        if engine is None:
-            from fastnabla.engine import build_engine
-
-            engine = build_engine(self.backbone, self.backbone.policy_parameters(),
-                                  [] if cfg.gfn.no_flow else self.backbone.flow_parameters(), cfg.train,
-                                  reused_forward=cfg.gfn.reverse_scale > 0 and not cfg.gfn.no_flow)
-        self.engine = engine
-        if getattr(engine, "stage", 0) == 3 and cfg.gfn.recipe == "returns" and not cfg.gfn.no_flow:
-            raise ValueError("ZeRO stage 3 cannot compute the gradient returns of gfn.recipe=returns (input-VJPs "
-                             "through the sharded reference); use ZeRO stage 2 (configs/deepspeed/zero2.json), or "
-                             "gfn.recipe=paper with gfn.reverse_scale=0")
+        self.backbone, self.reward_fn, self.engine, self.method = backbone, reward_fn, engine, method
+        self.device = backbone.device
+        self.coeffs = method.c
+        self.N = method.N
         self.rank, self.world_size = engine.rank, engine.world_size
         self.is_main = engine.is_main
         shards = cfg.sampling.data_shards or self.world_size
@@ -94,21 +120,7 @@ class Trainer:
             raise ValueError(f"sampling.data_shards={shards} must be a multiple of the world size {self.world_size}")
         per = shards // self.world_size
         self.shards = list(range(self.rank * per, (self.rank + 1) * per))  # the data shards this rank owns
-        self.coeffs = step_coefficients(self.backbone)
-        if bool((self.coeffs.std <= 0).any()):
-            k = int((self.coeffs.std <= 0).nonzero()[0])
-            raise ValueError(
-                f"sampling step {k} (timestep {int(self.backbone.scheduler.timesteps[k])}) is deterministic (σ = 0) "
-                "and cannot be trained; use sampling.eta > 0 and a scheduler with set_alpha_to_one=False/steps_offset=1"
-            )
-        self.N = self.coeffs.coef_x.numel()
-        self.objective = Objective(self.backbone, self.reward_fn, self.coeffs, cfg.gfn, cfg.train.backend,
-                                   cfg.reward.micro_batch)
         self.prompts = prompt_source
-        if self.prompts is None and self.backbone.conditional:
-            from fastnabla.prompts import PromptSource
-
-            self.prompts = PromptSource(cfg.prompts.train, column=cfg.prompts.column)
         # state that a checkpoint carries
         self.epoch = 0
         self.update_in_epoch = 0
@@ -118,6 +130,11 @@ class Trainer:
         self.history: list[dict] = []
         self._stop_signal: Optional[int] = None
         self._epoch_acc: dict = {}
+        from fastnabla.metrics import EvalContext
+
+        self.eval_ctx = EvalContext(cfg=cfg, backbone=backbone, reward_fn=reward_fn, device=self.device,
+                                    out_dir=self.out_dir, is_main=self.is_main, history=self.history,
+                                    sample_final=self.sample_final)
 
     # --- sampling ---------------------------------------------------------------------------------------------
     def sample(self, epoch: int) -> Trajectories:
@@ -131,9 +148,7 @@ class Trainer:
                 prompts = self.prompts.sample(sc.batch_size, g) if self.backbone.conditional else None
                 tr = sample_trajectories(self.backbone, sc.batch_size, g, self.coeffs, prompts, self.reward_fn,
                                          progress=bar)
-                if self.cfg.gfn.recipe == "returns" and not self.cfg.gfn.no_flow:  # the flow's regression targets
-                    tr.returns = self.objective.gradient_returns(tr.xs, tr.cond, tr.prompts)
-                parts.append(tr)
+                parts.append(self.method.prepare(tr))
         if bar is not None:
             bar.close()
         return Trajectories.cat(parts)
@@ -175,12 +190,11 @@ class Trainer:
 
         Each owned data shard (a contiguous block of the trajectories) is planned from its own seed; micro-batch k
         of the update joins micro-batch k of every owned shard."""
-        gf = self.cfg.gfn
         n_shard = n_traj // len(self.shards)
         per_shard = []
         for j, shard in enumerate(self.shards):
             g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch, shard, 2))
-            sel = select_transitions(n_shard, self.N, gf.timestep_fraction, gf.low_var_subsampling, g)
+            sel = self.method.select(n_shard, g)
             pairs = torch.stack([torch.arange(n_shard).repeat_interleave(sel.shape[1]), sel.reshape(-1)], 1)
             pairs = pairs[torch.randperm(pairs.shape[0], generator=g)]
             pairs[:, 0] += j * n_shard
@@ -189,37 +203,33 @@ class Trainer:
         acc = self.cfg.train.gradient_accumulation_steps
         return [micro[i : i + acc] for i in range(0, len(micro), acc)]
 
-    def _batch(self, tr: Trajectories, idx: torch.Tensor) -> TransitionBatch:
-        i, k = idx[:, 0].to(tr.xs.device), idx[:, 1].to(tr.xs.device)
-        return TransitionBatch(
-            x=tr.xs[i, k], x_next=tr.xs[i, k + 1], k=k.to(self.device), out_old=tr.outs[i, k],
-            cond=None if tr.cond is None else tr.cond[i],
-            prompts=None if tr.prompts is None else [tr.prompts[j] for j in i.tolist()],
-            returns=None if tr.returns is None else tr.returns[i, k + 1],
-        )
-
     # --- one update -------------------------------------------------------------------------------------------
     def update(self, tr: Trajectories, micro: list[torch.Tensor]) -> dict:
-        acc = self.cfg.train.gradient_accumulation_steps
-        stats_sum, n, finite = {}, 0, True
+        """One optimizer update over ``micro`` (a list of (B_i, 2) index micro-batches).
+
+        Each item's loss is divided by the update's item count Σ B_i, so the gradient is the mean over the update's
+        transitions however the micro-batches split them (a short last update of an epoch included). Statistics
+        accumulate on the device and are read once per update."""
+        total = sum(int(idx.shape[0]) for idx in micro)
+        stats_sum, finite = {}, True
         self.engine.begin_update(len(micro))
         for idx in micro:
-            loss_b, stats = self.objective(self._batch(tr, idx))
-            loss = loss_b.mean() / acc
+            loss_b, stats = self.method(TransitionBatch.gather(tr, idx, self.device))
+            loss = loss_b.sum() / total
             if not self.engine.finite(loss):  # collective under DeepSpeed: one rank non-finite → all skip
                 finite = False
                 break
             self.engine.backward(loss)
             for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + float(v.sum())
-            stats_sum["loss"] = stats_sum.get("loss", 0.0) + float(loss_b.detach().sum())
-            n += loss_b.shape[0]
+                stats_sum[k] = stats_sum.get(k, 0.0) + v.detach().double().sum()
+            stats_sum["loss"] = stats_sum.get("loss", 0.0) + loss_b.detach().double().sum()
         if finite:
             info = self.engine.step()
+            out = dict(zip(stats_sum, torch.stack(list(stats_sum.values())).div(total).tolist()))  # one host read
         else:
             self.engine.skip(loss)
             info = {"grad_norm_policy": float("nan"), "grad_norm_flow": float("nan"), "skipped": True}
-        out = {k: v / max(n, 1) for k, v in stats_sum.items()}
+            out = {}
         out.update(info)
         return out
 
@@ -251,7 +261,8 @@ class Trainer:
         self.epoch, self.update_in_epoch = s["epoch"], s["update_in_epoch"]
         self.fresh = None if s["fresh"] is None else Trajectories.from_state_dict(s["fresh"], self.device)
         self.buffer = None if s["buffer"] is None else Trajectories.from_state_dict(s["buffer"], self.device)
-        self.bad_steps, self.history, self._epoch_acc = s["bad_steps"], s["history"], s["epoch_acc"]
+        self.bad_steps, self._epoch_acc = s["bad_steps"], s["epoch_acc"]
+        self.history[:] = s["history"]  # in place: the evaluation context holds this list
 
     @property
     def ckpt_root(self) -> str:
@@ -308,13 +319,16 @@ class Trainer:
         """One epoch from wherever the state says; False if a signal stopped it (a checkpoint is written)."""
         cfg, e = self.cfg, self.epoch
         t0 = time.time()
+        if cfg.gfn.sample_lag == 1 and self.buffer is None:  # epoch 0: the batch it trains on (seeded as epoch −1)
+            if self._stop_requested():
+                return False
+            self.buffer = self.sample(e - 1)
         if self.fresh is None:
             if self._stop_requested():
                 return False
             self.fresh = self.sample(e)
             self._epoch_acc = {}
-        lag = cfg.gfn.sample_lag == 1 and self.buffer is not None
-        tr = self.buffer if lag else self.fresh
+        tr = self.buffer if cfg.gfn.sample_lag == 1 else self.fresh
         updates = self.plan(e, len(tr))
         bar = _progress(len(updates), f"epoch {e} training", cfg.logging.progress and self.is_main)
         if bar is not None:
@@ -364,15 +378,13 @@ class Trainer:
         rec.update({k: v / n for k, v in acc.items() if k not in ("updates", "skipped")})
         from fastnabla import metrics
 
-        fresh = self.fresh
+        finals = self.fresh.xs[:, -1]
         if self.world_size > 1:  # the metrics see every rank's final states
-            from types import SimpleNamespace
-
-            fresh = SimpleNamespace(xs=self.engine.all_gather(self.fresh.xs[:, -1:].contiguous()))
-        rec.update(metrics.epoch_metrics(self, fresh))
+            finals = self.engine.all_gather(finals.contiguous())
+        rec.update(metrics.epoch_metrics(self.eval_ctx, finals))
         is_last = e + 1 >= cfg.train.epochs
         if cfg.eval.every and ((e + 1) % cfg.eval.every == 0) and not is_last:
-            rec.update(metrics.evaluate(self, final=False))
+            rec.update(metrics.evaluate(self.eval_ctx, final=False))
         self.buffer, self.fresh = self.fresh, None
         self.epoch, self.update_in_epoch = e + 1, 0
         self.history.append(rec)
@@ -387,7 +399,7 @@ class Trainer:
     def finish(self) -> dict:
         from fastnabla import metrics
 
-        result = metrics.evaluate(self, final=True)
+        result = metrics.evaluate(self.eval_ctx, final=True)
         self.save()
         with self.engine.gathered_parameters(), self.engine.policy_average():  # ZeRO-3 gathers: collective
             if self.is_main:
@@ -401,17 +413,3 @@ class Trainer:
 
 
 _SHOW = ("reward_mean", "loss", "tv", "tv_batch", "off_manifold", "seconds")
-
-
-def _reward_options(cfg: Config) -> dict:
-    r = cfg.reward
-    opts = dict(r.options)
-    if r.name == "gaussian_bump":
-        opts.update(center=r.center, width=r.width)
-    for key in ("model", "head", "processor", "weights"):
-        v = getattr(r, key)
-        if v is not None:
-            opts[key] = v
-    if r.checkpointing:
-        opts["checkpointing"] = True
-    return opts

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["TransitionCoefficients", "transition_coefficients"]
+__all__ = ["TransitionCoefficients", "transition_coefficients", "make_scheduler", "schedule_coefficients"]
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -31,8 +31,13 @@ _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 class TransitionCoefficients:
     """Per-transition scalars, each a (B,) tensor (see the module docstring for their meaning).
 
-    ``alpha_prod`` is ᾱ at the transition's start state x, ``alpha_prod_next`` ᾱ at its end state x' (1 for a
-    clean sample when the scheduler's convention says so). ``inv_var`` = 1/std² (inf where std = 0).
+    ``alpha_prod`` is ᾱ at the transition's start state x (the forward-looking attenuation γ reads it).
+    ``inv_var`` = 1/std² (inf where std = 0).
+
+    This class is the one place the affine transition is written: sampling steps with ``step``, the objective
+    forms μ, x̂0 and the reverse score with ``mean``, ``pred_x0`` and ``reverse_score``, and the tests check them
+    against diffusers' own ``scheduler.step``. Indexing (``c[k]``) selects transitions; an int index gives 0-d
+    fields, which broadcast the same way.
     """
 
     coef_x: torch.Tensor
@@ -41,7 +46,6 @@ class TransitionCoefficients:
     x0_coef_x: torch.Tensor
     x0_coef_out: torch.Tensor
     alpha_prod: torch.Tensor
-    alpha_prod_next: torch.Tensor
 
     @property
     def inv_var(self) -> torch.Tensor:
@@ -66,9 +70,47 @@ class TransitionCoefficients:
         mu = self.mean(x, out)
         return mu if noise is None else mu + _bcast(self.std, x) * noise
 
+    def reverse_score(self, x: torch.Tensor, mu: torch.Tensor, x_next: torch.Tensor,
+                      retain_graph: bool = False) -> torch.Tensor:
+        """s_R = (∂μ/∂x)ᵀ·(x' − μ)/σ², the score of the transition density w.r.t. its start state (ALGORITHM §3).
+
+        ``mu`` = ``self.mean(x, out(x))`` with a graph to ``x`` (which requires grad); one input-VJP. Detached.
+        """
+        v = ((x_next - mu) * _bcast(self.inv_var, x)).detach()
+        (s,) = torch.autograd.grad(mu, x, grad_outputs=v, retain_graph=retain_graph)
+        return s.detach()
+
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (B,) or 0-d per-transition scalar shaped to broadcast over ``like``'s sample dims, in its dtype."""
     return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def make_scheduler(kind: str, base_config: dict, num_steps: int):
+    """A diffusers scheduler of ``kind`` (ddim | ddpm | sde-dpmsolver++) built from a model's scheduler config, with
+    the settings fastnabla needs (no clipping/thresholding: the transition stays affine), after
+    ``set_timesteps(num_steps)``."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    cfg = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
+    cfg.update(clip_sample=False, thresholding=False)
+    if kind == "ddim":
+        sched = DDIMScheduler.from_config(cfg)
+    elif kind == "ddpm":
+        cfg.setdefault("variance_type", "fixed_small")
+        sched = DDPMScheduler.from_config(cfg)
+    elif kind == "sde-dpmsolver++":
+        cfg.update(algorithm_type="sde-dpmsolver++", solver_order=1, lower_order_final=True)
+        sched = DPMSolverMultistepScheduler.from_config(cfg)
+    else:
+        raise ValueError(f"sampling.scheduler={kind!r}: must be ddim, ddpm or sde-dpmsolver++")
+    sched.set_timesteps(num_steps)
+    return sched
+
+
+def schedule_coefficients(scheduler, eta: float, device=None) -> "TransitionCoefficients":
+    """Coefficients of every step of ``scheduler``'s schedule, (N,) float32 fields (step k starts at timesteps[k])."""
+    return transition_coefficients(scheduler, scheduler.timesteps, eta=eta, device=device)
 
 
 def _as_timesteps(timesteps) -> torch.Tensor:
@@ -157,7 +199,7 @@ def _ddim(scheduler, t: torch.Tensor, eta: float):
     (x0x, x0o), (ex, eo) = _x0_and_eps_coefs(cfg.prediction_type, a_t.sqrt(), (1 - a_t).sqrt())
     coef_x = a_p.sqrt() * x0x + c * ex
     coef_out = a_p.sqrt() * x0o + c * eo
-    return coef_x, coef_out, std, x0x, x0o, a_t, a_p
+    return coef_x, coef_out, std, x0x, x0o, a_t
 
 
 def _ddpm(scheduler, t: torch.Tensor, eta: float):
@@ -189,7 +231,7 @@ def _ddpm(scheduler, t: torch.Tensor, eta: float):
         var = beta_cur
     std = var.clamp(min=0).sqrt()
     std = torch.where(t <= 0, torch.zeros_like(std), std)  # diffusers adds no noise at t = 0
-    return coef_x, coef_out, std, x0x, x0o, a_t, a_p
+    return coef_x, coef_out, std, x0x, x0o, a_t
 
 
 def _dpm_sde(scheduler, t: torch.Tensor, eta: float):
@@ -226,7 +268,7 @@ def _dpm_sde(scheduler, t: torch.Tensor, eta: float):
     coef_x = sg_t / sg_s * e + w0 * x0x
     coef_out = w0 * x0o
     std = sg_t * (1 - e**2).clamp(min=0).sqrt()
-    return coef_x, coef_out, std, x0x, x0o, al_s**2, al_t**2
+    return coef_x, coef_out, std, x0x, x0o, al_s**2
 
 
 _HANDLERS = {
@@ -276,7 +318,7 @@ def transition_coefficients(
         device = timesteps.device if isinstance(timesteps, torch.Tensor) else "cpu"
     t = _as_timesteps(timesteps)
     vals = handler(scheduler, t, float(eta))
-    names = ("coef_x", "coef_out", "std", "x0_coef_x", "x0_coef_out", "alpha_prod", "alpha_prod_next")
+    names = ("coef_x", "coef_out", "std", "x0_coef_x", "x0_coef_out", "alpha_prod")
     out = {}
     for n, v in zip(names, vals):
         if not bool(torch.isfinite(v).all()):

@@ -11,7 +11,7 @@ import torch
 from fastnabla.backbones.pixel import SCHEDULER_CONFIG, PixelBackbone, build_unet
 from fastnabla.config import load_config
 from fastnabla.rewards.digits import DigitClassifier, DigitClassReward
-from fastnabla.sampling import make_scheduler
+from fastnabla.transitions import make_scheduler
 
 
 
@@ -66,7 +66,7 @@ def test_reference_samples_are_cached_and_keyed_by_the_sampler(tmp_path):
 
 def test_two_epoch_digits_run_writes_every_output(tmp_path):
     pytest.importorskip("torchmetrics")
-    from fastnabla.trainer import Trainer
+    from fastnabla.trainer import build_trainer
 
     bb, clf = _tiny()
     cfg = load_config(None, [
@@ -74,7 +74,7 @@ def test_two_epoch_digits_run_writes_every_output(tmp_path):
         "sampling.guidance_scale=1.0", "gfn.timestep_fraction=0.5", "train.epochs=2", "eval.every=1",
         "eval.num_samples=48", "eval.ground_truth_samples=96", "logging.progress=false", "checkpoint.every=0",
         f"model.cache_dir={tmp_path / 'cache'}"], output_dir=str(tmp_path / "run"))
-    tr = Trainer(cfg, backbone=bb, reward_fn=DigitClassReward([3, 5, 8], classifier=clf))
+    tr = build_trainer(cfg, backbone=bb, reward_fn=DigitClassReward([3, 5, 8], classifier=clf))
     res = tr.run()
     out = tmp_path / "run"
     fin, pre = np.load(out / "final_samples.npy"), np.load(out / "pretrained_samples.npy")
@@ -100,7 +100,7 @@ def test_two_epoch_digits_run_writes_every_output(tmp_path):
 
 def test_class_conditional_run_uses_digit_prompts(tmp_path):
     pytest.importorskip("torchmetrics")
-    from fastnabla.trainer import Trainer
+    from fastnabla.trainer import build_trainer
 
     torch.manual_seed(0)
     sched = make_scheduler("ddim", SCHEDULER_CONFIG, 2)
@@ -112,7 +112,7 @@ def test_class_conditional_run_uses_digit_prompts(tmp_path):
         "train.epochs=1", "eval.every=0", "eval.num_samples=40", "eval.ground_truth_samples=0",
         "logging.progress=false", "logging.plots=false", "checkpoint.every=0", f"model.cache_dir={tmp_path / 'c'}"],
         output_dir=str(tmp_path / "run"))
-    tr = Trainer(cfg, backbone=bb, reward_fn=DigitClassReward(3, classifier=DigitClassifier(8, 8, 16).eval()))
+    tr = build_trainer(cfg, backbone=bb, reward_fn=DigitClassReward(3, classifier=DigitClassifier(8, 8, 16).eval()))
     assert set(tr.prompts.sample(50, torch.Generator().manual_seed(0))) <= set("0123456789")
     res = tr.run()
     assert "class_tv" not in res and "fid_pretrained_per_prompt" in res and math.isfinite(res["kid_pretrained_per_prompt"])

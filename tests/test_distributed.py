@@ -114,11 +114,11 @@ def test_auto_values_resolved_from_fastnabla_config():
 
 def test_data_shards_plan_joins_shard_micro_batches(tmp_path):
     """One process owning shards {0, 1} trains on exactly what two processes owning one shard each train on."""
-    from fastnabla.trainer import Trainer
+    from fastnabla.trainer import build_trainer
 
-    both = Trainer(load_config(None, FAST + ["sampling.data_shards=2"], output_dir=str(tmp_path / "a")))
+    both = build_trainer(load_config(None, FAST + ["sampling.data_shards=2"], output_dir=str(tmp_path / "a")))
     assert both.shards == [0, 1]
-    one = Trainer(load_config(None, FAST, output_dir=str(tmp_path / "b")))  # shard 0 only (world size 1)
+    one = build_trainer(load_config(None, FAST, output_dir=str(tmp_path / "b")))  # shard 0 only (world size 1)
     assert one.shards == [0]
     tr_both, tr_one = both.sample(0), one.sample(0)
     n = len(tr_one)
@@ -303,10 +303,10 @@ import sys
 sys.path.insert(0, {root!r})
 import torch
 from fastnabla.config import load_config
-from fastnabla.trainer import Trainer, TrainingStopped
+from fastnabla.trainer import TrainingStopped, build_trainer
 cfg = load_config(None, {fast!r} + ["train.deepspeed={root}/configs/deepspeed/zero{stage}.json", "train.epochs=3",
                                     "train.max_bad_steps=3"], output_dir={out!r})
-tr = Trainer(cfg)
+tr = build_trainer(cfg)
 if tr.rank == 1:  # only rank 1 produces non-finite losses
     with torch.no_grad():
         tr.backbone.residual.head.bias.fill_(float("nan"))

@@ -2,7 +2,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from fastnabla.sampling import make_scheduler, select_transitions
+from fastnabla.sampling import select_transitions
+from fastnabla.transitions import make_scheduler
 from fastnabla.transitions import transition_coefficients
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from fastnabla.backbones.toy2d import total_variation
 from fastnabla.config import load_config
-from fastnabla.trainer import Trainer
+from fastnabla.trainer import build_trainer
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "toy2d.yaml")
 QUIET = ["eval.every=0", "logging.progress=false", "logging.plots=false", "checkpoint.every=0"]
@@ -19,7 +19,7 @@ QUIET = ["eval.every=0", "logging.progress=false", "logging.plots=false", "check
 
 def _run(tmp_path, *overrides):
     cfg = load_config(CONFIG, [*QUIET, *overrides], output_dir=str(tmp_path))
-    tr = Trainer(cfg)
+    tr = build_trainer(cfg)
     r, beta = cfg.reward, cfg.gfn.reward_scale
     prior_samples, _ = tr.sample_final(4096, seed=123)
     prior_tv, _ = total_variation(prior_samples, tr.backbone.means, tr.backbone.target_weights(r.center, r.width, beta))

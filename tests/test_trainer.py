@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fastnabla.config import load_config
-from fastnabla.trainer import Trainer, TrainingStopped
+from fastnabla.methods import TransitionBatch
+from fastnabla.trainer import TrainingStopped, build_trainer
 
 FAST = ["sampling.batch_size=32", "sampling.num_steps=10", "gfn.timestep_fraction=0.2", "eval.num_samples=256",
         "eval.every=0", "logging.progress=false", "logging.plots=false", "checkpoint.every=0",
@@ -27,7 +28,7 @@ def _params(tr):
 
 
 def test_runs_learns_and_writes_outputs(tmp_path):
-    tr = Trainer(_cfg(tmp_path, "train.epochs=3", "logging.plots=true"))
+    tr = build_trainer(_cfg(tmp_path, "train.epochs=3", "logging.plots=true"))
     res = tr.run()
     assert set(["tv", "off_manifold", "mode_weights", "target_weights"]) <= set(res)
     s = np.load(tmp_path / "final_samples.npy")
@@ -41,7 +42,39 @@ def test_runs_learns_and_writes_outputs(tmp_path):
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "final" / "trainables.pt").exists()
     # 3 transitions (2 + terminal) × 32 trajectories = 96 → 6 micro-batches of 16 → 3 updates of 2 per epoch
     assert tr.engine.updates == 3 * 3
-    assert float(_params(tr).abs().sum()) > 0
+
+
+def test_an_update_lowers_the_loss_of_its_own_batch(tmp_path):
+    """One optimizer update (gradient of the update's mean loss, AdamW) lowers that same batch's loss."""
+    tr = build_trainer(_cfg(tmp_path, "train.lr=1e-3", "train.flow_lr=1e-3"))
+    traj = tr.sample(0)
+    micro = tr.plan(0, len(traj))[0]
+
+    def batch_loss():
+        return sum(float(tr.method(TransitionBatch.gather(traj, idx, tr.device))[0].detach().sum()) for idx in micro)
+
+    before = batch_loss()
+    info = tr.update(traj, micro)
+    assert not info["skipped"] and info["loss"] * sum(len(i) for i in micro) == pytest.approx(before, rel=1e-5)
+    assert batch_loss() < before
+
+
+def test_update_averages_over_its_items_even_when_short(tmp_path):
+    """The losses handed to backward sum to the mean item loss of the update, for a full update and for a short last
+    one (fewer micro-batches than gradient_accumulation_steps, and a smaller last micro-batch)."""
+    tr = build_trainer(_cfg(tmp_path, "train.batch_size=20", "train.gradient_accumulation_steps=4"))
+    traj = tr.sample(0)
+    updates = tr.plan(0, len(traj))  # 96 transitions → micro-batches 20,20,20,20 | 16
+    assert [len(m) for m in updates] == [4, 1] and len(updates[1][0]) == 16
+    seen = []
+    real = tr.engine.backward
+    tr.engine.backward = lambda loss: (seen.append(float(loss.detach())), real(loss))
+    for micro in updates:
+        with torch.no_grad():
+            item = torch.cat([tr.method(TransitionBatch.gather(traj, idx, tr.device))[0] for idx in micro])
+        seen.clear()
+        tr.update(traj, micro)
+        assert sum(seen) == pytest.approx(float(item.mean()), rel=1e-5)
 
 
 @pytest.mark.parametrize("extra", [
@@ -51,13 +84,13 @@ def test_runs_learns_and_writes_outputs(tmp_path):
     ("train.ema_decay=0.9", "train.lr_schedule=cosine"),
 ])
 def test_bit_reproducible_and_resume_equals_uninterrupted(tmp_path, extra):
-    a = Trainer(_cfg(tmp_path / "a", "train.epochs=4", *extra))
+    a = build_trainer(_cfg(tmp_path / "a", "train.epochs=4", *extra))
     a.run()
-    b = Trainer(_cfg(tmp_path / "b", "train.epochs=4", *extra))
+    b = build_trainer(_cfg(tmp_path / "b", "train.epochs=4", *extra))
     b.run()
     assert torch.equal(_params(a), _params(b))
     # interrupted in the middle of epoch 2's updates, then resumed from the checkpoint
-    c = Trainer(_cfg(tmp_path / "c", "train.epochs=4", *extra))
+    c = build_trainer(_cfg(tmp_path / "c", "train.epochs=4", *extra))
     real_update = c.update
     count = {"n": 0}
 
@@ -70,7 +103,7 @@ def test_bit_reproducible_and_resume_equals_uninterrupted(tmp_path, extra):
     c.update = update
     res = c.run()
     assert res["stopped"] and c.epoch == 2 and c.update_in_epoch == 2
-    d = Trainer(_cfg(tmp_path / "c", "train.epochs=4", "checkpoint.resume_from=latest", *extra))
+    d = build_trainer(_cfg(tmp_path / "c", "train.epochs=4", "checkpoint.resume_from=latest", *extra))
     d.run()
     assert torch.equal(_params(a), _params(d))
     if a.engine.ema is not None:
@@ -81,25 +114,43 @@ def test_bit_reproducible_and_resume_equals_uninterrupted(tmp_path, extra):
     assert [strip(r) for r in ha] == [strip(r) for r in hd]
 
 
-def test_sample_lag_changes_training_data(tmp_path):
-    a = Trainer(_cfg(tmp_path / "a", "train.epochs=3", "gfn.sample_lag=0"))
-    a.run()
-    b = Trainer(_cfg(tmp_path / "b", "train.epochs=3", "gfn.sample_lag=1"))
-    b.run()
-    assert not torch.equal(_params(a), _params(b))
+@pytest.mark.parametrize("lag", [0, 1])
+def test_sample_lag_trains_each_epoch_on_the_right_batch(tmp_path, lag):
+    """lag 0: epoch e trains on its own fresh batch. lag 1: on epoch e−1's (epoch 0 on one more batch drawn first,
+    seeded as epoch −1), so every trained batch is trained in exactly one epoch."""
+    tr = build_trainer(_cfg(tmp_path, "train.epochs=3", f"gfn.sample_lag={lag}"))
+    drawn, trained = {}, {}
+    real_sample, real_update = tr.sample, tr.update
+
+    def sample(epoch):
+        drawn[epoch] = real_sample(epoch)
+        return drawn[epoch]
+
+    def update(traj, micro):
+        trained.setdefault(tr.epoch, set()).add(id(traj))
+        return real_update(traj, micro)
+
+    tr.sample, tr.update = sample, update
+    tr.run()
+    want = {e: {id(drawn[e - lag])} for e in range(3)}
+    assert trained == want
+    assert sorted(drawn) == ([-1, 0, 1, 2] if lag else [0, 1, 2])
+    # the epoch-(−1) batch is a different draw from epoch 0's
+    if lag:
+        assert not torch.equal(drawn[-1].xs, drawn[0].xs)
 
 
 def test_keep_last_and_resume_errors(tmp_path):
-    tr = Trainer(_cfg(tmp_path, "train.epochs=5", "checkpoint.every=1", "checkpoint.keep_last=2"))
+    tr = build_trainer(_cfg(tmp_path, "train.epochs=5", "checkpoint.every=1", "checkpoint.keep_last=2"))
     tr.run()
     names = sorted(os.listdir(tmp_path / "checkpoints"))
     assert names == ["step_000004_00000", "step_000005_00000"]
     with pytest.raises(FileNotFoundError, match="no state.pt"):
-        Trainer(_cfg(tmp_path, "checkpoint.resume_from=/nonexistent")).run()
+        build_trainer(_cfg(tmp_path, "checkpoint.resume_from=/nonexistent")).run()
 
 
 def test_non_finite_updates_are_skipped_then_stop(tmp_path, caplog):
-    tr = Trainer(_cfg(tmp_path, "train.epochs=3", "train.max_bad_steps=3"))
+    tr = build_trainer(_cfg(tmp_path, "train.epochs=3", "train.max_bad_steps=3"))
     with torch.no_grad():
         tr.backbone.residual.head.bias.fill_(float("nan"))
     before = _params(tr).clone()
@@ -129,11 +180,11 @@ def test_sigterm_in_subprocess_writes_checkpoint_and_exits_cleanly(tmp_path):
 
 def test_deterministic_transition_refused(tmp_path):
     with pytest.raises(ValueError, match="deterministic"):
-        Trainer(_cfg(tmp_path, "sampling.scheduler=ddpm"))
+        build_trainer(_cfg(tmp_path, "sampling.scheduler=ddpm"))
 
 
 def test_policy_ema_is_the_running_average_and_is_what_evaluation_samples(tmp_path):
-    tr = Trainer(_cfg(tmp_path, "train.epochs=1", "train.ema_decay=0.5"))
+    tr = build_trainer(_cfg(tmp_path, "train.epochs=1", "train.ema_decay=0.5"))
     params, ema = tr.engine.policy_params, tr.engine.ema
     start = [p.detach().clone() for p in params]
     expect = [p.clone() for p in start]

@@ -76,7 +76,7 @@ def test_ddim_per_sample_mixed_timesteps_first_and_last():
     assert torch.allclose(c.std, var.sqrt(), rtol=1e-12)
     assert torch.allclose(c.coef_x, ap.sqrt() / a.sqrt(), rtol=1e-12)
     assert torch.allclose(c.coef_out, (1 - ap - var).sqrt() - ap.sqrt() * (1 - a).sqrt() / a.sqrt(), rtol=1e-10)
-    assert torch.allclose(c.alpha_prod, a) and torch.allclose(c.alpha_prod_next, ap)
+    assert torch.allclose(c.alpha_prod, a)
 
 
 def test_ddim_set_alpha_to_one_last_step_is_deterministic():
@@ -101,8 +101,9 @@ def test_ddpm_matches_step(pt, vt):
         assert _rel(c.step(x, out, z), ref.prev_sample) <= 1e-5, (t, pt, vt)
         assert _rel(c.pred_x0(x, out), ref.pred_original_sample) <= 1e-5
     # DDPM's own final-alpha convention: the last step lands on ᾱ = 1 with no noise (fixed_small)
-    c = transition_coefficients(s, s.timesteps[-1:])
-    assert float(c.alpha_prod_next[0]) == 1.0
+    c = transition_coefficients(s, s.timesteps[-1:], dtype=torch.float64)
+    x, out, _ = _data(1, seed=4)
+    assert _rel(c.mean(x, out), c.pred_x0(x, out)) <= 1e-12  # μ = x̂0: the step lands on the clean sample
     if vt != "fixed_large":
         assert float(c.std[0]) == 0.0
 
@@ -168,3 +169,52 @@ def test_errors():
         transition_coefficients(s, [901], eta=-1.0)
     with pytest.raises(ValueError, match="eta=3.0 is too large"):
         transition_coefficients(s, [901], eta=3.0)
+
+
+def test_reverse_score_equals_the_closed_form_for_a_linear_network():
+    """s_R = (∂μ/∂x)ᵀ(x' − μ)/σ²; with out = W·x the Jacobian is coef_x·I + coef_out·W, per transition."""
+    s = _f64(ddim("epsilon"))
+    s.set_timesteps(20)
+    c = transition_coefficients(s, [int(s.timesteps[2]), int(s.timesteps[11])], dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    x_next = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    got = c.reverse_score(x, c.mean(x, x @ W.T), x_next)
+    for i in range(2):
+        J = c.coef_x[i] * torch.eye(6, dtype=torch.float64) + c.coef_out[i] * W
+        mu = J @ x[i].detach()
+        torch.testing.assert_close(got[i], J.T @ (x_next[i] - mu) / c.std[i] ** 2, rtol=1e-12, atol=1e-12)
+
+
+def test_sampler_steps_are_the_schedulers_steps():
+    """sample_trajectories steps with TransitionCoefficients.step: each x_{k+1} is diffusers' own DDIM step of the
+    recorded output with the noise the sampler drew."""
+    from fastnabla.sampling import sample_trajectories, step_coefficients
+    from fastnabla.transitions import make_scheduler
+
+    class Net(torch.nn.Module):
+        sample_shape, conditional, eta = (3, 4), False, 1.0
+
+        def __init__(self):
+            super().__init__()
+            self.scheduler = make_scheduler("ddim", ddim("epsilon").config, 6)
+            self.lin = torch.nn.Linear(4, 4)
+
+        device = torch.device("cpu")
+
+        def sample_noise(self, n, generator):
+            return torch.randn((n, *self.sample_shape), generator=generator)
+
+        def policy(self, x, t, cond):
+            return torch.tanh(self.lin(x)) * (t.view(-1, 1, 1) / 1000.0)
+
+    net = Net()
+    c = step_coefficients(net)
+    tr = sample_trajectories(net, 2, torch.Generator().manual_seed(0), c)
+    g = torch.Generator().manual_seed(0)
+    torch.randn((2, 3, 4), generator=g)  # x_0
+    for k, t in enumerate(net.scheduler.timesteps):
+        z = torch.randn((2, 3, 4), generator=g)
+        ref = net.scheduler.step(tr.outs[:, k], t, tr.xs[:, k], eta=1.0, variance_noise=z).prev_sample
+        torch.testing.assert_close(tr.xs[:, k + 1], ref, rtol=1e-5, atol=1e-6)

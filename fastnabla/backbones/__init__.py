@@ -4,7 +4,8 @@ from fastnabla.backbones.base import Backbone
 __all__ = ["Backbone", "build_backbone"]
 
 
-def build_backbone(cfg) -> Backbone:
+def build_backbone(cfg, reward=None) -> Backbone:
+    """The backbone ``cfg.model.backbone``; ``reward`` (built first) tells it whether the reward reads prompts."""
     if cfg.model.backbone == "toy2d":
         from fastnabla.backbones.toy2d import Toy2DBackbone
 
@@ -12,7 +13,7 @@ def build_backbone(cfg) -> Backbone:
     if cfg.model.backbone == "sd":
         from fastnabla.backbones.sd import SDBackbone
 
-        return SDBackbone.from_config(cfg)
+        return SDBackbone.from_config(cfg, reward)
     if cfg.model.backbone == "pixel":
         from fastnabla.backbones.pixel import PixelBackbone
 

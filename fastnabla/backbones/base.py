@@ -12,7 +12,11 @@ The trainer never touches a UNet, a VAE or a text encoder directly: it asks the 
   differentiable w.r.t. x;
 - ``policy_parameters()`` / ``flow_parameters()``: the two trainable parameter groups;
 - ``trainable_state_dict()`` / ``load_trainable_state_dict(sd)``: what a checkpoint stores;
-- ``save_pretrained(directory)``: the finetuned weights in the backbone's native format (SD: a diffusers LoRA).
+- ``save_pretrained(directory)``: the finetuned weights in the backbone's native format (SD: a diffusers LoRA);
+- evaluation hooks: ``target_metrics(samples, reward_cfg, beta, final)`` (figures against the tilted target that
+  this backbone can compute exactly; toy2d's mode-weight TV), ``report_plots(...)`` (its pictures),
+  ``benchmark`` (the name of a benchmark evaluation in ``fastnabla.metrics``, e.g. "digits") and
+  ``min_final_samples``.
 
 ``t`` is always a (B,) long tensor of the scheduler's timesteps (per-sample timesteps are allowed). All tensors
 live on ``self.device``; ``x`` is float32 in the trainer, the backbone casts to its weights' dtype inside.
@@ -36,6 +40,10 @@ class Backbone(nn.Module):
     scheduler: Any
     #: DDIM η used for sampling and for the transition coefficients.
     eta: float = 1.0
+    #: a benchmark evaluation of ``fastnabla.metrics`` this backbone's runs get (None: the generic one)
+    benchmark: Optional[str] = None
+    #: the final evaluation draws at least this many samples
+    min_final_samples: int = 0
 
     @property
     def device(self) -> torch.device:
@@ -91,3 +99,13 @@ class Backbone(nn.Module):
 
     def save_pretrained(self, directory: str) -> None:
         torch.save(self.trainable_state_dict(), f"{directory}/trainables.pt")
+
+    # --- evaluation hooks -----------------------------------------------------------------------------------------
+    def target_metrics(self, samples: torch.Tensor, reward_cfg, beta: float, final: bool = False) -> dict:
+        """Figures of clean ``samples`` (n, *S) against the exact tilted target p_ref·R^β, where this backbone knows
+        it for the configured reward; {} otherwise."""
+        return {}
+
+    def report_plots(self, samples: torch.Tensor, reward_cfg, beta: float, out_dir: str, title: str = "") -> list:
+        """Paths of the pictures this backbone draws of final ``samples`` (written into ``out_dir``)."""
+        return []

@@ -105,6 +105,8 @@ def _tuner_layers(module: nn.Module):
 
 
 class PixelBackbone(Backbone):
+    benchmark = "digits"  # fastnabla.metrics evaluates its runs against the importance-sampled digits target
+
     def __init__(self, unet, scheduler, *, lora_rank: int = 8, lora_alpha: Optional[float] = None,
                  lora_target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"),
                  guidance_scale: float = 1.0, eta: float = 1.0, flow_channels: Sequence[int] = (16, 32),
@@ -150,7 +152,7 @@ class PixelBackbone(Backbone):
     def from_config(cls, cfg) -> "PixelBackbone":
         """Loads ``model.pretrained`` (a diffusers UNet2DModel directory, or a pipeline directory with unet/), or
         the cached pretrained digits model, pretraining it first when it is not cached (``fastnabla.digits``)."""
-        from fastnabla.sampling import make_scheduler
+        from fastnabla.transitions import make_scheduler
 
         m = cfg.model
         path = m.pretrained

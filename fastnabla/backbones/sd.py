@@ -30,23 +30,12 @@ from torch import nn
 
 from fastnabla.backbones.base import Backbone
 
-__all__ = ["SDBackbone", "DTYPES", "build_flow_net", "load_sd_components", "reward_reads_prompts"]
+__all__ = ["SDBackbone", "DTYPES", "build_flow_net", "load_sd_components"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-#: rewards whose score depends on the prompt (the flow net then sees the prompt embedding).
-_PROMPT_REWARDS = {"pickscore", "hpsv2", "hpsv2.1", "imagereward"}
-
 XFORMERS_ERROR = ("model.attention=xformers: xformers needs a CUDA GPU and `pip install fastnabla[xformers]`; "
                   "use model.attention=sdpa")
-
-
-def reward_reads_prompts(reward_cfg) -> bool:
-    """Whether the configured reward reads prompts, decided from its name (the backbone is built before the
-    reward, so this cannot ask the reward object). ``combo`` reads prompts iff one of its parts does."""
-    if reward_cfg.name == "combo":
-        return any(k in _PROMPT_REWARDS for k in (reward_cfg.weights or {}))
-    return reward_cfg.name in _PROMPT_REWARDS
 
 
 def _missing_model_error(pretrained: str, err: Exception) -> ValueError:
@@ -199,8 +188,11 @@ class SDBackbone(Backbone):
         self._uncond: dict = {}
 
     @classmethod
-    def from_config(cls, cfg) -> "SDBackbone":
-        from fastnabla.sampling import make_scheduler
+    def from_config(cls, cfg, reward=None) -> "SDBackbone":
+        """Build from ``cfg``; with ``model.flow_text_conditioning`` unset, the flow net sees the prompt embedding
+        iff ``reward.needs_prompts`` (a prompt-reading reward such as PickScore makes the residual flow depend on
+        the prompt)."""
+        from fastnabla.transitions import make_scheduler
 
         m = cfg.model
         dtype = DTYPES[m.dtype]
@@ -218,7 +210,7 @@ class SDBackbone(Backbone):
         scheduler = make_scheduler(cfg.sampling.scheduler, base, cfg.sampling.num_steps)
         text_cond = m.flow_text_conditioning
         if text_cond is None:
-            text_cond = reward_reads_prompts(cfg.reward)
+            text_cond = bool(getattr(reward, "needs_prompts", False))
         return cls(unet, vae, text_encoder, tokenizer, scheduler, dtype=dtype, lora_rank=m.lora_rank,
                    lora_alpha=m.lora_alpha, lora_target_modules=m.lora_target_modules,
                    guidance_scale=cfg.sampling.guidance_scale, eta=cfg.sampling.eta, resolution=m.resolution,

@@ -110,4 +110,30 @@ _register_lazy("digit_class", "fastnabla.rewards.digits", "DigitClassReward")
 _register_lazy("digit_ink", "fastnabla.rewards.digits", "DigitInkReward")
 
 
-__all__ = ["RewardFn", "build_reward", "register_reward", "available_rewards"]
+def reward_options(cfg) -> dict:
+    """The factory options of ``cfg.reward``: ``reward.options`` plus the reward section's named keys (model, head,
+    processor, weights, checkpointing) and, for rewards that read them, the keys their config sections carry
+    (gaussian_bump: reward.center/width; digit_class: model.image_size/cache_dir unless set in reward.options)."""
+    r = cfg.reward
+    opts = dict(r.options)
+    for key in ("model", "head", "processor", "weights"):
+        v = getattr(r, key)
+        if v is not None:
+            opts[key] = v
+    if r.checkpointing:
+        opts["checkpointing"] = True
+    if r.name == "gaussian_bump":
+        opts.update(center=r.center, width=r.width)
+    if r.name == "digit_class":
+        opts.setdefault("image_size", cfg.model.image_size)
+        opts.setdefault("cache_dir", cfg.model.cache_dir)
+    return opts
+
+
+def reward_from_config(cfg, device="cpu") -> RewardFn:
+    """``build_reward`` of ``cfg.reward.name`` with ``reward_options(cfg)``."""
+    return build_reward(cfg.reward.name, reward_options(cfg), device=device)
+
+
+__all__ = ["RewardFn", "build_reward", "register_reward", "available_rewards", "reward_options",
+           "reward_from_config"]

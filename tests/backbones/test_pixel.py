@@ -5,7 +5,7 @@ import torch
 
 from fastnabla.backbones.pixel import PixelBackbone, SCHEDULER_CONFIG, build_unet, parse_class_prompt
 from fastnabla.config import ConfigError, load_config
-from fastnabla.sampling import make_scheduler
+from fastnabla.transitions import make_scheduler
 
 
 def _bb(lora_rank=2, num_classes=0, guidance=1.0):

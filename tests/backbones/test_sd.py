@@ -52,9 +52,9 @@ def inputs(bb, n=2, seed=0):
 # --- training ---------------------------------------------------------------------------------------------------
 
 def _train(cfg, reward_options=None):
-    from fastnabla.trainer import Trainer
+    from fastnabla.trainer import build_trainer
 
-    tr = Trainer(cfg)
+    tr = build_trainer(cfg)
     before_policy = [p.detach().clone() for p in tr.backbone.policy_parameters()]
     before_flow = [p.detach().clone() for p in tr.backbone.flow_parameters()]
     result = tr.run()
@@ -101,9 +101,9 @@ def test_adamw8bit_trains(tiny_sd_dir, tmp_path):
 
 def test_full_finetuning_trains_one_epoch(tiny_sd_dir, tmp_path):
     cfg = make_cfg(tiny_sd_dir, tmp_path, "model.lora_rank=0", "train.epochs=1")
-    from fastnabla.trainer import Trainer
+    from fastnabla.trainer import build_trainer
 
-    tr = Trainer(cfg)
+    tr = build_trainer(cfg)
     bb = tr.backbone
     assert bb.ref_unet is not None and not any(p.requires_grad for p in bb.ref_unet.parameters())
     assert all(p.dtype == torch.float32 and p.requires_grad for p in bb.unet.parameters())
@@ -356,10 +356,10 @@ def test_xformers_on_cpu_is_refused(tiny_sd_dir, tmp_path):
 
 
 def test_unknown_reward_is_reported(tiny_sd_dir, tmp_path):
-    from fastnabla.trainer import Trainer
+    from fastnabla.trainer import build_trainer
 
     with pytest.raises(ValueError, match="unknown reward 'brightnes'; did you mean 'brightness'"):
-        Trainer(make_cfg(tiny_sd_dir, tmp_path, "reward.name=brightnes"))
+        build_trainer(make_cfg(tiny_sd_dir, tmp_path, "reward.name=brightnes"))
 
 
 @pytest.mark.parametrize("name", ["sd15_aesthetic", "sd15_hpsv2", "sd15_pickscore", "sd15_fast"])

@@ -1,10 +1,11 @@
-"""The objective's terms against an independent per-sample Jacobian computation (toy2d, float64)."""
+"""∇-GFlowNet's (methods/nabla_gfn.py) terms against an independent per-sample Jacobian computation (toy2d, float64)."""
 import pytest
 import torch
 
 from fastnabla.backbones.toy2d import Toy2DBackbone
 from fastnabla.config import load_config
-from fastnabla.objective import Objective, TransitionBatch
+from fastnabla.methods import TransitionBatch
+from fastnabla.methods.nabla_gfn import NablaGFN
 from fastnabla.rewards import build_reward
 from fastnabla.sampling import sample_trajectories, step_coefficients
 
@@ -96,8 +97,7 @@ def test_paper_objective_matches_per_sample_jacobians(over):
     i = torch.arange(6)
     b = TransitionBatch(x=tr.xs[i, k], x_next=tr.xs[i, k + 1], k=k, out_old=tr.outs[i, k] + 0.1, cond=None,
                         prompts=None)
-    obj = Objective(bb, reward, c, cfg.gfn)
-    loss_b, stats = obj(b)
+    loss_b, stats = NablaGFN(bb, reward, c, cfg)(b)
     expect = _manual(cfg, bb, reward, c, b)
     torch.testing.assert_close(loss_b, expect, rtol=1e-7, atol=1e-9)
 
@@ -108,11 +108,18 @@ def test_no_flow_drops_flow_and_reverse():
     k = torch.tensor([3, 20, 49])
     i = torch.arange(3)
     b = TransitionBatch(tr.xs[i, k], tr.xs[i, k + 1], k, tr.outs[i, k], None, None)
-    loss_b, stats = Objective(bb, reward, c, cfg.gfn)(b)
+    loss_b, stats = NablaGFN(bb, reward, c, cfg)(b)
     assert float(stats["loss_reverse"].abs().sum()) == 0 and float(stats["norm_flow_next"].sum()) == 0
-    # with the flow head zeroed, the full objective's forward term equals no_flow's
     loss_b.sum().backward()
     assert all(p.grad is None for p in bb.flow_net.parameters())
+    # with the flow head zeroed (g ≡ 0) and no reverse term, the full objective is no_flow's, term by term
+    with torch.no_grad():
+        for p in bb.flow_net.head.parameters():
+            p.zero_()
+    cfg_full, *_ = _setup(**{"gfn.recipe": "paper", "gfn.reverse_scale": 0.0})
+    full_b, full_stats = NablaGFN(bb, reward, c, cfg_full)(b)
+    torch.testing.assert_close(full_b, loss_b.detach(), rtol=1e-12, atol=0)
+    assert float(full_stats["norm_flow_next"].abs().sum()) == 0
 
 
 def test_objective_through_the_triton_kernel_equals_reference():
@@ -127,7 +134,8 @@ def test_objective_through_the_triton_kernel_equals_reference():
     grads = {}
     for backend in ("reference", "triton"):
         bb.zero_grad()
-        loss_b, _ = Objective(bb, reward, c, cfg.gfn, backend=backend)(b)
+        cfg.train.backend = backend
+        loss_b, _ = NablaGFN(bb, reward, c, cfg)(b)
         loss_b.sum().backward()
         grads[backend] = (loss_b.detach(), [p.grad.clone() for p in bb.policy_parameters() + bb.flow_parameters()])
     torch.testing.assert_close(grads["triton"][0], grads["reference"][0], rtol=1e-5, atol=1e-6)
@@ -159,7 +167,8 @@ def _jacobian_chain_returns(cfg, bb, reward, c, xs):
 def test_gradient_returns_match_a_hand_unrolled_jacobian_chain(micro_batch):
     cfg, bb, reward, c = _setup(**{"gfn.reward_scale": 1.7, "gfn.reward_adaptive_mode": "off"})
     tr = sample_trajectories(bb, 3, torch.Generator().manual_seed(5), c)
-    G = Objective(bb, reward, c, cfg.gfn, micro_batch=micro_batch).gradient_returns(tr.xs, None, None)
+    cfg.reward.micro_batch = micro_batch
+    G = NablaGFN(bb, reward, c, cfg).gradient_returns(tr.xs, None, None)
     torch.testing.assert_close(G, _jacobian_chain_returns(cfg, bb, reward, c, tr.xs), rtol=1e-9, atol=1e-12)
 
 
@@ -180,7 +189,7 @@ def test_returns_objective_matches_an_independent_computation(over):
     returns = torch.randn(6, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     b = TransitionBatch(x=tr.xs[i, k], x_next=tr.xs[i, k + 1], k=k, out_old=tr.outs[i, k] + 0.1, cond=None,
                         prompts=None, returns=returns)
-    loss_b, stats = Objective(bb, reward, c, cfg.gfn)(b)
+    loss_b, stats = NablaGFN(bb, reward, c, cfg)(b)
     pol, flow = list(bb.policy_parameters()), list(bb.flow_parameters())
     got = torch.autograd.grad(loss_b.sum(), pol + flow, allow_unused=True)
 

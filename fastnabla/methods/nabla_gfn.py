@@ -1,4 +1,7 @@
-"""Per-transition terms of residual ∇-DB (ALGORITHM §3–§5, step 3) for a batch of transitions x_k → x_{k+1}.
+"""∇-GFlowNet (residual ∇-DB, ALGORITHM §3–§5b): the per-transition terms for a batch of transitions x_k → x_{k+1}.
+
+``method.name: nabla_gfn`` (the default); its hyper-parameters are the ``gfn`` config section, ``gfn.recipe``
+choosing between the paper's objective (§4) and the returns recipe (§5b).
 
 For each transition the objective computes, from the backbone and the reward:
 
@@ -15,43 +18,51 @@ the reward gradient at x (the graph is kept until the loss backward).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from fastnabla.loss import residual_db_loss
-from fastnabla.transitions import TransitionCoefficients
+from fastnabla.methods.base import Method, TransitionBatch
+from fastnabla.sampling import Trajectories
+from fastnabla.transitions import TransitionCoefficients, _bcast as _col
 
-__all__ = ["TransitionBatch", "Objective"]
-
-
-@dataclass
-class TransitionBatch:
-    x: torch.Tensor  # (B, *S) state at τ_k
-    x_next: torch.Tensor  # (B, *S) state after the step
-    k: torch.Tensor  # (B,) long: step index, 0..N-1 (k = N-1 is the terminal transition)
-    out_old: torch.Tensor  # (B, *S) sampling-time policy output at x
-    cond: Optional[torch.Tensor]
-    prompts: Optional[list]
-    returns: Optional[torch.Tensor] = None  # (B, *S) gradient return G_{k+1} at x_next (recipe "returns")
+__all__ = ["NablaGFN"]
 
 
-def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+class NablaGFN(Method):
+    name = "nabla_gfn"
 
+    def __init__(self, backbone, reward_fn, coeffs: TransitionCoefficients, cfg):
+        super().__init__(backbone, reward_fn, coeffs, cfg)
+        self.gfn = cfg.gfn
+        self.backend = cfg.train.backend
+        self.micro_batch = cfg.reward.micro_batch
 
-class Objective:
-    def __init__(self, backbone, reward_fn, coeffs: TransitionCoefficients, gfn, backend: str = "auto",
-                 micro_batch: int = 0):
-        self.backbone = backbone
-        self.reward_fn = reward_fn
-        self.c = coeffs  # (N,) per-step coefficients
-        self.N = coeffs.coef_x.numel()
-        self.timesteps = backbone.scheduler.timesteps.to(backbone.device)
-        self.gfn = gfn
-        self.backend = backend
-        self.micro_batch = micro_batch
+    # --- the seam -------------------------------------------------------------------------------------------------
+    @property
+    def trains_flow(self) -> bool:
+        return not self.gfn.no_flow
+
+    @property
+    def uses_returns(self) -> bool:
+        return self.gfn.recipe == "returns" and not self.gfn.no_flow
+
+    @property
+    def reuses_policy_forward(self) -> bool:
+        # the paper's reverse loss: score VJP, reward gradient at x, then the loss, all through one policy forward
+        return self.gfn.recipe == "paper" and self.gfn.reverse_scale > 0 and not self.gfn.no_flow
+
+    def check_engine(self, engine) -> None:
+        if getattr(engine, "stage", 0) == 3 and self.uses_returns:
+            raise ValueError("ZeRO stage 3 cannot compute the gradient returns of gfn.recipe=returns (input-VJPs "
+                             "through the sharded reference); use ZeRO stage 2 (configs/deepspeed/zero2.json), or "
+                             "gfn.recipe=paper with gfn.reverse_scale=0")
+
+    def prepare(self, tr: Trajectories) -> Trajectories:
+        if self.uses_returns:  # the flow's regression targets, with the sampling-time reference
+            tr.returns = self.gradient_returns(tr.xs, tr.cond, tr.prompts)
+        return tr
 
     # --- γ(τ) -------------------------------------------------------------------------------------------------
     def gamma(self, j: torch.Tensor) -> torch.Tensor:
@@ -86,7 +97,7 @@ class Objective:
             if out is not None:  # a forward at x already exists (x is never terminal here)
                 if not self.gfn.reward_grad_through_model:
                     out = out.detach()
-                x0 = _col(self.c.x0_coef_x[jj], x) * x + _col(self.c.x0_coef_out[jj], x) * out
+                x0 = self.c[jj].pred_x0(x, out)
             else:  # the network runs only on non-terminal rows: at the clean sample x̂0 = x_N
                 rows = (j < self.N).nonzero(as_tuple=True)[0]
                 x0 = x
@@ -97,7 +108,7 @@ class Objective:
                     out = out.to(x.dtype)
                     if not self.gfn.reward_grad_through_model:
                         out = out.detach()
-                    x0_rows = _col(self.c.x0_coef_x[js], xs) * xs + _col(self.c.x0_coef_out[js], xs) * out
+                    x0_rows = self.c[js].pred_x0(xs, out)
                     x0 = x.index_copy(0, rows, x0_rows)
             g, lr = self._reward_grad(x, x0, prompts)
         return beta * _col(self.gamma(j), g) * g, lr
@@ -166,17 +177,10 @@ class Objective:
             else:
                 flow_next = bb.flow(b.x_next, t_next, b.cond).to(x.dtype)
         if reverse:
-            inv_var = _col(coef.inv_var, x)
-            mu = _col(coef.coef_x, x) * x + _col(coef.coef_out, x) * out
-            v = ((b.x_next - mu) * inv_var).detach()
-            (score_rev,) = torch.autograd.grad(mu, x, grad_outputs=v, retain_graph=True)
+            score_rev = coef.reverse_score(x, coef.mean(x, out), b.x_next, retain_graph=True)
             if lam != 0:
-                mu_ref = _col(coef.coef_x, x_ref) * x_ref + _col(coef.coef_out, x_ref) * out_ref_g
-                v_ref = ((b.x_next - mu_ref) * inv_var).detach()
-                (score_rev_ref,) = torch.autograd.grad(mu_ref, x_ref, grad_outputs=v_ref)
+                score_rev_ref = coef.reverse_score(x_ref, coef.mean(x_ref, out_ref_g), b.x_next)
             r_cur, _ = self.reward_grad(x, k, b.cond, b.prompts, out=out)
-            score_rev = score_rev.detach()
-            score_rev_ref = None if score_rev_ref is None else score_rev_ref.detach()
 
         return residual_db_loss(
             out, out_ref, coef_out=coef.coef_out, inv_var=coef.inv_var, reward_grad_next=r_next,

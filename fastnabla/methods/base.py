@@ -1,0 +1,91 @@
+"""The seam every finetuning method plugs into (``method.name``), over the shared sampling, engine, checkpoints,
+metrics and backbones.
+
+The trainer owns the loop: it samples trajectories with the current policy, hands each sampling batch to
+``Method.prepare`` (per-trajectory work that must see the sampling-time models, e.g. ∇-GFlowNet's gradient
+returns, stored with the trajectories and therefore checkpointed), plans updates as micro-batches of
+(trajectory, step) pairs drawn by ``Method.select``, builds each micro-batch with ``TransitionBatch.gather`` and
+asks the method for its per-item loss. A method computes losses; it never steps an optimizer, writes a checkpoint
+or talks to DeepSpeed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from fastnabla.sampling import Trajectories, select_transitions
+from fastnabla.transitions import TransitionCoefficients
+
+__all__ = ["Method", "TransitionBatch"]
+
+
+@dataclass
+class TransitionBatch:
+    """B transitions x_k → x_{k+1} gathered from stored trajectories."""
+
+    x: torch.Tensor  # (B, *S) state at τ_k
+    x_next: torch.Tensor  # (B, *S) state after the step
+    k: torch.Tensor  # (B,) long: step index, 0..N-1 (k = N-1 is the terminal transition)
+    out_old: torch.Tensor  # (B, *S) sampling-time policy output at x
+    cond: Optional[torch.Tensor]
+    prompts: Optional[list]
+    returns: Optional[torch.Tensor] = None  # (B, *S) gradient return G_{k+1} at x_next, when stored
+
+    @staticmethod
+    def gather(tr: Trajectories, idx: torch.Tensor, device) -> "TransitionBatch":
+        """The transitions of ``idx`` (B, 2) = (trajectory, step) pairs."""
+        i, k = idx[:, 0].to(tr.xs.device), idx[:, 1].to(tr.xs.device)
+        return TransitionBatch(
+            x=tr.xs[i, k], x_next=tr.xs[i, k + 1], k=k.to(device), out_old=tr.outs[i, k],
+            cond=None if tr.cond is None else tr.cond[i],
+            prompts=None if tr.prompts is None else [tr.prompts[j] for j in i.tolist()],
+            returns=None if tr.returns is None else tr.returns[i, k + 1],
+        )
+
+
+class Method:
+    """Base class: one finetuning method's per-batch objective.
+
+    Subclasses set ``name`` and implement ``__call__``; the rest has working defaults.
+    """
+
+    #: the ``method.name`` that selects this class
+    name: str = ""
+
+    def __init__(self, backbone, reward_fn, coeffs: TransitionCoefficients, cfg):
+        self.backbone = backbone
+        self.reward_fn = reward_fn
+        self.c = coeffs  # (N,) per-step coefficients
+        self.N = coeffs.coef_x.numel()
+        self.timesteps = backbone.scheduler.timesteps.to(backbone.device)
+        self.cfg = cfg
+
+    # --- what the composition root asks before building the engine ------------------------------------------------
+    @property
+    def trains_flow(self) -> bool:
+        """Whether the backbone's flow network is a trained parameter group."""
+        return False
+
+    @property
+    def reuses_policy_forward(self) -> bool:
+        """Whether one policy forward is backpropagated through more than once (ZeRO-3 cannot do that)."""
+        return False
+
+    def check_engine(self, engine) -> None:
+        """Refuse an engine this method cannot run under, with a one-line ValueError naming the alternative."""
+
+    # --- the loop's hooks ----------------------------------------------------------------------------------------
+    def prepare(self, tr: Trajectories) -> Trajectories:
+        """Per-trajectory work right after sampling (with the sampling-time weights); returns ``tr``."""
+        return tr
+
+    def select(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """The trained steps of each of n trajectories, (n, K) long (``sampling.select_transitions``)."""
+        g = self.cfg.gfn
+        return select_transitions(n, self.N, g.timestep_fraction, g.low_var_subsampling, generator)
+
+    def __call__(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict]:
+        """Per-item loss (B,) with a graph to the trainables, and a dict of detached (B,) statistics."""
+        raise NotImplementedError

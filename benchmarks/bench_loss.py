@@ -30,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastnabla.loss import LossInputs, residual_db_loss_reference, validate_loss_inputs  # noqa: E402
+from fastnabla.loss import residual_db_loss_reference  # noqa: E402
+from fastnabla.loss_contract import ARGS, GRAD_ARGS, LossInputs, validate_loss_inputs  # noqa: E402
 
 SAMPLE_SHAPE = (4, 64, 64)  # SD1.5 latents
 FULL_BS = (1, 8, 64, 512, 4096)
@@ -46,7 +47,6 @@ KERNELS = {
     "residual_db_all_terms": dict(strength=1.0, flow_next=True, terminal=True, trust_region_scale=1e3,
                                   reverse_scale=1.0),
 }
-GRAD_NAMES = ("out", "flow_next", "flow_cur")
 
 
 def make_inputs(kernel: str, B: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -75,34 +75,28 @@ def make_inputs(kernel: str, B: int, dtype: torch.dtype, device: torch.device, s
 
 
 def leaves(p: LossInputs):
-    return [t for t in (p.out, p.flow_next, p.flow_cur) if t is not None]
+    return [getattr(p, n) for n in GRAD_ARGS if getattr(p, n) is not None]
 
 
 def bytes_min(p: LossInputs, mode: str) -> int:
     """Each input read once (forward), each gradient written once (backward); scalars included."""
-    reads = sum(t.numel() * t.element_size() for t in (
-        p.out, p.out_ref, p.reward_grad_next, p.flow_next, p.x, p.x_next, p.out_old, p.score_rev, p.score_rev_ref,
-        p.flow_cur, p.reward_grad_cur, p.coef_out, p.inv_var, p.coef_x, p.terminal) if t is not None)
+    tensors = [getattr(p, a.name) for a in ARGS if a.kind != "scalar"]
+    reads = sum(t.numel() * t.element_size() for t in tensors if t is not None)
     writes = sum(t.numel() * t.element_size() for t in leaves(p))
     out_bytes = p.out.shape[0] * 4  # the loss
     return {"forward": reads + out_bytes, "backward": writes, "full": reads + out_bytes + writes}[mode]
 
 
-def _reference_fn(out, out_ref, reward_grad_next, flow_next, out_old, score_rev, score_rev_ref, flow_cur,
-                  reward_grad_cur, coef_out, inv_var, terminal, strength, trust_region_scale, reverse_scale,
-                  terminal_scale):
-    p = LossInputs(out=out, out_ref=out_ref, coef_out=coef_out, inv_var=inv_var, reward_grad_next=reward_grad_next,
-                   flow_next=flow_next, terminal=terminal, strength=strength, x=None, x_next=None, coef_x=None,
-                   out_old=out_old, trust_region_scale=trust_region_scale, reverse_scale=reverse_scale,
-                   score_rev=score_rev, score_rev_ref=score_rev_ref, flow_cur=flow_cur,
-                   reward_grad_cur=reward_grad_cur, terminal_scale=terminal_scale)
-    return residual_db_loss_reference(p)
+_FIELDS = tuple(a.name for a in ARGS)
+
+
+def _reference_fn(*values):
+    """The eager reference on the contract's arguments passed positionally (what torch.compile traces)."""
+    return residual_db_loss_reference(LossInputs(**dict(zip(_FIELDS, values))))
 
 
 def _unpack(p: LossInputs):
-    return (p.out, p.out_ref, p.reward_grad_next, p.flow_next, p.out_old, p.score_rev, p.score_rev_ref, p.flow_cur,
-            p.reward_grad_cur, p.coef_out, p.inv_var, p.terminal, p.strength, p.trust_region_scale,
-            p.reverse_scale, p.terminal_scale)
+    return tuple(getattr(p, n) for n in _FIELDS)
 
 
 _compiled = None

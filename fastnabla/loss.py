@@ -17,180 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
+from fastnabla.loss_contract import (ARGS, STAT_NAMES, LossInputs, _scalar_float, args_doc, loss_signature,
+                                     validate_loss_inputs)
+
 __all__ = ["residual_db_loss", "residual_db_loss_reference", "residual_db_loss_cfg", "residual_db_loss_cfg_reference",
-           "LossInputs", "validate_loss_inputs", "STAT_NAMES"]
+           "LossInputs", "validate_loss_inputs", "STAT_NAMES", "ARGS"]
 
 _log = logging.getLogger(__name__)
-
-#: keys of the per-transition statistics returned with ``return_stats=True`` (each a detached (B,) float32).
-STAT_NAMES = (
-    "loss_forward",  # L_F
-    "loss_terminal",  # L_T (0 where not terminal or no flow_next)
-    "loss_reverse",  # L_R (0 where unused)
-    "loss_trust_region",  # L_reg (0 where unused)
-    "norm_d",  # ‖d‖ over the sample dims
-    "norm_reward_grad_next",  # ‖reward_grad_next‖
-    "norm_flow_next",  # ‖flow_next‖ (0 without a flow)
-    "norm_out_delta",  # ‖out − out_old‖ (0 without out_old)
-)
-
-_FULL = ("out", "out_ref", "reward_grad_next", "flow_next", "x", "x_next", "out_old", "score_rev", "score_rev_ref",
-         "flow_cur", "reward_grad_cur")
-_SCALARS = ("coef_out", "inv_var", "coef_x", "terminal")
-
-
-@dataclass
-class LossInputs:
-    """Validated arguments of ``residual_db_loss``; tensors that a setting does not use are None."""
-
-    out: torch.Tensor
-    out_ref: torch.Tensor
-    coef_out: torch.Tensor
-    inv_var: torch.Tensor
-    reward_grad_next: torch.Tensor
-    flow_next: Optional[torch.Tensor]
-    terminal: Optional[torch.Tensor]  # (B,) float in {0, 1}, or None for "no terminal transition"
-    strength: float
-    x: Optional[torch.Tensor]
-    x_next: Optional[torch.Tensor]
-    coef_x: Optional[torch.Tensor]
-    out_old: Optional[torch.Tensor]
-    trust_region_scale: float
-    reverse_scale: float
-    score_rev: Optional[torch.Tensor]
-    score_rev_ref: Optional[torch.Tensor]
-    flow_cur: Optional[torch.Tensor]
-    reward_grad_cur: Optional[torch.Tensor]
-    terminal_scale: float
-
-    @property
-    def use_strength(self) -> bool:
-        return self.strength != 1.0
-
-    @property
-    def use_trust(self) -> bool:
-        return self.trust_region_scale != 0.0
-
-    @property
-    def use_reverse(self) -> bool:
-        return self.reverse_scale != 0.0
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return torch.float64 if self.out.dtype == torch.float64 else torch.float32
-
-
-def _scalar_float(name: str, v) -> float:
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            raise ValueError(f"{name} must be a Python number (one value for the whole batch), got shape "
-                             f"{tuple(v.shape)}")
-        v = v.item()
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
-    return float(v)
-
-
-def validate_loss_inputs(
-    out, out_ref, *, coef_out, inv_var, reward_grad_next, flow_next=None, terminal=None, strength=1.0, x=None,
-    x_next=None, coef_x=None, out_old=None, trust_region_scale=0.0, reverse_scale=0.0, score_rev=None,
-    score_rev_ref=None, flow_cur=None, reward_grad_cur=None, terminal_scale=1.0, check_values=True,
-) -> LossInputs:
-    """Check every argument of ``residual_db_loss`` once; a ValueError names the argument at fault.
-
-    ``check_values=False`` skips the checks that read tensor values (finite coefficients, inv_var > 0, terminal in
-    {0, 1}): on a GPU each of them is a host–device sync. Shapes, devices and dtypes are always checked.
-    """
-    if not isinstance(out, torch.Tensor) or out.dim() < 2:
-        raise ValueError("out must be a tensor shaped (B, *S) with at least one sample dim")
-    if not out.is_floating_point():
-        raise ValueError(f"out must be a floating-point tensor, got {out.dtype}")
-    B, shape, dev = out.shape[0], out.shape, out.device
-    strength = _scalar_float("strength", strength)
-    trust_region_scale = _scalar_float("trust_region_scale", trust_region_scale)
-    reverse_scale = _scalar_float("reverse_scale", reverse_scale)
-    terminal_scale = _scalar_float("terminal_scale", terminal_scale)
-
-    args = dict(out=out, out_ref=out_ref, reward_grad_next=reward_grad_next, flow_next=flow_next, x=x,
-                x_next=x_next, out_old=out_old, score_rev=score_rev, score_rev_ref=score_rev_ref,
-                flow_cur=flow_cur, reward_grad_cur=reward_grad_cur, coef_out=coef_out, inv_var=inv_var,
-                coef_x=coef_x, terminal=terminal)
-    required = {"out", "out_ref", "reward_grad_next", "coef_out", "inv_var"}
-    if strength != 1.0:
-        required |= {"x", "x_next", "coef_x"}
-    if trust_region_scale != 0.0:
-        required |= {"out_old"}
-    if reverse_scale != 0.0:
-        required |= {"score_rev", "reward_grad_cur"}
-        if strength != 0.0:
-            required |= {"score_rev_ref"}
-    why = {"x": "strength != 1", "x_next": "strength != 1", "coef_x": "strength != 1",
-           "out_old": "trust_region_scale != 0", "score_rev": "reverse_scale != 0",
-           "reward_grad_cur": "reverse_scale != 0", "score_rev_ref": "reverse_scale != 0 and strength != 0"}
-    for name in sorted(required):
-        if args[name] is None:
-            raise ValueError(f"{name} is required when {why.get(name, 'always')}; pass a tensor")
-    for name in _FULL:
-        t = args[name]
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor shaped {tuple(shape)}, got {type(t).__name__}")
-        if t.shape != shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)} (the shape of out)")
-        if t.device != dev:
-            raise ValueError(f"{name} is on {t.device}, expected {dev} (the device of out)")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    for name in _SCALARS:
-        t = args[name]
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a per-transition tensor shaped ({B},), got {type(t).__name__}")
-        if t.shape != (B,):
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({B},): one value per transition")
-        if t.device != dev:
-            raise ValueError(f"{name} is on {t.device}, expected {dev} (the device of out)")
-    for name in ("coef_out", "coef_x", "inv_var"):
-        t = args[name]
-        if t is not None and not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    for name in ("coef_out", "coef_x") if check_values else ():
-        t = args[name]
-        if t is not None and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN/inf (or is not floating point); check the scheduler coefficients")
-    if check_values and not bool((torch.isfinite(inv_var) & (inv_var > 0)).all()):
-        raise ValueError(
-            "inv_var must be finite and > 0 on every transition: a deterministic step (σ = 0: eta = 0, or the last "
-            "step with set_alpha_to_one=True) cannot be trained; use eta > 0 and set_alpha_to_one=False/steps_offset=1"
-        )
-    if terminal is not None:
-        if terminal.dtype == torch.bool:
-            terminal = terminal.to(torch.float32)
-        elif check_values and not bool(((terminal == 0) | (terminal == 1)).all()):
-            raise ValueError("terminal must be a bool tensor or contain only 0/1 values")
-        else:
-            terminal = terminal.to(torch.float32)
-    return LossInputs(
-        out=out, out_ref=out_ref, coef_out=coef_out, inv_var=inv_var, reward_grad_next=reward_grad_next,
-        flow_next=flow_next, terminal=terminal, strength=strength,
-        x=x if strength != 1.0 else None, x_next=x_next if strength != 1.0 else None,
-        coef_x=coef_x if strength != 1.0 else None,
-        out_old=out_old if trust_region_scale != 0.0 else None, trust_region_scale=trust_region_scale,
-        reverse_scale=reverse_scale,
-        score_rev=score_rev if reverse_scale != 0.0 else None,
-        score_rev_ref=score_rev_ref if (reverse_scale != 0.0 and strength != 0.0) else None,
-        flow_cur=flow_cur if reverse_scale != 0.0 else None,
-        reward_grad_cur=reward_grad_cur if reverse_scale != 0.0 else None,
-        terminal_scale=terminal_scale,
-    )
 
 
 def residual_db_loss_reference(p: LossInputs, return_stats: bool = False):
@@ -311,67 +147,40 @@ def _kernels_for(backend: str, device: torch.device):
     return None
 
 
-def residual_db_loss(
-    out: torch.Tensor,
-    out_ref: torch.Tensor,
-    *,
-    coef_out: torch.Tensor,
-    inv_var: torch.Tensor,
-    reward_grad_next: torch.Tensor,
-    flow_next: Optional[torch.Tensor] = None,
-    terminal: Optional[torch.Tensor] = None,
-    strength: float = 1.0,
-    x: Optional[torch.Tensor] = None,
-    x_next: Optional[torch.Tensor] = None,
-    coef_x: Optional[torch.Tensor] = None,
-    out_old: Optional[torch.Tensor] = None,
-    trust_region_scale: float = 0.0,
-    reverse_scale: float = 0.0,
-    score_rev: Optional[torch.Tensor] = None,
-    score_rev_ref: Optional[torch.Tensor] = None,
-    flow_cur: Optional[torch.Tensor] = None,
-    reward_grad_cur: Optional[torch.Tensor] = None,
-    terminal_scale: float = 1.0,
-    backend: str = "auto",
-    return_stats: bool = False,
-    check_values: bool = True,
-):
-    """Residual ∇-DB loss per transition (ALGORITHM §4); a drop-in for any trainer.
+def _empty(p: LossInputs) -> bool:
+    return p.out.shape[0] == 0 or p.out[0].numel() == 0
+
+
+def residual_db_loss(out, out_ref, *, backend: str = "auto", return_stats: bool = False, check_values: bool = True,
+                     **terms):
+    if backend not in ("auto", "reference", "triton"):
+        raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
+    p = validate_loss_inputs(out, out_ref, check_values=check_values, **terms)
+    _k = None if _empty(p) else _kernels_for(backend, out.device)
+    if _k is not None:
+        return _k.residual_db_loss_triton(p, return_stats=return_stats)
+    return residual_db_loss_reference(p, return_stats=return_stats)
+
+
+residual_db_loss.__signature__ = loss_signature(["out", "out_ref"], [("backend", "auto"), ("return_stats", False),
+                                                                     ("check_values", True)])
+residual_db_loss.__doc__ = f"""Residual ∇-DB loss per transition (ALGORITHM §4); a drop-in for any trainer.
 
     Args:
         out: (B, *S) policy output at x (after CFG); receives gradients.
         out_ref: (B, *S) pretrained output at x (after CFG); data.
-        coef_out, inv_var: (B,) transition scalars (``transition_coefficients``; inv_var = 1/σ² > 0).
-        reward_grad_next: (B, *S) r' = β·γ(τ')·∇_{x'} log R(x̂0(x')); data.
-        flow_next: (B, *S) g_φ(x', τ') or None; receives gradients.
-        terminal: (B,) bool/0-1, whether x' is the clean sample; None = no terminal transition.
-        strength: λ (pretrained_strength). x, x_next, coef_x are required iff λ != 1.
-        out_old, trust_region_scale: trust region toward the sampling-time output.
-        reverse_scale, score_rev, score_rev_ref, flow_cur, reward_grad_cur: the reverse residual (s_R's are data,
-            flow_cur receives gradients).
-        terminal_scale: weight of the terminal flow term.
+{args_doc()}
         backend: "auto" (Triton on CUDA, reference elsewhere; on CUDA without triton the reference, with a
             one-time log line), "reference" or "triton" (on CPU only under TRITON_INTERPRET=1).
         return_stats: also return a dict of detached per-transition statistics (``STAT_NAMES``).
         check_values: validate tensor values too (finite coefficients, inv_var > 0, terminal 0/1). Each such check
             syncs a GPU with the host; a hot loop whose coefficients are checked once can pass False.
 
+    Every argument is described once, in ``fastnabla.loss_contract.ARGS``.
+
     Returns:
         loss_b, (B,) float32 (float64 for float64 ``out``); and the stats dict if ``return_stats``.
     """
-    if backend not in ("auto", "reference", "triton"):
-        raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
-    p = validate_loss_inputs(
-        out, out_ref, coef_out=coef_out, inv_var=inv_var, reward_grad_next=reward_grad_next, flow_next=flow_next,
-        terminal=terminal, strength=strength, x=x, x_next=x_next, coef_x=coef_x, out_old=out_old,
-        trust_region_scale=trust_region_scale, reverse_scale=reverse_scale, score_rev=score_rev,
-        score_rev_ref=score_rev_ref, flow_cur=flow_cur, reward_grad_cur=reward_grad_cur,
-        terminal_scale=terminal_scale, check_values=check_values,
-    )
-    _k = _kernels_for(backend, out.device)
-    if _k is not None:
-        return _k.residual_db_loss_triton(p, return_stats=return_stats)
-    return residual_db_loss_reference(p, return_stats=return_stats)
 
 
 def residual_db_loss_cfg_reference(p: LossInputs, out_uncond: torch.Tensor, guidance_scale: float,
@@ -381,40 +190,8 @@ def residual_db_loss_cfg_reference(p: LossInputs, out_uncond: torch.Tensor, guid
     return residual_db_loss_reference(dataclasses.replace(p, out=out), return_stats=return_stats)
 
 
-def residual_db_loss_cfg(
-    out_uncond: torch.Tensor,
-    out_cond: torch.Tensor,
-    guidance_scale: float,
-    out_ref: torch.Tensor,
-    *,
-    coef_out: torch.Tensor,
-    inv_var: torch.Tensor,
-    reward_grad_next: torch.Tensor,
-    flow_next: Optional[torch.Tensor] = None,
-    terminal: Optional[torch.Tensor] = None,
-    strength: float = 1.0,
-    x: Optional[torch.Tensor] = None,
-    x_next: Optional[torch.Tensor] = None,
-    coef_x: Optional[torch.Tensor] = None,
-    out_old: Optional[torch.Tensor] = None,
-    trust_region_scale: float = 0.0,
-    reverse_scale: float = 0.0,
-    score_rev: Optional[torch.Tensor] = None,
-    score_rev_ref: Optional[torch.Tensor] = None,
-    flow_cur: Optional[torch.Tensor] = None,
-    reward_grad_cur: Optional[torch.Tensor] = None,
-    terminal_scale: float = 1.0,
-    backend: str = "auto",
-    return_stats: bool = False,
-    check_values: bool = True,
-):
-    """``residual_db_loss`` of the guided policy output out = out_uncond + w·(out_cond − out_uncond).
-
-    The fused kernel never materialises ``out`` and writes gradients into both halves
-    (∂/∂out_uncond = (1 − w)·∂/∂out, ∂/∂out_cond = w·∂/∂out); the reference forms ``out`` in the inputs' dtype
-    and calls the plain reference. ``out_ref`` is the (already guided) pretrained output; every other argument is
-    as in ``residual_db_loss``. The compute dtype is float64 when the guided output is float64, else float32.
-    """
+def residual_db_loss_cfg(out_uncond, out_cond, guidance_scale, out_ref, *, backend: str = "auto",
+                         return_stats: bool = False, check_values: bool = True, **terms):
     if backend not in ("auto", "reference", "triton"):
         raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
     for name, t in (("out_uncond", out_uncond), ("out_cond", out_cond)):
@@ -426,14 +203,22 @@ def residual_db_loss_cfg(
     if out_uncond.device != out_cond.device:
         raise ValueError(f"out_uncond is on {out_uncond.device}, expected {out_cond.device} (the device of out_cond)")
     w = _scalar_float("guidance_scale", guidance_scale)
-    p = validate_loss_inputs(
-        out_cond, out_ref, coef_out=coef_out, inv_var=inv_var, reward_grad_next=reward_grad_next,
-        flow_next=flow_next, terminal=terminal, strength=strength, x=x, x_next=x_next, coef_x=coef_x,
-        out_old=out_old, trust_region_scale=trust_region_scale, reverse_scale=reverse_scale, score_rev=score_rev,
-        score_rev_ref=score_rev_ref, flow_cur=flow_cur, reward_grad_cur=reward_grad_cur,
-        terminal_scale=terminal_scale, check_values=check_values,
-    )
-    _k = _kernels_for(backend, out_cond.device)
+    p = validate_loss_inputs(out_cond, out_ref, check_values=check_values, **terms)
+    _k = None if _empty(p) else _kernels_for(backend, out_cond.device)
     if _k is not None:
         return _k.residual_db_loss_cfg_triton(p, out_uncond, w, return_stats=return_stats)
     return residual_db_loss_cfg_reference(p, out_uncond, w, return_stats=return_stats)
+
+
+residual_db_loss_cfg.__signature__ = loss_signature(
+    ["out_uncond", "out_cond", "guidance_scale", "out_ref"],
+    [("backend", "auto"), ("return_stats", False), ("check_values", True)])
+residual_db_loss_cfg.__doc__ = """``residual_db_loss`` of the guided policy output out = out_uncond + w·(out_cond − out_uncond).
+
+    For trainers whose model returns the two CFG halves separately (fastnabla's own backbones return the guided
+    output, so its trainer calls ``residual_db_loss``). The fused kernel never materialises ``out`` and writes
+    gradients into both halves (∂/∂out_uncond = (1 − w)·∂/∂out, ∂/∂out_cond = w·∂/∂out); the reference forms
+    ``out`` in the inputs' dtype and calls the plain reference. ``out_ref`` is the (already guided) pretrained
+    output; every other argument is as in ``residual_db_loss`` (``fastnabla.loss_contract.ARGS``). The compute
+    dtype is float64 when the guided output is float64, else float32.
+    """

@@ -115,13 +115,11 @@ def select_transitions(n: int, num_steps: int, fraction: float, low_var: bool,
     if low_var:
         if N % K:
             raise ValueError(f"low-variance subsampling needs num_steps={N} divisible by K={K}")
-        m = N // K
+        m = N // K  # ≥ 2: K < N (f < 1) and K divides N
         width = torch.full((K,), m)
-        width[-1] = m - 1 if m > 1 else 1  # the last chunk excludes the terminal step
+        width[-1] = m - 1  # the last chunk excludes the terminal step
         u = torch.rand(n, K, generator=generator)
         picks = torch.arange(K) * m + (u * width).long().clamp(max=m - 1)
-        if m == 1:  # every step is its own chunk: the last chunk *is* the terminal step
-            picks = picks[:, :-1]
     else:
         if K > N - 1:
             raise ValueError(f"cannot draw K={K} distinct transitions among the first {N - 1}")

@@ -55,10 +55,12 @@ import torch
 import triton
 import triton.language as tl
 
+from fastnabla.loss_contract import SAMPLE_ARGS, STAT_NAMES
+
 __all__ = ["residual_db_loss_triton", "residual_db_loss_cfg_triton", "launch_geometry"]
 
 NUM_PARTIALS = 6  # Σr_F², Σg'², Σr_R², Σδ², Σd², Σr'²  (the last two only for statistics)
-NUM_STATS = 8  # rows of the stats buffer, in the order of fastnabla.loss.STAT_NAMES
+NUM_STATS = len(STAT_NAMES)  # rows of the stats buffer, in the order of STAT_NAMES
 
 # GPU launch defaults. One config (no autotune: nothing to tune against in CI, and multi-config autotune does not
 # run under the interpreter). A program streams BLOCK elements per loop step.
@@ -423,9 +425,7 @@ def _launch_forward(p, out_uncond: Optional[torch.Tensor], w: float, *, need: tu
         f64 = p.out.dtype == torch.float64
     cd = torch.float64 if f64 else torch.float32
 
-    rows = {name: _rows(getattr(p, name), B) for name in (
-        "out_ref", "reward_grad_next", "flow_next", "x", "x_next", "out_old", "score_rev", "score_rev_ref",
-        "flow_cur", "reward_grad_cur")}
+    rows = {name: _rows(getattr(p, name), B) for name in SAMPLE_ARGS if name != "out"}
     rows["a"] = _rows(out_a, B)
     rows["c"] = _rows(p.out, B) if cfg else None
     dummy = rows["a"]
@@ -550,8 +550,9 @@ class _ResidualDBFunction(torch.autograd.Function):
 
 
 def _run(p, out_uncond, w, return_stats, block, num_blocks):
-    from fastnabla.loss import STAT_NAMES
-
+    if p.out.shape[0] == 0 or p.out[0].numel() == 0:
+        raise ValueError("the fused kernel needs at least one transition with at least one element; "
+                         "call fastnabla.residual_db_loss, which routes empty inputs to the reference")
     cfg = out_uncond is not None
     grad_on = torch.is_grad_enabled()
 
@@ -575,22 +576,14 @@ def _run(p, out_uncond, w, return_stats, block, num_blocks):
     return loss, {name: st[i] for i, name in enumerate(STAT_NAMES)}
 
 
-def _degenerate(p) -> bool:
-    return p.out.shape[0] == 0 or p.out[0].numel() == 0
-
-
 def residual_db_loss_triton(p, return_stats: bool = False, *, block: Optional[int] = None,
                             num_blocks: Optional[int] = None):
     """The fused kernel on validated ``LossInputs`` (see ``fastnabla.loss.residual_db_loss``).
 
     Returns loss (B,) float32 (float64 for float64 ``out``), and with ``return_stats`` the dict of detached (B,)
     float32 statistics of ``STAT_NAMES`` from the same pass. ``block``/``num_blocks`` override the launch
-    geometry (tests). Empty inputs go to the reference.
+    geometry (tests). ``fastnabla.residual_db_loss`` routes empty inputs to the reference before calling this.
     """
-    if _degenerate(p):
-        from fastnabla.loss import residual_db_loss_reference
-
-        return residual_db_loss_reference(p, return_stats=return_stats)
     return _run(p, None, 0.0, return_stats, block, num_blocks)
 
 
@@ -598,9 +591,5 @@ def residual_db_loss_cfg_triton(p, out_uncond: torch.Tensor, guidance_scale: flo
                                 block: Optional[int] = None, num_blocks: Optional[int] = None):
     """The fused kernel with classifier-free guidance: ``p.out`` holds out_cond, and the guided output
     out_uncond + w·(out_cond − out_uncond) is formed in registers only. Gradients go to both halves."""
-    if _degenerate(p):
-        from fastnabla.loss import residual_db_loss_cfg_reference
-
-        return residual_db_loss_cfg_reference(p, out_uncond, guidance_scale, return_stats=return_stats)
     return _run(p, out_uncond, float(guidance_scale), return_stats, block, num_blocks)
 

@@ -173,6 +173,41 @@ def test_float64_matches_float64_reference():
         assert_close(k["grads"][name], g, 1e-13, name)
 
 
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("cfg", [False, True])
+def test_float64_kernel_equals_the_closed_form(config, cfg):
+    """Independent of the reference: the kernel's loss and gradients (× a per-transition upstream gradient) against
+    the element-wise closed forms of ALGORITHM §4, CFG halves split (1 − w, w)."""
+    from tests.helpers.loss_closed_form import closed_form
+
+    t = make(B=3, S=(3, 5), seed=29, cfg=cfg)
+    conf = CONFIGS[config]
+    w = 3.0
+    k = evaluate("kernel", t, conf, torch.float64, w=w if cfg else None, block=8, num_blocks=2)
+    d = {n: t[n] for n in SAMPLE_KEYS}
+    d.update({n: t[n].float().double() for n in ("coef_out", "coef_x", "inv_var")})  # evaluate() passes fp32
+    d["out"] = t["out_uncond"] + w * (t["out_cond"] - t["out_uncond"]) if cfg else t["out"]
+    d["terminal"] = terminal_mask(conf.get("terminal"), 3)
+    if not conf.get("flow_next", True):
+        d["flow_next"] = None
+    if not conf.get("flow_cur", False):
+        d["flow_cur"] = None
+    loss, g = closed_form(d, conf.get("strength", 1.0), conf.get("trust_region_scale", 0.0),
+                          conf.get("reverse_scale", 0.0), conf.get("terminal_scale", 1.0))
+    torch.testing.assert_close(k["loss"], loss, rtol=1e-12, atol=1e-12)
+    up = t["upstream"].view(3, 1, 1)
+    want = {"flow_next": g["flow_next"], "flow_cur": g["flow_cur"]}
+    if cfg:
+        want.update(out_uncond=(1 - w) * g["out"], out_cond=w * g["out"])
+    else:
+        want["out"] = g["out"]
+    for name, v in want.items():
+        if v is None:
+            assert k["grads"].get(name) is None, name
+        else:
+            torch.testing.assert_close(k["grads"][name], up * v, rtol=1e-11, atol=1e-12)
+
+
 @pytest.mark.parametrize("cfg", [False, True])
 def test_gradcheck_through_kernel(cfg):
     t = make(B=2, S=(2, 3), seed=5, cfg=cfg)
@@ -453,12 +488,13 @@ def test_cfg_validation_names_the_argument():
 
 def test_empty_sample_goes_to_reference():
     B = 2
+    kw = dict(coef_out=torch.ones(B), inv_var=torch.ones(B), reward_grad_next=torch.zeros(B, 0))
     out = torch.zeros(B, 0, requires_grad=True)
-    p = validate_loss_inputs(out, torch.zeros(B, 0), coef_out=torch.ones(B), inv_var=torch.ones(B),
-                             reward_grad_next=torch.zeros(B, 0))
-    got = K.residual_db_loss_triton(p)
-    want = loss_mod.residual_db_loss_reference(p)
+    got = loss_mod.residual_db_loss(out, torch.zeros(B, 0), backend="triton", **kw)
+    want = loss_mod.residual_db_loss_reference(validate_loss_inputs(out, torch.zeros(B, 0), **kw))
     assert torch.equal(got.isnan(), want.isnan())
+    with pytest.raises(ValueError, match="at least one element"):
+        K.residual_db_loss_triton(validate_loss_inputs(out, torch.zeros(B, 0), **kw))
 
 
 

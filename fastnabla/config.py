@@ -112,6 +112,14 @@ class GFNConfig:
     reward_adaptive_mode: str = "squared"  # squared | sqrt | none | off (γ = 0 before the clean sample)
     reward_grad_through_model: Optional[bool] = None
     sample_lag: int = 1
+    # gradient κ-returns (recipe "returns", ALGORITHM §5b): G_k = J_ref(x_k)ᵀ[(1−κ)·(g + r)(x_{k+1}) + κ·G_{k+1}],
+    # truncated after return_steps steps (0 = carried to the clean sample) and bootstrapped there with (g + r).
+    # κ = 1 with no truncation is the Monte-Carlo return, computed once after sampling and stored with the
+    # trajectories; anything else is computed at training time with the current flow (return_steps reference
+    # VJPs per trained transition).
+    return_kappa: float = 1.0
+    return_steps: int = 0
+    return_micro_batch: int = 0  # trajectories per reference VJP for the stored returns (0 = reward.micro_batch)
 
 
 @dataclass
@@ -460,10 +468,17 @@ def _resolve_recipe(g: GFNConfig, check) -> None:
             check(getattr(g, key) == 0, f"gfn.{key}",
                   f"{getattr(g, key)} is a term of gfn.recipe=paper; gfn.recipe=returns trains the flow on gradient "
                   "returns instead (drop the key, or set gfn.recipe=paper)")
+        check(0.0 <= g.return_kappa <= 1.0, "gfn.return_kappa", f"{g.return_kappa} must lie in [0, 1] (1 = Monte Carlo)")
+        check(g.return_steps >= 0, "gfn.return_steps", f"{g.return_steps} must be ≥ 0 (0 = no truncation)")
+        check(g.return_micro_batch >= 0, "gfn.return_micro_batch", f"{g.return_micro_batch} must be ≥ 0")
         check(g.pretrained_strength == 1.0, "gfn.pretrained_strength",
               f"{g.pretrained_strength}: the gradient returns of gfn.recipe=returns carry the pretrained model's "
               "flow, which needs λ = 1; set gfn.pretrained_strength=1.0 or gfn.recipe=paper")
     else:
+        for key, default in (("return_kappa", 1.0), ("return_steps", 0), ("return_micro_batch", 0)):
+            check(getattr(g, key) == default, f"gfn.{key}",
+                  f"{getattr(g, key)} configures the gradient returns of gfn.recipe=returns; drop it or set "
+                  "gfn.recipe=returns")
         check(g.policy_weighting == "none", "gfn.policy_weighting",
               f"{g.policy_weighting!r} weights the policy's share of L_F, which the paper's L_F shares with the flow; "
               "use gfn.recipe=returns, or gfn.policy_weighting=none")

@@ -30,7 +30,7 @@ import torch
 
 from fastnabla import checkpoint as ckpt
 from fastnabla.config import Config, config_to_dict
-from fastnabla.methods import Method, TransitionBatch
+from fastnabla.methods import Method
 from fastnabla.sampling import Trajectories, sample_trajectories, step_coefficients
 
 log = logging.getLogger("fastnabla")
@@ -214,7 +214,7 @@ class Trainer:
         stats_sum, finite = {}, True
         self.engine.begin_update(len(micro))
         for idx in micro:
-            loss_b, stats = self.method(TransitionBatch.gather(tr, idx, self.device))
+            loss_b, stats = self.method(self.method.gather(tr, idx, self.device))
             loss = loss_b.sum() / total
             if not self.engine.finite(loss):  # collective under DeepSpeed: one rank non-finite → all skip
                 finite = False

@@ -43,6 +43,10 @@ def test_exponent_without_dot_is_a_number():
     ("gfn.recipe=adjoint", "gfn.recipe='adjoint': must be one of returns, paper"),
     ("gfn.reverse_scale=100", "gfn.reverse_scale: 100.0 is a term of gfn.recipe=paper"),
     ("gfn.terminal_scale=1", "gfn.terminal_scale: 1.0 is a term of gfn.recipe=paper"),
+    ("gfn.return_kappa=1.5", "gfn.return_kappa: 1.5 must lie in"),
+    ("gfn.return_steps=-1", "gfn.return_steps: -1 must be ≥ 0"),
+    ("gfn.recipe=paper gfn.return_kappa=0.5", "gfn.return_kappa: 0.5 configures the gradient returns"),
+    ("method.name=dpo", "method.name='dpo' is not a method; valid: .*nabla_gfn"),
     ("gfn.pretrained_strength=0.5", "gfn.pretrained_strength: 0.5: the gradient returns"),
     ("gfn.policy_weighting=snr", "gfn.policy_weighting='snr': must be one of sigma2, none"),
     ("train.lr_schedule=linear", "train.lr_schedule='linear': must be one of constant, cosine"),
@@ -50,7 +54,7 @@ def test_exponent_without_dot_is_a_number():
 ])
 def test_bad_values_one_line_errors(override, msg):
     with pytest.raises(ConfigError, match=msg) as e:
-        load_config(None, [override])
+        load_config(None, override.split())
     assert "\n" not in str(e.value)
 
 

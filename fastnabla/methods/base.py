@@ -32,16 +32,18 @@ class TransitionBatch:
     cond: Optional[torch.Tensor]
     prompts: Optional[list]
     returns: Optional[torch.Tensor] = None  # (B, *S) gradient return G_{k+1} at x_next, when stored
+    states: Optional[torch.Tensor] = None  # (B, N+1, *S) each transition's whole trajectory, when asked for
 
     @staticmethod
-    def gather(tr: Trajectories, idx: torch.Tensor, device) -> "TransitionBatch":
-        """The transitions of ``idx`` (B, 2) = (trajectory, step) pairs."""
+    def gather(tr: Trajectories, idx: torch.Tensor, device, with_states: bool = False) -> "TransitionBatch":
+        """The transitions of ``idx`` (B, 2) = (trajectory, step) pairs (``with_states``: their trajectories too)."""
         i, k = idx[:, 0].to(tr.xs.device), idx[:, 1].to(tr.xs.device)
         return TransitionBatch(
             x=tr.xs[i, k], x_next=tr.xs[i, k + 1], k=k.to(device), out_old=tr.outs[i, k],
             cond=None if tr.cond is None else tr.cond[i],
             prompts=None if tr.prompts is None else [tr.prompts[j] for j in i.tolist()],
             returns=None if tr.returns is None else tr.returns[i, k + 1],
+            states=tr.xs[i] if with_states else None,
         )
 
 
@@ -80,6 +82,10 @@ class Method:
     def prepare(self, tr: Trajectories) -> Trajectories:
         """Per-trajectory work right after sampling (with the sampling-time weights); returns ``tr``."""
         return tr
+
+    def gather(self, tr: Trajectories, idx: torch.Tensor, device) -> TransitionBatch:
+        """One micro-batch of ``idx`` (B, 2) = (trajectory, step) pairs from the trajectories ``tr``."""
+        return TransitionBatch.gather(tr, idx, device)
 
     def select(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """The trained steps of each of n trajectories, (n, K) long (``sampling.select_transitions``)."""

@@ -18,6 +18,7 @@ the reward gradient at x (the graph is kept until the loss backward).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -49,20 +50,33 @@ class NablaGFN(Method):
         return self.gfn.recipe == "returns" and not self.gfn.no_flow
 
     @property
+    def stores_returns(self) -> bool:
+        """Monte-Carlo returns (κ = 1, no truncation): computed once after sampling and stored."""
+        return self.uses_returns and self.gfn.return_kappa == 1.0 and self.gfn.return_steps == 0
+
+    @property
+    def bootstraps(self) -> bool:
+        """κ < 1 or truncated returns: computed per trained transition with the current flow."""
+        return self.uses_returns and not self.stores_returns
+
+    @property
     def reuses_policy_forward(self) -> bool:
         # the paper's reverse loss: score VJP, reward gradient at x, then the loss, all through one policy forward
         return self.gfn.recipe == "paper" and self.gfn.reverse_scale > 0 and not self.gfn.no_flow
 
     def check_engine(self, engine) -> None:
-        if getattr(engine, "stage", 0) == 3 and self.uses_returns:
+        if getattr(engine, "stage", 0) == 3 and self.uses_returns:  # stored or bootstrapped: both take ref VJPs
             raise ValueError("ZeRO stage 3 cannot compute the gradient returns of gfn.recipe=returns (input-VJPs "
                              "through the sharded reference); use ZeRO stage 2 (configs/deepspeed/zero2.json), or "
                              "gfn.recipe=paper with gfn.reverse_scale=0")
 
     def prepare(self, tr: Trajectories) -> Trajectories:
-        if self.uses_returns:  # the flow's regression targets, with the sampling-time reference
+        if self.stores_returns:  # the flow's regression targets, with the (frozen) reference
             tr.returns = self.gradient_returns(tr.xs, tr.cond, tr.prompts)
         return tr
+
+    def gather(self, tr: Trajectories, idx: torch.Tensor, device) -> TransitionBatch:
+        return TransitionBatch.gather(tr, idx, device, with_states=self.bootstraps)
 
     # --- γ(τ) -------------------------------------------------------------------------------------------------
     def gamma(self, j: torch.Tensor) -> torch.Tensor:
@@ -82,8 +96,20 @@ class NablaGFN(Method):
     def reward_grad(self, x: torch.Tensor, j: torch.Tensor, cond, prompts, out: Optional[torch.Tensor] = None):
         """Forward-looking reward gradient r = β·γ·∇_x log R(x̂0_θ(x)) at states x with indices j (detached).
 
-        ``out`` (with a graph to ``x``, which must require grad) reuses an existing policy forward at x.
+        ``out`` (with a graph to ``x``, which must require grad) reuses an existing policy forward at x. With the
+        forward-looking term off (γ = 0 before the clean sample) only the clean rows are decoded and scored; the other
+        rows get r = 0 and log R = NaN.
         """
+        if out is None and self.gfn.reward_adaptive_mode == "off" and not bool((j >= self.N).all()):
+            rows = (j >= self.N).nonzero(as_tuple=True)[0]
+            r = torch.zeros_like(x)
+            lr = torch.full((x.shape[0],), float("nan"), dtype=torch.float32, device=x.device)
+            if rows.numel():
+                r_rows, lr_rows = self.reward_grad(x[rows], j[rows], None if cond is None else cond[rows],
+                                                   None if prompts is None else [prompts[i] for i in rows.tolist()])
+                r = r.index_copy(0, rows, r_rows.to(r.dtype))
+                lr = lr.index_copy(0, rows, lr_rows.to(lr.dtype))
+            return r, lr
         B, mb = x.shape[0], self.micro_batch
         if out is None and 0 < mb < B:  # bound the decode/reward activations: one leaf and forward per chunk
             parts = [self.reward_grad(x[s:s + mb], j[s:s + mb], None if cond is None else cond[s:s + mb],
@@ -120,11 +146,13 @@ class NablaGFN(Method):
         G_N = β·∇log R(x_N) and G_k = J_ref(x_k)ᵀ·G_{k+1} with J_ref = ∂μ_ref/∂x of the frozen (guided) reference:
         the gradient of β·log R(x_N) carried back along the trajectory through the reference's mean maps. Under the
         target policy its expectation is ∇log h_k(x_k), the residual flow score the flow net regresses on
-        (L_A). One reference input-VJP per step; ``micro_batch`` bounds the trajectories per VJP.
+        (L_A). One reference input-VJP per step; ``gfn.return_micro_batch`` (else ``reward.micro_batch``) bounds the
+        trajectories per VJP. With CFG the reference is the guided one, so J_ref is the guided mean map's Jacobian.
         """
         n, N = xs.shape[0], self.N
         G = torch.zeros_like(xs)
-        mb = self.micro_batch if 0 < self.micro_batch < n else n
+        mb = self.gfn.return_micro_batch or self.micro_batch
+        mb = mb if 0 < mb < n else n
         for s in range(0, n, mb):
             sl = slice(s, s + mb)
             c_s = None if cond is None else cond[sl]
@@ -139,8 +167,57 @@ class NablaGFN(Method):
                     (G[sl, k],) = torch.autograd.grad(mu, x, grad_outputs=G[sl, k + 1])
         return G
 
+    @torch.no_grad()
+    def bootstrapped_returns(self, b: TransitionBatch) -> torch.Tensor:
+        """G_{k+1} at each transition's next state with κ = ``gfn.return_kappa`` and truncation after
+        ``gfn.return_steps`` steps (ALGORITHM §5b), from the transition's trajectory ``b.states``; detached.
+
+        With s = k+1 and the bootstrap state e = min(s + n, N) (e = N without truncation):
+        G_e = (g + r)(x_e) (at x_N: β∇log R, g := 0), then G_j = J_ref(x_j)ᵀ[(1−κ)·(g + r)(x_{j+1}) + κ·G_{j+1}]
+        for j = e−1 … s, with the current flow g and the forward-looking gradient r (0 before x_N when it is off).
+        """
+        N, kappa, n = self.N, self.gfn.return_kappa, self.gfn.return_steps
+        B = b.k.shape[0]
+        start = b.k + 1
+        stop = torch.full_like(start, N) if n == 0 else (start + n).clamp(max=N)
+
+        def sel(rows):
+            return (None if b.cond is None else b.cond[rows],
+                    None if b.prompts is None else [b.prompts[i] for i in rows.tolist()])
+
+        def g_plus_r(rows, j):  # (g + r)(x_j) of the given rows, at state indices j
+            x = b.states[rows, j]
+            cond, prompts = sel(rows)
+            val, _ = self.reward_grad(x, j, cond, prompts)
+            inner = (j < N).nonzero(as_tuple=True)[0]
+            if inner.numel():
+                g = self.backbone.flow(x[inner], self.timesteps[j[inner]], None if cond is None else cond[inner])
+                val = val.index_add(0, inner, g.to(val.dtype))
+            return val
+
+        rows_all = torch.arange(B, device=b.k.device)
+        G = g_plus_r(rows_all, stop)
+        gr_next = G.clone()
+        L = stop - start
+        for t in range(1, int(L.max()) + 1 if B else 1):
+            act = (L >= t).nonzero(as_tuple=True)[0]
+            j = stop[act] - t
+            v = kappa * G[act] + (1 - kappa) * gr_next[act] if kappa < 1 else G[act]
+            cond, _ = sel(act)
+            with torch.enable_grad():
+                x = b.states[act, j].detach().requires_grad_(True)
+                mu = self.c[j].mean(x, self.backbone.reference(x, self.timesteps[j], cond).to(x.dtype))
+                (G_j,) = torch.autograd.grad(mu, x, grad_outputs=v)
+            G[act] = G_j
+            more = L[act] > t
+            if kappa < 1 and bool(more.any()):
+                gr_next[act[more]] = g_plus_r(act[more], j[more])
+        return G
+
     def __call__(self, b: TransitionBatch, return_stats: bool = True):
         if self.gfn.recipe == "returns":
+            if self.bootstraps:
+                b = dataclasses.replace(b, returns=self.bootstrapped_returns(b))
             return self._returns_objective(b, return_stats)
         bb, gfn, c = self.backbone, self.gfn, self.c
         k = b.k

@@ -243,3 +243,72 @@ def test_chunked_reward_gradient_equals_the_whole_batch(through_model):
     chunked = NablaGFN(bb, reward, c, cfg).reward_grad(x, j, None, None)
     for a, b in zip(chunked, whole):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def _hand_bootstrapped(cfg, bb, reward, c, xs, k, kappa, n):
+    """G_{k+1} of one trajectory xs (N+1, 2) by per-sample Jacobians, the flow and hand reward gradients."""
+    N, ts, g = c.coef_x.numel(), bb.scheduler.timesteps, cfg.gfn
+
+    def grad_logr(x):
+        xx = x.clone().requires_grad_(True)
+        (gr,) = torch.autograd.grad(reward(xx[None], None, None)[0][0], xx)
+        return gr
+
+    def g_plus_r(j):
+        x = xs[j]
+        if j == N:
+            return g.reward_scale * grad_logr(x)
+        xx = x.clone().requires_grad_(True)
+        out = bb.policy(xx[None], ts[j : j + 1])[0].detach()  # FL with the network held constant
+        (gr,) = torch.autograd.grad(reward((c.x0_coef_x[j] * xx + c.x0_coef_out[j] * out)[None], None, None)[0][0], xx)
+        gamma = {"squared": float(c.alpha_prod[j]), "off": 0.0}[g.reward_adaptive_mode]
+        return bb.flow(x[None], ts[j : j + 1])[0].detach() + g.reward_scale * gamma * gr
+
+    s = k + 1
+    e = N if n == 0 else min(s + n, N)
+    G = g_plus_r(e)
+    gr_next = G
+    for j in range(e - 1, s - 1, -1):
+        J = torch.autograd.functional.jacobian(
+            lambda z: c.coef_x[j] * z + c.coef_out[j] * bb.reference(z[None], ts[j : j + 1])[0], xs[j])
+        G, gr_next = J.T @ ((1 - kappa) * gr_next + kappa * G), (g_plus_r(j) if j > s else None)
+    return G
+
+
+@pytest.mark.parametrize("kappa,steps,mode", [(0.5, 3, "squared"), (1.0, 4, "squared"), (0.3, 0, "off"),
+                                              (1.0, 0, "squared")])
+def test_bootstrapped_returns_match_a_hand_recursion(kappa, steps, mode):
+    """κ-returns with truncation: G_e = (g + r)(x_e), G_j = J_refᵀ[(1−κ)(g + r)(x_{j+1}) + κ·G_{j+1}], at training time
+    with the current flow; κ = 1 without truncation is the stored Monte-Carlo return."""
+    cfg, bb, reward, c = _setup(**{"gfn.return_kappa": kappa, "gfn.return_steps": steps,
+                                   "gfn.reward_adaptive_mode": mode})
+    obj = NablaGFN(bb, reward, c, cfg)
+    assert obj.bootstraps == (kappa < 1 or steps > 0)
+    tr = sample_trajectories(bb, 4, torch.Generator().manual_seed(6), c)
+    i = torch.tensor([0, 1, 2, 3, 0])
+    k = torch.tensor([0, 44, 47, 49, 21])
+    b = obj.gather(tr, torch.stack([i, k], 1), "cpu") if obj.bootstraps else \
+        TransitionBatch.gather(tr, torch.stack([i, k], 1), "cpu", with_states=True)
+    got = obj.bootstrapped_returns(b)
+    for r in range(5):
+        want = _hand_bootstrapped(cfg, bb, reward, c, tr.xs[int(i[r])], int(k[r]), kappa, steps)
+        torch.testing.assert_close(got[r], want, rtol=1e-9, atol=1e-12)
+    if not obj.bootstraps:  # the stored Monte-Carlo returns are the same numbers
+        G = obj.gradient_returns(tr.xs, None, None)
+        torch.testing.assert_close(got, G[i, k + 1], rtol=1e-9, atol=1e-12)
+
+
+def test_bootstrapped_returns_feed_the_loss_and_are_not_stored():
+    cfg, bb, reward, c = _setup(**{"gfn.return_kappa": 0.7, "gfn.return_steps": 2})
+    obj = NablaGFN(bb, reward, c, cfg)
+    tr = obj.prepare(sample_trajectories(bb, 3, torch.Generator().manual_seed(1), c))
+    assert tr.returns is None
+    idx = torch.tensor([[0, 5], [1, 30], [2, 49]])
+    b = obj.gather(tr, idx, "cpu")
+    assert b.states.shape == (3, 51, 2) and b.returns is None
+    loss_b, stats = obj(b)
+    import dataclasses
+
+    want, _ = obj._returns_objective(dataclasses.replace(b, returns=obj.bootstrapped_returns(b)), True)
+    torch.testing.assert_close(loss_b, want, rtol=0, atol=0)
+    assert float(stats["loss_returns"][:2].sum()) > 0 and float(stats["loss_returns"][2]) == 0  # terminal: no L_A

@@ -38,6 +38,11 @@ XFORMERS_ERROR = ("model.attention=xformers: xformers needs a CUDA GPU and `pip 
                   "use model.attention=sdpa")
 
 
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """Outputs are float32 (the trainer's dtype) whatever the weights' dtype; float64 inputs get float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _missing_model_error(pretrained: str, err: Exception) -> ValueError:
     why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return ValueError(
@@ -250,18 +255,19 @@ class SDBackbone(Backbone):
             self.unet.enable_adapters()
 
     def _cfg_call(self, unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """out_u + w·(out_c − out_u) from one UNet call on [uncond; cond]; fp32 in, fp32 out."""
+        """out_u + w·(out_c − out_u) from one UNet call on [uncond; cond]; fp32 in, fp32 out (fp64 for fp64 x, for
+        float64 tests of a float64 model)."""
         if cond is None:
             raise ValueError("the SD backbone is conditional: pass the embeddings from encode(prompts)")
         B = x.shape[0]
-        wdt = unet.dtype
+        wdt, odt = unet.dtype, _out_dtype(x)
         t = t.reshape(-1).expand(B) if t.numel() == 1 else t
         w = self.guidance_scale
         if w == 1.0:  # guidance off: the conditional output alone
-            return unet(x.to(wdt), t, encoder_hidden_states=cond.to(wdt)).sample.float()
+            return unet(x.to(wdt), t, encoder_hidden_states=cond.to(wdt)).sample.to(odt)
         unc = self.uncond_embedding().to(wdt).expand(B, -1, -1)
         out = unet(torch.cat([x, x]).to(wdt), torch.cat([t, t]), encoder_hidden_states=torch.cat([unc, cond.to(wdt)]))
-        out_u, out_c = out.sample.float().chunk(2)
+        out_u, out_c = out.sample.to(odt).chunk(2)
         return out_u + w * (out_c - out_u)
 
     def policy(self, x, t, cond):
@@ -285,11 +291,13 @@ class SDBackbone(Backbone):
         else:  # prompt-free reward: the flow must not depend on the prompt
             ehs = x.new_zeros((B, 1, D))
         t = t.reshape(-1).expand(B) if t.numel() == 1 else t
-        return self.flow_net(x.float(), t, encoder_hidden_states=ehs).sample.float()
+        odt = _out_dtype(x)
+        wdt = next(self.flow_net.parameters()).dtype
+        return self.flow_net(x.to(wdt), t, encoder_hidden_states=ehs.to(wdt)).sample.to(odt)
 
     def _decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
         img = self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return (img.float() / 2 + 0.5).clamp(0, 1)
+        return (img.to(_out_dtype(z)) / 2 + 0.5).clamp(0, 1)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents (B, 4, h, w) → images (B, 3, H, W) in [0, 1], float32, in micro-batches of ``reward.micro_batch``

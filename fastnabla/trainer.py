@@ -406,6 +406,8 @@ class Trainer:
                 final = os.path.join(self.out_dir, "final")
                 os.makedirs(final, exist_ok=True)
                 self.backbone.save_pretrained(final)
+        # the resolved objective (config.yaml holds it too): which recipe ran, with every key the recipe filled in
+        result["method"] = {"name": self.cfg.method.name, **config_to_dict(self.cfg)["gfn"]}
         if self.is_main:
             with open(os.path.join(self.out_dir, "summary.json"), "w") as f:
                 json.dump(result, f, indent=2)

@@ -42,6 +42,9 @@ def test_runs_learns_and_writes_outputs(tmp_path):
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "final" / "trainables.pt").exists()
     # 3 transitions (2 + terminal) × 32 trajectories = 96 → 6 micro-batches of 16 → 3 updates of 2 per epoch
     assert tr.engine.updates == 3 * 3
+    summary = json.load(open(tmp_path / "summary.json"))  # the resolved recipe, as config.yaml has it
+    assert summary["method"]["name"] == "nabla_gfn" and summary["method"]["recipe"] == "returns"
+    assert (summary["method"]["policy_weighting"], summary["method"]["reverse_scale"]) == ("sigma2", 0.0)
 
 
 def test_an_update_lowers_the_loss_of_its_own_batch(tmp_path):

@@ -422,14 +422,18 @@ def test_unknown_reward_is_reported(tiny_sd_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["sd15_aesthetic", "sd15_hpsv2", "sd15_pickscore", "sd15_fast"])
-def test_sd_configs_load_with_the_papers_defaults(name):
+def test_sd_configs_load_with_the_papers_sampler_and_the_returns_recipe(name):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cfg = load_config(os.path.join(root, "configs", f"{name}.yaml"))
     m, s, g, t = cfg.model, cfg.sampling, cfg.gfn, cfg.train
     assert m.backbone == "sd" and m.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert (m.lora_rank, m.dtype, m.lora_target_modules) == (8, "bf16", ["to_q", "to_k", "to_v", "to_out.0"])
     assert (s.scheduler, s.eta, s.num_steps, s.guidance_scale) == ("ddim", 1.0, 50, 5.0)
-    assert 1e3 <= g.reward_scale <= 1e4 and g.trust_region_scale == 1e3 and g.reverse_scale == 1.0
+    assert 1e3 <= g.reward_scale <= 1e4
+    # the returns recipe with the forward-looking term off (the paper's objective: gfn.recipe=paper)
+    assert (g.recipe, g.reverse_scale, g.terminal_scale, g.trust_region_scale, g.reward_adaptive_mode) == \
+        ("returns", 0.0, 0.0, 0.0, "off")
+    assert (g.return_kappa, g.return_steps, g.policy_weighting) == (1.0, 0, "sigma2")
     assert g.timestep_fraction == 0.1 and cfg.prompts.train == "simple_animals"
     assert (t.lr, t.flow_lr, t.flow_weight_decay, t.batch_size) == (1e-3, 1e-3, 1e-2, 4)
     if name == "sd15_fast":

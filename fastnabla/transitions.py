@@ -70,6 +70,19 @@ class TransitionCoefficients:
         mu = self.mean(x, out)
         return mu if noise is None else mu + _bcast(self.std, x) * noise
 
+    def reverse_cotangent(self, x: torch.Tensor, out: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
+        """v = (x' − μ)/σ², detached: the reverse score is (∂μ/∂x)ᵀ·v."""
+        return ((x_next - self.mean(x, out)) * _bcast(self.inv_var, x)).detach()
+
+    def mean_vjp(self, v: torch.Tensor, out_vjp: torch.Tensor) -> torch.Tensor:
+        """(∂μ/∂x)ᵀ·v = coef_x·v + (∂out/∂x)ᵀ·(coef_out·v), given ``out_vjp`` = the network's input-VJP of
+        coef_out·v (``out_cotangent``), e.g. from ``Backbone.reference_vjp``."""
+        return _bcast(self.coef_x, v) * v + out_vjp
+
+    def out_cotangent(self, v: torch.Tensor) -> torch.Tensor:
+        """coef_out·v: the cotangent of the network output whose input-VJP ``mean_vjp`` needs."""
+        return _bcast(self.coef_out, v) * v
+
     def reverse_score(self, x: torch.Tensor, mu: torch.Tensor, x_next: torch.Tensor,
                       retain_graph: bool = False) -> torch.Tensor:
         """s_R = (∂μ/∂x)ᵀ·(x' − μ)/σ², the score of the transition density w.r.t. its start state (ALGORITHM §3).

@@ -7,6 +7,9 @@ The trainer never touches a UNet, a VAE or a text encoder directly: it asks the 
 - ``policy(x, t, cond)``: the finetuned network's output at (x, t), classifier-free guidance applied when the
   backbone is conditional; differentiable w.r.t. x and the policy parameters;
 - ``reference(x, t, cond)``: the pretrained network's output at (x, t) (guidance applied), without gradients;
+- ``reference_vjp(x, t, cond, cotangent)``: the reference's output and its input-VJP (∂out_ref/∂x)ᵀ·w with
+  w = cotangent(out_ref), forward and backward in one context (a LoRA backbone keeps its adapters off through the
+  backward, where checkpointed blocks recompute);
 - ``flow(x, t, cond)``: the residual flow-score network g_φ(x, t, c), same shape as x; differentiable;
 - ``decode(x)``: the clean state → what the reward scores (images in [0, 1] for SD, 2-D points for toy2d);
   differentiable w.r.t. x;
@@ -67,6 +70,15 @@ class Backbone(nn.Module):
 
     def flow(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+    def reference_vjp(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor],
+                      cotangent) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out_ref, (∂out_ref/∂x)ᵀ·cotangent(out_ref)), both detached, in x's dtype."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            out = self.reference(x, t, cond).to(x.dtype)
+            (g,) = torch.autograd.grad(out, x, grad_outputs=cotangent(out.detach()))
+        return out.detach(), g
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -229,6 +229,20 @@ class PixelBackbone(Backbone):
             with self._adapter_off():
                 return self._call(self.unet, x, t, cond)
 
+    def reference_vjp(self, x, t, cond, cotangent):
+        """As ``Backbone.reference_vjp``, with the adapters off through the backward too: a gradient-checkpointed UNet
+        recomputes its blocks there, and must recompute the reference, not the policy."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            if self.ref_unet is not None:
+                out = self._call(self.ref_unet, x, t, cond).to(x.dtype)
+                (g,) = torch.autograd.grad(out, x, grad_outputs=cotangent(out.detach()))
+            else:
+                with self._adapter_off():
+                    out = self._call(self.unet, x, t, cond).to(x.dtype)
+                    (g,) = torch.autograd.grad(out, x, grad_outputs=cotangent(out.detach()))
+        return out.detach(), g
+
     def flow(self, x, t, cond=None):
         B = x.shape[0]
         t = t.reshape(-1).expand(B) if t.numel() == 1 else t

@@ -283,6 +283,20 @@ class SDBackbone(Backbone):
             with self._adapter_off():
                 return self._cfg_call(self.unet, x, t, cond)
 
+    def reference_vjp(self, x, t, cond, cotangent):
+        """As ``Backbone.reference_vjp``, with the adapters off through the backward too: a gradient-checkpointed UNet
+        recomputes its blocks there, and must recompute the reference, not the policy."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            if self.ref_unet is not None:
+                out = self._cfg_call(self.ref_unet, x, t, cond).to(x.dtype)
+                (g,) = torch.autograd.grad(out, x, grad_outputs=cotangent(out.detach()))
+            else:
+                with self._adapter_off():
+                    out = self._cfg_call(self.unet, x, t, cond).to(x.dtype)
+                    (g,) = torch.autograd.grad(out, x, grad_outputs=cotangent(out.detach()))
+        return out.detach(), g
+
     def flow(self, x, t, cond):
         B = x.shape[0]
         D = self.text_encoder.config.hidden_size

@@ -161,10 +161,10 @@ class NablaGFN(Method):
             G[sl, N], _ = self.reward_grad(xs[sl, N], jN, c_s, p_s)  # γ = 1 at the clean sample in every FL mode
             for k in range(N - 1, -1, -1):
                 kk = torch.full_like(jN, k)
-                with torch.enable_grad():
-                    x = xs[sl, k].detach().requires_grad_(True)
-                    mu = self.c[kk].mean(x, self.backbone.reference(x, self.timesteps[kk], c_s).to(x.dtype))
-                    (G[sl, k],) = torch.autograd.grad(mu, x, grad_outputs=G[sl, k + 1])
+                ck, v = self.c[kk], G[sl, k + 1]
+                _, out_vjp = self.backbone.reference_vjp(xs[sl, k], self.timesteps[kk], c_s,
+                                                         lambda out: ck.out_cotangent(v))
+                G[sl, k] = ck.mean_vjp(v, out_vjp)
         return G
 
     @torch.no_grad()
@@ -204,11 +204,10 @@ class NablaGFN(Method):
             j = stop[act] - t
             v = kappa * G[act] + (1 - kappa) * gr_next[act] if kappa < 1 else G[act]
             cond, _ = sel(act)
-            with torch.enable_grad():
-                x = b.states[act, j].detach().requires_grad_(True)
-                mu = self.c[j].mean(x, self.backbone.reference(x, self.timesteps[j], cond).to(x.dtype))
-                (G_j,) = torch.autograd.grad(mu, x, grad_outputs=v)
-            G[act] = G_j
+            cj = self.c[j]
+            _, out_vjp = self.backbone.reference_vjp(b.states[act, j], self.timesteps[j], cond,
+                                                     lambda out: cj.out_cotangent(v))
+            G[act] = cj.mean_vjp(v, out_vjp)
             more = L[act] > t
             if kappa < 1 and bool(more.any()):
                 gr_next[act[more]] = g_plus_r(act[more], j[more])
@@ -233,11 +232,9 @@ class NablaGFN(Method):
         need_x_grad = reverse
         x = b.x.detach().requires_grad_(need_x_grad)
         out = bb.policy(x, t, b.cond).to(x.dtype)
-        if reverse and lam != 0:  # s_R^ref needs the pretrained network's input gradient
-            with torch.enable_grad():
-                x_ref = b.x.detach().requires_grad_(True)
-                out_ref_g = bb.reference(x_ref, t, b.cond).to(x.dtype)
-            out_ref = out_ref_g.detach()
+        if reverse and lam != 0:  # s_R^ref = (∂μ_ref/∂x)ᵀ(x' − μ_ref)/σ²: one input-VJP through the reference
+            out_ref, ref_vjp = bb.reference_vjp(
+                b.x, t, b.cond, lambda o: coef.out_cotangent(coef.reverse_cotangent(b.x, o, b.x_next)))
         else:
             with torch.no_grad():
                 out_ref = bb.reference(b.x, t, b.cond).to(b.x.dtype)
@@ -256,7 +253,7 @@ class NablaGFN(Method):
         if reverse:
             score_rev = coef.reverse_score(x, coef.mean(x, out), b.x_next, retain_graph=True)
             if lam != 0:
-                score_rev_ref = coef.reverse_score(x_ref, coef.mean(x_ref, out_ref_g), b.x_next)
+                score_rev_ref = coef.mean_vjp(coef.reverse_cotangent(b.x, out_ref, b.x_next), ref_vjp)
             r_cur, _ = self.reward_grad(x, k, b.cond, b.prompts, out=out)
 
         return residual_db_loss(

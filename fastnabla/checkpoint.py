@@ -210,8 +210,8 @@ def resolve_resume(spec: str, root: str, engine=None) -> str:
     if not damaged:  # another rank than 0: rank 0 found them damaged; say why from here too
         damaged = [(c, verify_checkpoint(c) or "damaged according to rank 0") for c in reversed(candidates)]
     if spec == "latest":
-        raise ValueError(f"checkpoint.resume_from=latest: all {len(candidates)} checkpoints under {root} are damaged "
-                         f"(newest: {damaged[0][0]}: {damaged[0][1]}); start without checkpoint.resume_from or "
+        raise ValueError(f"checkpoint.resume_from=latest: no intact checkpoint under {root} ({len(damaged)} damaged; "
+                         f"newest {damaged[0][0]}: {damaged[0][1]}); start without checkpoint.resume_from or "
                          f"restore a checkpoint")
     raise ValueError(f"checkpoint.resume_from={spec}: the checkpoint is damaged ({damaged[0][1]}); resume from "
                      f"another one (checkpoint.resume_from=latest takes the newest intact one)")

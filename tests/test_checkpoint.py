@@ -134,8 +134,8 @@ def test_latest_with_every_checkpoint_damaged_is_one_line(run_copy):
     out, _ = run_copy
     for name in NAMES:
         _truncate(out / "checkpoints" / name / "state.pt")
-    with pytest.raises(ValueError, match=r"^checkpoint\.resume_from=latest: all 3 checkpoints under .* are damaged "
-                                         r"\(newest: .*step_000003_00000: state\.pt is \d+ bytes"):
+    with pytest.raises(ValueError, match=r"^checkpoint\.resume_from=latest: no intact checkpoint under .* \(3 "
+                                         r"damaged; newest .*step_000003_00000: state\.pt is \d+ bytes"):
         ckpt.resolve_resume("latest", str(out / "checkpoints"))
 
 

@@ -14,7 +14,7 @@ import torch
 from fastnabla import checkpoint as ckpt
 from fastnabla.config import load_config
 from fastnabla.train import main as train_main
-from fastnabla.trainer import Trainer
+from fastnabla.trainer import build_trainer
 
 FAST = ["sampling.batch_size=32", "sampling.num_steps=10", "gfn.timestep_fraction=0.2", "eval.num_samples=256",
         "eval.every=0", "logging.progress=false", "logging.plots=false", "train.batch_size=16",
@@ -38,7 +38,7 @@ def _truncate(path, keep: float = 0.5) -> None:
 def three_epochs(tmp_path_factory):
     """A toy2d run of 3 epochs with a checkpoint after each; (its directory, its final parameters)."""
     out = tmp_path_factory.mktemp("run")
-    tr = Trainer(load_config(None, FAST + EVERY_EPOCH + ["train.epochs=3"], output_dir=str(out)))
+    tr = build_trainer(load_config(None, FAST + EVERY_EPOCH + ["train.epochs=3"], output_dir=str(out)))
     tr.run()
     assert sorted(os.listdir(out / "checkpoints")) == NAMES
     return out, _params(tr)
@@ -105,7 +105,7 @@ def test_latest_skips_a_damaged_checkpoint_and_resumes_from_the_newest_intact_on
     cfg = load_config(None, FAST + EVERY_EPOCH + ["train.epochs=3", "checkpoint.resume_from=latest"],
                       output_dir=str(out))
     with caplog.at_level(logging.INFO, logger="fastnabla"):
-        tr = Trainer(cfg)
+        tr = build_trainer(cfg)
         tr.run()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and str(newest) in warnings[0] and "damaged (state.pt is" in warnings[0]

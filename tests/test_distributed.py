@@ -266,8 +266,9 @@ def test_sigterm_on_one_rank_stops_all_resume_is_exact_and_world_size_change_is_
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_damaged_checkpoint_named_explicitly_stops_every_rank_with_exit_2(tmp_path):
-    """Rank 0 checks, every rank gets the answer and exits with the one-line error; nobody waits in a collective.
-    (The agreement itself is tested without processes in test_checkpoint.py.)"""
+    """Rank 0 checks, every rank gets its answer and raises the one-line error, so the run ends with exit code 2
+    instead of a rank waiting in a collective. The launcher stops the other rank as soon as one exits, so one or
+    two error lines come back; that every rank raises is tested without processes in test_checkpoint.py."""
     run = tmp_path / "run"
     _ok(launch(2, run, "zero2", "train.epochs=1", "checkpoint.every=1"))
     damaged = run / "checkpoints" / "step_000001_00000"
@@ -275,8 +276,8 @@ def test_a_damaged_checkpoint_named_explicitly_stops_every_rank_with_exit_2(tmp_
     p = launch(2, run, "zero2", "train.epochs=2", f"checkpoint.resume_from={damaged}")
     assert p.returncode == 2, (p.stdout + p.stderr)[-4000:]
     errors = [line for line in p.stderr.splitlines() if "fastnabla.train: error:" in line]
-    assert len(errors) == 2 and all(f"resume_from={damaged}: the checkpoint is damaged (deepspeed/" in e
-                                    for e in errors), errors
+    assert 1 <= len(errors) <= 2 and all(f"resume_from={damaged}: the checkpoint is damaged (deepspeed/" in e
+                                         for e in errors), errors
 
 
 @pytest.mark.slow

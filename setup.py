@@ -8,8 +8,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # `kernels/` lives at the repository root but is installed as `fastnabla.kernels`, so no top-level
-    # `kernels` package can shadow somebody else's.
+    # `kernels/` lives at the repository root but is installed as `fastnabla.kernels`. It has no __init__.py, so
+    # even a process started from the repository root (root on sys.path) cannot import it as a top-level
+    # `kernels` in front of Hugging Face's; in a checkout (editable or bare) fastnabla/__init__.py binds it.
     packages=["fastnabla", "fastnabla.backbones", "fastnabla.rewards", "fastnabla.kernels"],
     package_dir={"fastnabla": "fastnabla", "fastnabla.kernels": "kernels"},
     install_requires=[

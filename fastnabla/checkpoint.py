@@ -9,21 +9,35 @@ Under DeepSpeed (an engine with ``owns_weights``) the same directory holds ``sta
 optimizer state, sharded under ZeRO). Every rank writes into one shared temporary directory; after a barrier
 rank 0 alone renames it into place and prunes, and a second barrier keeps the other ranks from moving on first.
 The number of ``state_rank*.pt`` files is the world size the checkpoint was written with.
+
+Every checkpoint carries ``manifest.json``: the size and SHA-256 of each of its files, written last into the
+temporary directory (so it is renamed into place with them). Resuming checks it: ``resume_from=latest`` skips a
+damaged checkpoint (a truncated or altered file) with a one-line warning and takes the newest intact one; a
+damaged checkpoint named explicitly is a one-line ``ValueError``. Under DeepSpeed rank 0 checks and every rank
+takes its answer, so all ranks resume from the same checkpoint. A checkpoint from before manifests is checked
+by reading its ``.pt`` files' zip directories and CRCs instead.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import random
 import shutil
+import zipfile
 from typing import Optional
 
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "resolve_resume", "list_checkpoints", "checkpoint_world_size",
-           "rng_state", "set_rng_state"]
+__all__ = ["save_checkpoint", "load_checkpoint", "resolve_resume", "verify_checkpoint", "list_checkpoints",
+           "checkpoint_world_size", "rng_state", "set_rng_state"]
 
 PREFIX = "step_"
+MANIFEST = "manifest.json"
+
+log = logging.getLogger("fastnabla")
 
 
 def _is_checkpoint(path: str) -> bool:
@@ -47,8 +61,7 @@ def _sharded(engine) -> bool:
     return engine is not None and getattr(engine, "owns_weights", False)
 
 
-def save_checkpoint(root: str, name: str, state: dict, keep_last: int, extra_files: Optional[dict] = None,
-                    engine=None) -> str:
+def save_checkpoint(root: str, name: str, state: dict, keep_last: int, engine=None) -> str:
     """Write ``state`` atomically to ``root/name``; prune to the newest ``keep_last``. Returns the path.
 
     With a DeepSpeed ``engine`` this is collective: call it on every rank with that rank's ``state``."""
@@ -60,10 +73,9 @@ def save_checkpoint(root: str, name: str, state: dict, keep_last: int, extra_fil
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     torch.save(state, os.path.join(tmp, "state.pt"))
-    for fname, writer in (extra_files or {}).items():
-        writer(os.path.join(tmp, fname))
     with open(os.path.join(tmp, "state.pt"), "rb") as f:
         os.fsync(f.fileno())
+    _write_manifest(tmp)
     _replace_and_prune(tmp, final, root, keep_last)
     return final
 
@@ -83,6 +95,7 @@ def _save_sharded(root: str, name: str, state: dict, keep_last: int, engine) -> 
         os.fsync(f.fileno())
     engine.barrier()  # every rank's files are on disk
     if engine.rank == 0:
+        _write_manifest(tmp)
         _replace_and_prune(tmp, final, root, keep_last)
     engine.barrier()  # nobody reads or writes checkpoints before the rename
     return final
@@ -100,18 +113,108 @@ def _replace_and_prune(tmp: str, final: str, root: str, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def resolve_resume(spec: str, root: str) -> str:
-    """``latest`` → the newest checkpoint under ``root``; otherwise a checkpoint directory (or its state.pt)."""
+# --- integrity ----------------------------------------------------------------------------------------------------
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(directory: str) -> list[str]:
+    """Every file under ``directory``, as sorted paths relative to it."""
+    out = []
+    for here, _, names in os.walk(directory):
+        out += [os.path.relpath(os.path.join(here, n), directory) for n in names]
+    return sorted(out)
+
+
+def _write_manifest(directory: str) -> None:
+    files = {}
+    for rel in _files(directory):
+        if rel != MANIFEST:
+            f = os.path.join(directory, rel)
+            files[rel] = {"size": os.path.getsize(f), "sha256": _sha256(f)}
+    path = os.path.join(directory, MANIFEST)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"format": 1, "files": files}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify_checkpoint(path: str) -> Optional[str]:
+    """None when the checkpoint at ``path`` is intact, else what is wrong with it (a short phrase)."""
+    manifest = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest):  # written before manifests: torch.save's zip directory and CRCs still tell
+        for rel in _files(path):
+            if rel.endswith(".pt"):
+                try:
+                    with zipfile.ZipFile(os.path.join(path, rel)) as z:
+                        bad = z.testzip()
+                except (zipfile.BadZipFile, OSError) as e:
+                    return f"{rel} is not a readable torch file ({e})"
+                if bad is not None:
+                    return f"{rel} fails its CRC check ({bad})"
+        return None
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__})"
+    for rel, want in sorted(files.items()):
+        f = os.path.join(path, rel)
+        if not os.path.isfile(f):
+            return f"{rel} is missing"
+        size = os.path.getsize(f)
+        if size != want["size"]:
+            return f"{rel} is {size} bytes, {want['size']} when written"
+        if _sha256(f) != want["sha256"]:
+            return f"{rel} does not match its SHA-256 from when it was written"
+    return None
+
+
+def resolve_resume(spec: str, root: str, engine=None) -> str:
+    """``latest`` → the newest intact checkpoint under ``root`` (damaged ones are skipped with a warning);
+    otherwise a checkpoint directory (or its state.pt), which must be intact.
+
+    With a multi-process ``engine`` this is collective: rank 0 checks the files, every rank takes its choice."""
     if spec == "latest":
-        found = list_checkpoints(root)
-        if not found:
+        candidates = list_checkpoints(root)
+        if not candidates:
             raise FileNotFoundError(f"checkpoint.resume_from=latest: no checkpoint under {root}")
-        return found[-1]
-    path = os.path.dirname(spec) if spec.endswith(".pt") else spec
-    if not _is_checkpoint(path):
-        raise FileNotFoundError(f"checkpoint.resume_from={spec}: no state.pt there; pass a checkpoint directory "
-                                f"(e.g. {root}/{PREFIX}…) or 'latest'")
-    return path
+    else:
+        path = os.path.dirname(spec) if spec.endswith(".pt") else spec
+        if not _is_checkpoint(path):
+            raise FileNotFoundError(f"checkpoint.resume_from={spec}: no state.pt there; pass a checkpoint directory "
+                                    f"(e.g. {root}/{PREFIX}…) or 'latest'")
+        candidates = [path]
+    distributed = engine is not None and engine.world_size > 1
+    main = engine is None or engine.rank == 0
+    choice, damaged = -1, []
+    if main:
+        for i in reversed(range(len(candidates))):
+            why = verify_checkpoint(candidates[i])
+            if why is None:
+                choice = i
+                break
+            damaged.append((candidates[i], why))
+            if spec == "latest":
+                log.warning("checkpoint %s is damaged (%s); skipping it, resuming from an older one", candidates[i],
+                            why)
+    if distributed:
+        choice = int(engine.all_gather(torch.tensor([choice], dtype=torch.int64))[0])
+    if choice >= 0:
+        return candidates[choice]
+    if not damaged:  # another rank than 0: rank 0 found them damaged; say why from here too
+        damaged = [(c, verify_checkpoint(c) or "damaged according to rank 0") for c in reversed(candidates)]
+    if spec == "latest":
+        raise ValueError(f"checkpoint.resume_from=latest: no intact checkpoint under {root} ({len(damaged)} damaged; "
+                         f"newest {damaged[0][0]}: {damaged[0][1]}); start without checkpoint.resume_from or "
+                         f"restore a checkpoint")
+    raise ValueError(f"checkpoint.resume_from={spec}: the checkpoint is damaged ({damaged[0][1]}); resume from "
+                     f"another one (checkpoint.resume_from=latest takes the newest intact one)")
 
 
 def load_checkpoint(path: str, engine=None) -> dict:
@@ -122,7 +225,7 @@ def load_checkpoint(path: str, engine=None) -> dict:
         if saved is not None:
             raise ValueError(f"{path} was written by a DeepSpeed run ({saved} ranks); resume it with the same "
                              f"train.deepspeed config and {saved} processes")
-        return torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+        return _load_state(path, "state.pt")
     if saved is None:
         raise ValueError(f"{path} was written without DeepSpeed; resume it without train.deepspeed (one process)")
     if saved != engine.world_size:
@@ -130,7 +233,15 @@ def load_checkpoint(path: str, engine=None) -> dict:
                          "sample buffers, RNG states and ZeRO shards are per rank; resume with the same number of "
                          "processes")
     engine.load_checkpoint(path)
-    return torch.load(os.path.join(path, f"state_rank{engine.rank}.pt"), map_location="cpu", weights_only=False)
+    return _load_state(path, f"state_rank{engine.rank}.pt")
+
+
+def _load_state(path: str, name: str) -> dict:
+    try:
+        return torch.load(os.path.join(path, name), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a file that passed verify_checkpoint and still fails: say which
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: {name} cannot be read ({cause}); resume from another checkpoint") from None
 
 
 def rng_state() -> dict:

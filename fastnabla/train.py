@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a script path (python/deepspeed fastnabl
         sys.path.pop(0)  # fastnabla/'s modules must not be importable as top-level `config`, `loss`, …
     try:
         import fastnabla  # noqa: F401  (installed: pip install -e .)
-    except ImportError:  # a bare checkout: the repository root last, so its `kernels/` shadows no installed package
+    except ImportError:  # a bare checkout: the repository root last, so nothing in it shadows an installed package
         sys.path.append(os.path.dirname(_here))
 
 

@@ -282,7 +282,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         if cfg.checkpoint.resume_from:
-            path = ckpt.resolve_resume(cfg.checkpoint.resume_from, self.ckpt_root)
+            path = ckpt.resolve_resume(cfg.checkpoint.resume_from, self.ckpt_root, engine=self.engine)
             self.load_state_dict(ckpt.load_checkpoint(path, engine=self.engine))
             if self.is_main:
                 log.info("resumed from %s (epoch %d, update %d)", path, self.epoch, self.update_in_epoch)

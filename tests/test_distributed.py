@@ -8,6 +8,7 @@ the rest are marked ``slow``.
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,6 +56,11 @@ def _ok(p: subprocess.CompletedProcess) -> str:
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
     return out
+
+
+def _truncate(path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
 
 
 def _final(out) -> dict:
@@ -172,6 +178,14 @@ def test_zero2_two_ranks_trains_checkpoints_and_resumes_exactly(tmp_path):
     _ok(launch(2, b, "zero2", "train.epochs=3", f"checkpoint.resume_from={first}"))
     _same(_final(a), _final(b))
     assert _records(b) == recs[1:]
+    # the newest checkpoint damaged in rank 1's file: rank 0 finds it, both ranks resume from the one before
+    c = tmp_path / "c"
+    shutil.copytree(a, c)
+    _truncate(c / "checkpoints" / names[2] / "state_rank1.pt")
+    out = _ok(launch(2, c, "zero2", "train.epochs=3", "checkpoint.resume_from=latest"))
+    assert out.count("is damaged (state_rank1.pt is") == 1
+    assert f"resumed from {c / 'checkpoints' / names[1]} (epoch 2" in out
+    _same(_final(a), _final(c))
 
 
 # --- launched: slow ----------------------------------------------------------------------------------------------
@@ -247,6 +261,23 @@ def test_sigterm_on_one_rank_stops_all_resume_is_exact_and_world_size_change_is_
     assert bad.returncode == 2 and "written with world size 2, this run has 1" in bad.stderr
     _ok(launch(2, run, "zero2", "train.epochs=8", "checkpoint.resume_from=latest"))
     _same(_final(ref), _final(run))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_damaged_checkpoint_named_explicitly_stops_every_rank_with_exit_2(tmp_path):
+    """Rank 0 checks, every rank gets its answer and raises the one-line error, so the run ends with exit code 2
+    instead of a rank waiting in a collective. The launcher stops the other rank as soon as one exits, so one or
+    two error lines come back; that every rank raises is tested without processes in test_checkpoint.py."""
+    run = tmp_path / "run"
+    _ok(launch(2, run, "zero2", "train.epochs=1", "checkpoint.every=1"))
+    damaged = run / "checkpoints" / "step_000001_00000"
+    _truncate(damaged / "deepspeed" / sorted(os.listdir(damaged / "deepspeed"))[0])
+    p = launch(2, run, "zero2", "train.epochs=2", f"checkpoint.resume_from={damaged}")
+    assert p.returncode == 2, (p.stdout + p.stderr)[-4000:]
+    errors = [line for line in p.stderr.splitlines() if "fastnabla.train: error:" in line]
+    assert 1 <= len(errors) <= 2 and all(f"resume_from={damaged}: the checkpoint is damaged (deepspeed/" in e
+                                         for e in errors), errors
 
 
 @pytest.mark.slow

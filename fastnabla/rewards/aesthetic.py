@@ -74,16 +74,35 @@ def load_aesthetic_head(path: Optional[str]) -> AestheticHead:
 
 
 def load_clip_vision(source: str, option: str = "model"):
-    """Vision tower + projection of a CLIP checkpoint (a full ``CLIPModel`` directory/id works too)."""
-    from transformers import CLIPVisionModelWithProjection
+    """Vision tower + projection of a CLIP checkpoint: a vision-only directory/id, or a whole ``CLIPModel`` one.
 
+    A whole ``CLIPModel`` keeps the projection size at the top of its config; its vision sub-config need not
+    repeat it (transformers 5 writes the 512 default there), so the vision config is built from the top-level
+    ``projection_dim``. The text tower's weights are skipped without a report; a missing vision weight is an
+    error, not a random initialisation."""
+    from transformers import AutoConfig, CLIPConfig, CLIPVisionModelWithProjection
+    from transformers.utils import logging as hf_logging
+
+    path = os.path.expanduser(str(source))
+    verbosity = hf_logging.get_verbosity()
     try:
-        model = CLIPVisionModelWithProjection.from_pretrained(os.path.expanduser(str(source)))
+        config = AutoConfig.from_pretrained(path)
+        if isinstance(config, CLIPConfig):
+            vision = config.vision_config
+            vision.projection_dim = config.projection_dim
+            config = vision
+        hf_logging.set_verbosity_error()  # the load report lists every text-tower key of a whole CLIPModel
+        model, info = CLIPVisionModelWithProjection.from_pretrained(path, config=config, output_loading_info=True)
+        missing = [k for k in info["missing_keys"] if not k.endswith("position_ids")]
+        if missing:
+            raise ValueError(f"the checkpoint lacks {', '.join(sorted(missing)[:3])}")
     except Exception as e:  # noqa: BLE001
         raise missing_weights_error(
             option, "CLIP vision weights", source,
             f"set reward.{option} to a local CLIP directory (e.g. a saved {DEFAULT_CLIP}) or to a hub id with "
             f"network access", e) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return model.float().eval().requires_grad_(False)
 
 

@@ -53,26 +53,33 @@ def make_tiny_clip_tokenizer(directory: str, model_max_length: int = 77):
 def tiny_clip_config(
     *, hidden: int = 32, layers: int = 2, heads: int = 4, image_size: int = 32, patch: int = 8,
     projection_dim: int = 16, max_positions: int = 77, hidden_act: str = "quick_gelu",
+    projection_in_subconfigs: bool = True,
 ):
+    """``projection_in_subconfigs=False`` gives the projection size at the top level only, as
+    ``CLIPModel(CLIPConfig(..., projection_dim=d)).save_pretrained`` writes it with transformers 5 (the text and
+    vision sub-configs then carry the 512 default)."""
     from transformers import CLIPConfig
 
     vocab, _ = tiny_clip_vocab()
     text = dict(
         vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, max_position_embeddings=max_positions, hidden_act=hidden_act,
-        bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS], projection_dim=projection_dim,
+        bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS],
     )
     vision = dict(
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        image_size=image_size, patch_size=patch, hidden_act=hidden_act, projection_dim=projection_dim,
+        image_size=image_size, patch_size=patch, hidden_act=hidden_act,
     )
+    if projection_in_subconfigs:
+        text["projection_dim"] = vision["projection_dim"] = projection_dim
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
 
 
 def make_tiny_clip(directory: str, *, seed: int = 0, image_mean=None, image_std=None, **config_kwargs) -> str:
     """Save a tiny random ``CLIPModel`` + tokenizer + image-processor config into ``directory``; return it.
 
-    Defaults: hidden 32, 2 layers, 4 heads, image 32×32, patch 8, projection 16, QuickGELU, context 77.
+    Defaults: hidden 32, 2 layers, 4 heads, image 32×32, patch 8, projection 16, QuickGELU, context 77; the
+    keyword arguments go to ``tiny_clip_config``.
     Weights are random (seeded) but the logit scale keeps CLIP's init (log 1/0.07).
     """
     from transformers import CLIPImageProcessor, CLIPModel

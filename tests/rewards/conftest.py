@@ -23,6 +23,13 @@ def tiny_clip_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def whole_clip_dir(tmp_path_factory):
+    """A tiny CLIP whose projection size (16) is stated at the top of config.json only: the vision and text
+    sub-configs carry transformers' 512 default, as a whole ``CLIPModel`` saved with transformers 5 does."""
+    return make_tiny_clip(str(tmp_path_factory.mktemp("whole_clip")), seed=3, projection_in_subconfigs=False)
+
+
+@pytest.fixture(scope="session")
 def aesthetic_head_file(tmp_path_factory, tiny_clip_dir):
     """A random head written with the released file's exact keys (layers.0/2/4/6/7), built here by hand."""
     torch.manual_seed(1)

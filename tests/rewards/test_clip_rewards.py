@@ -155,6 +155,65 @@ def test_combo_option_errors(tiny_clip_dir, aesthetic_head_file):
     assert r.needs_prompts is False
 
 
+def _raw_clip_weights(directory):
+    """The tensors exactly as saved, read without transformers' model classes (the reference for the loaders)."""
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    return config, load_file(os.path.join(directory, "model.safetensors"))
+
+
+def test_whole_clipmodel_directory_with_top_level_projection_size(whole_clip_dir, aesthetic_head_file):
+    """aesthetic and pickscore load a CLIP directory whose sub-configs do not repeat projection_dim, and score
+    with the saved projections (read here straight from model.safetensors)."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    config, raw = _raw_clip_weights(whole_clip_dir)
+    # the directory really has the layout of the bug: 16 at the top, something else in the vision sub-config
+    assert config["projection_dim"] == 16 and config["vision_config"].get("projection_dim") != 16
+    assert raw["visual_projection.weight"].shape == (16, 32)
+
+    towers = CLIPModel.from_pretrained(whole_clip_dir).eval()  # used for the un-projected tower outputs only
+    tok = CLIPTokenizer.from_pretrained(whole_clip_dir)
+    head = torch.load(aesthetic_head_file)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        pix = _normalise_like_processor(images, whole_clip_dir)
+        img = F.normalize(towers.vision_model(pixel_values=pix).pooler_output @ raw["visual_projection.weight"].T,
+                          dim=-1)
+        enc = tok(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        pooled_txt = towers.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
+        txt = F.normalize(pooled_txt @ raw["text_projection.weight"].T, dim=-1)
+        expected_pick = raw["logit_scale"].exp() * (img * txt).sum(-1)
+        h = img
+        for idx in (0, 2, 4, 6, 7):
+            h = h @ head[f"layers.{idx}.weight"].T + head[f"layers.{idx}.bias"]
+        expected_aesthetic = h.squeeze(-1)
+
+    aesthetic = build_reward("aesthetic", {"model": whole_clip_dir, "head": aesthetic_head_file})
+    torch.testing.assert_close(aesthetic.clip.visual_projection.weight, raw["visual_projection.weight"])
+    torch.testing.assert_close(aesthetic(images, None, None)[0], expected_aesthetic, atol=1e-5, rtol=1e-5)
+    pickscore = build_reward("pickscore", {"model": whole_clip_dir, "processor": whole_clip_dir})
+    torch.testing.assert_close(pickscore(images, PROMPTS, None)[0], expected_pick, atol=1e-4, rtol=1e-5)
+
+
+def test_aesthetic_rejects_a_clip_directory_without_the_projection(tmp_path, aesthetic_head_file):
+    """A vision tower saved without its projection must not load with a random one."""
+    from transformers import CLIPVisionModel
+
+    from tests.helpers.tiny_clip import tiny_clip_config
+
+    CLIPVisionModel(tiny_clip_config().vision_config).save_pretrained(tmp_path / "no_proj")
+    with pytest.raises(ValueError, match=r"reward\.model: could not load CLIP vision weights .*lacks "
+                                         r"visual_projection\.weight") as e:
+        build_reward("aesthetic", {"model": str(tmp_path / "no_proj"), "head": aesthetic_head_file})
+    assert "\n" not in str(e.value)
+
+
 def test_missing_files_give_one_line_actionable_errors(tmp_path, tiny_clip_dir, aesthetic_head_file):
     cases = [
         ("aesthetic", {"model": tiny_clip_dir, "head": str(tmp_path / "nope.pth")},

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: lowest first
 LAYERS = [
     # the spec: pure descriptions, no models
-    {"fastnabla.loss_contract", "fastnabla.transitions", "fastnabla.checkpoint", "fastnabla.prompts",
+    {"fastnabla.loss_contract", "fastnabla._dependency_logs", "fastnabla.transitions", "fastnabla.checkpoint", "fastnabla.prompts",
      "fastnabla.backbones.base", "fastnabla.rewards.base", "fastnabla.engine"},
     # tensors in, tensors out: the loss and its kernel; models: rewards and backbones
     {"fastnabla.kernels", "fastnabla.kernels.residual_db", "fastnabla.loss", "fastnabla.rewards",

@@ -46,6 +46,8 @@ KERNELS = {
     # ALGORITHM §5 defaults with every term on: trust region 1e3, reverse residual 1.0 with the flow at x
     "residual_db_all_terms": dict(strength=1.0, flow_next=True, terminal=True, trust_region_scale=1e3,
                                   reverse_scale=1.0),
+    # the returns recipe (ALGORITHM §5b): σ²-weighted policy residual, the flow on L_A; reads G as well
+    "residual_db_returns": dict(strength=1.0, flow_next=True, terminal=True, policy_weight=True, return_next=True),
 }
 
 
@@ -66,6 +68,10 @@ def make_inputs(kernel: str, B: int, dtype: torch.dtype, device: torch.device, s
         kw["terminal"] = (torch.arange(B) == B - 1).to(device)  # the last transition of a trajectory
     if cfg.get("trust_region_scale"):
         kw.update(out_old=r(*shape), trust_region_scale=cfg["trust_region_scale"])
+    if cfg.get("policy_weight"):
+        kw["policy_weight"] = (torch.rand(B, generator=g) * 2).to(device)
+    if cfg.get("return_next"):
+        kw["return_next"] = r(*shape)
     if cfg.get("reverse_scale"):
         kw.update(reverse_scale=cfg["reverse_scale"], score_rev=r(*shape), score_rev_ref=r(*shape),
                   reward_grad_cur=r(*shape), flow_cur=r(*shape).requires_grad_(True))

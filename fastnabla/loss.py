@@ -1,14 +1,20 @@
-"""The per-transition residual ∇-DB loss (ALGORITHM §4): validation, dispatch, and the pure-PyTorch reference.
+"""The per-transition residual ∇-DB loss (ALGORITHM §4, §5b): validation, dispatch, and the pure-PyTorch reference.
 
 For each trained transition b, with the sample dims S flattened and every mean taken over S::
 
     d      = [(1−λ)·(coef_x·x − x') + coef_out·(out − λ·out_ref)] · inv_var     (= s_F^θ − λ·s_F^ref)
     g'     = flow_next · (1 − terminal)                                          (g' := 0 at a terminal x')
-    L_F    = mean (d − reward_grad_next − g')²
+    L_F    = w · mean (d − reward_grad_next − g')²                               (w = policy_weight, else 1)
     L_T    = terminal · mean flow_next²                                         (if flow_next is given)
     L_R    = (1 − terminal) · mean (score_rev − λ·score_rev_ref + flow_cur + reward_grad_cur)²
     L_reg  = mean (out − out_old)²
     loss_b = L_F + terminal_scale·L_T + reverse_scale·L_R + trust_region_scale·L_reg
+
+The returns recipe (§5b): given ``return_next`` = G_{k+1}, the flow changes role. In L_F, g' is data (the target
+is sg(reward_grad_next + g')); L_T goes (and L_R is refused); the flow is trained only by
+
+    L_A    = (1 − terminal) · mean (flow_next + reward_grad_next − return_next)²
+    loss_b = L_F + trust_region_scale·L_reg + L_A
 
 Gradients reach ``out``, ``flow_next`` and ``flow_cur`` only; everything else is treated as data. The reference
 is the spec: it is what the tests and benchmarks compare the Triton kernel with, so it stays readable.
@@ -30,7 +36,8 @@ _log = logging.getLogger(__name__)
 
 
 def residual_db_loss_reference(p: LossInputs, return_stats: bool = False):
-    """The readable reference of ALGORITHM §4 on validated inputs: fp32 math (float64 for float64 ``out``).
+    """The readable reference of ALGORITHM §4 (and §5b's returns terms) on validated inputs: fp32 math (float64
+    for float64 ``out``).
 
     Returns loss (B,) in the compute dtype, and with ``return_stats`` a dict of detached (B,) statistics
     (``STAT_NAMES``).
@@ -58,15 +65,21 @@ def residual_db_loss_reference(p: LossInputs, return_stats: bool = False):
         diff = diff + (1.0 - lam) * (col(p.coef_x) * flat(p.x) - flat(p.x_next))
     d = diff * col(p.inv_var)
 
-    resid_f = d - flat(p.reward_grad_next)
+    reward_grad_next = flat(p.reward_grad_next)
+    resid_f = d - reward_grad_next
     flow_next = flat(p.flow_next, grad=True)
     zero = torch.zeros(B, dtype=cd, device=out.device)
-    if flow_next is not None:
+    l_term = l_ret = zero
+    if p.use_returns:  # §5b: the flow is data in L_F and learns from L_A alone
+        resid_f = resid_f - flow_next.detach() * (1.0 - term)
+        resid_a = flow_next + reward_grad_next - flat(p.return_next)
+        l_ret = (1.0 - term.view(B)) * resid_a.square().mean(dim=1)
+    elif flow_next is not None:
         resid_f = resid_f - flow_next * (1.0 - term)
         l_term = term.view(B) * flow_next.square().mean(dim=1)
-    else:
-        l_term = zero
     l_fwd = resid_f.square().mean(dim=1)
+    if p.policy_weight is not None:
+        l_fwd = p.policy_weight.detach().to(cd) * l_fwd
 
     if p.use_reverse:
         resid_r = flat(p.score_rev) + flat(p.reward_grad_cur)
@@ -85,6 +98,8 @@ def residual_db_loss_reference(p: LossInputs, return_stats: bool = False):
         delta, l_reg = None, zero
 
     loss = l_fwd + p.terminal_scale * l_term + p.reverse_scale * l_rev + p.trust_region_scale * l_reg
+    if p.use_returns:
+        loss = loss + l_ret
     if not return_stats:
         return loss
     with torch.no_grad():
@@ -94,9 +109,10 @@ def residual_db_loss_reference(p: LossInputs, return_stats: bool = False):
             "loss_reverse": l_rev,
             "loss_trust_region": l_reg,
             "norm_d": d.norm(dim=1),
-            "norm_reward_grad_next": flat(p.reward_grad_next).norm(dim=1),
+            "norm_reward_grad_next": reward_grad_next.norm(dim=1),
             "norm_flow_next": flow_next.norm(dim=1) if flow_next is not None else zero,
             "norm_out_delta": delta.norm(dim=1) if delta is not None else zero,
+            "loss_returns": l_ret,
         }
         stats = {k: v.detach().to(torch.float32) for k, v in stats.items()}
     return loss, stats
@@ -164,7 +180,7 @@ def residual_db_loss(out, out_ref, *, backend: str = "auto", return_stats: bool 
 
 residual_db_loss.__signature__ = loss_signature(["out", "out_ref"], [("backend", "auto"), ("return_stats", False),
                                                                      ("check_values", True)])
-residual_db_loss.__doc__ = f"""Residual ∇-DB loss per transition (ALGORITHM §4); a drop-in for any trainer.
+residual_db_loss.__doc__ = f"""Residual ∇-DB loss per transition (ALGORITHM §4; §5b with return_next); a drop-in.
 
     Args:
         out: (B, *S) policy output at x (after CFG); receives gradients.

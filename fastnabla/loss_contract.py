@@ -15,10 +15,11 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["Arg", "ARGS", "STAT_NAMES", "LossInputs", "validate_loss_inputs", "loss_signature", "args_doc",
-           "SAMPLE_ARGS", "GRAD_ARGS"]
+__all__ = ["Arg", "ARGS", "CONFLICTS", "STAT_NAMES", "LossInputs", "validate_loss_inputs", "loss_signature",
+           "args_doc", "SAMPLE_ARGS", "GRAD_ARGS"]
 
 #: keys of the per-transition statistics returned with ``return_stats=True`` (each a detached (B,) float32).
+#: "loss_forward" is the policy-weighted w·L_F when ``policy_weight`` is given.
 STAT_NAMES = (
     "loss_forward",  # L_F
     "loss_terminal",  # L_T (0 where not terminal or no flow_next)
@@ -28,6 +29,7 @@ STAT_NAMES = (
     "norm_reward_grad_next",  # ‖reward_grad_next‖
     "norm_flow_next",  # ‖flow_next‖ (0 without a flow)
     "norm_out_delta",  # ‖out − out_old‖ (0 without out_old)
+    "loss_returns",  # L_A, the flow-return residual (0 where terminal or without return_next)
 )
 
 
@@ -91,7 +93,27 @@ ARGS: tuple[Arg, ...] = (
     Arg("flow_cur", "sample", "g_φ(x, τ) in the reverse residual", grad=True, used=_reverse_on),
     Arg("reward_grad_cur", "sample", "r = β·γ(τ)·∇_x log R(x̂0(x))", used=_reverse_on, required=True,
         when="reverse_scale != 0"),
-    Arg("terminal_scale", "scalar", "weight of the terminal flow term L_T", default=1.0),
+    Arg("terminal_scale", "scalar", "weight of the terminal flow term L_T (not used with return_next: no L_T)",
+        default=1.0),
+    # the returns recipe (ALGORITHM §5b)
+    Arg("policy_weight", "transition", "w_k ≥ 0 on the policy's forward residual, w·L_F (None: 1); with flow_next "
+        "only together with return_next"),
+    Arg("return_next", "sample", "G_{k+1}, the gradient return at x' (ALGORITHM §5b). Given, g' is data in L_F "
+        "(target sg(r' + g')) and L_A = (1 − terminal)·mean (g' + r' − G_{k+1})² trains the flow instead of L_T; "
+        "needs flow_next, strength 1 and reverse_scale 0"),
+)
+
+#: combinations the contract refuses, checked after the per-argument checks: (refused(values), message)
+CONFLICTS: tuple[tuple[Callable[[dict], bool], str], ...] = (
+    (lambda v: v["return_next"] is not None and v["flow_next"] is None,
+     "return_next needs flow_next: L_A regresses the flow g' on it (without a flow, pass neither)"),
+    (lambda v: v["return_next"] is not None and v["strength"] != 1.0,
+     "return_next needs strength == 1: the gradient returns carry the pretrained model's flow (ALGORITHM §5b)"),
+    (lambda v: v["return_next"] is not None and v["reverse_scale"] != 0.0,
+     "reverse_scale must be 0 with return_next: L_A is then the flow's only gradient source"),
+    (lambda v: v["policy_weight"] is not None and v["flow_next"] is not None and v["return_next"] is None,
+     "policy_weight with flow_next needs return_next: w weights only the policy's share of L_F, and without "
+     "return_next the flow shares L_F (ALGORITHM §5b)"),
 )
 
 _BY_NAME = {a.name: a for a in ARGS}
@@ -106,6 +128,7 @@ def _properties():
         "use_strength": property(lambda self: self.strength != 1.0),
         "use_trust": property(lambda self: self.trust_region_scale != 0.0),
         "use_reverse": property(lambda self: self.reverse_scale != 0.0),
+        "use_returns": property(lambda self: self.return_next is not None),
         "compute_dtype": property(lambda self: torch.float64 if self.out.dtype == torch.float64 else torch.float32),
         "__doc__": "Validated arguments of ``residual_db_loss`` (one field per ``ARGS`` entry); tensors that a "
                    "setting does not use are None, scalars are floats.",
@@ -175,7 +198,13 @@ def validate_loss_inputs(out, out_ref, *, check_values: bool = True, **terms) ->
             raise ValueError(f"{a.name} is on {t.device}, expected {dev} (the device of out)")
         if a.name != "terminal" and not t.is_floating_point():
             raise ValueError(f"{a.name} must be a floating-point tensor, got {t.dtype}")
+    for refused, msg in CONFLICTS:
+        if refused(vals):
+            raise ValueError(msg)
     if check_values:
+        pw = vals["policy_weight"]
+        if pw is not None and not bool((torch.isfinite(pw) & (pw >= 0)).all()):
+            raise ValueError("policy_weight must be finite and ≥ 0 on every transition")
         for name in ("coef_out", "coef_x"):
             t = vals[name]
             if t is not None and not bool(torch.isfinite(t).all()):

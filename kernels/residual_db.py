@@ -1,20 +1,28 @@
-"""Fused residual ∇-DB loss (ALGORITHM §4) in Triton: the forward value and the gradients in one pass.
+"""Fused residual ∇-DB loss (ALGORITHM §4, §5b) in Triton: the forward value and the gradients in one pass.
 
 The loss of transition b is a sum of means over its flattened sample (N elements)::
 
     d      = [co·(out − λ·out_ref) + (1−λ)·(cx·x − x')]·iv
-    r_F    = d − r' − (1 − t)·g'                          L_F   = Σ r_F² / N
+    r_F    = d − r' − (1 − t)·g'                          L_F   = w · Σ r_F² / N
                                                           L_T   = t · Σ g'² / N
     r_R    = s_R − λ·s_R^ref + g + r                      L_R   = (1 − t) · Σ r_R² / N
     δ      = out − out_old                                L_reg = Σ δ² / N
     loss_b = L_F + ts·L_T + rs·L_R + trs·L_reg
 
-(co = coef_out, iv = inv_var, cx = coef_x, t = terminal, r' = reward_grad_next, g' = flow_next, g = flow_cur,
-r = reward_grad_cur; ts, rs, trs the terminal/reverse/trust-region scales) and its gradients are elementwise:
+(co = coef_out, iv = inv_var, cx = coef_x, t = terminal, w = policy_weight (1 when absent), r' = reward_grad_next,
+g' = flow_next, g = flow_cur, r = reward_grad_cur; ts, rs, trs the terminal/reverse/trust-region scales) and its
+gradients are elementwise:
 
-    ∂loss_b/∂out = 2/N·(co·iv·r_F + trs·δ)
+    ∂loss_b/∂out = 2/N·(w·co·iv·r_F + trs·δ)
     ∂loss_b/∂g'  = 2/N·(ts·t·g' − (1 − t)·r_F)
     ∂loss_b/∂g   = 2/N·rs·(1 − t)·r_R
+
+Returns mode (``return_next`` = G given; λ = 1 and rs = 0 are enforced by validation): g' is data in r_F, L_T is
+dropped, and the flow-return residual is added as the flow's only gradient source:
+
+    r_A    = g' + r' − G                                  L_A   = (1 − t) · Σ r_A² / N
+    loss_b = L_F + trs·L_reg + L_A
+    ∂loss_b/∂out = 2/N·(w·co·iv·r_F + trs·δ)              ∂loss_b/∂g' = 2/N·(1 − t)·r_A
 
 With classifier-free guidance fused in, out = out_u + w·(out_c − out_u) lives only in registers and the out
 gradient is split: ∂/∂out_u = (1 − w)·∂/∂out, ∂/∂out_c = w·∂/∂out.
@@ -28,15 +36,15 @@ Where the gradient work happens (bytes moved; R = input reads, W = gradient writ
 
 Full forward+backward therefore moves R + 2U + W. Recomputing in backward instead moves R + R' + W, where R' are
 the inputs the gradients need again (out or both CFG halves, out_ref, r', g' and whichever of x, x', out_old,
-s_R, s_R^ref, g, r are on). Each gradient source needs at least two more reads than it has buffers (out: out,
-out_ref, r'; g' adds g'; g adds s_R, r, g), so R' ≥ 2U always (λ = 1 with g': R' = 4, U = 2) and the fused pass
+s_R, s_R^ref, g, r, G are on). Each gradient source needs at least two more reads than it has buffers (out: out,
+out_ref, r'; g' adds g', and G in returns mode; g adds s_R, r, g), so R' ≥ 2U always (λ = 1 with g': R' = 4, U = 2) and the fused pass
 is never worse, strictly better once λ ≠ 1, the trust region, the reverse residual or CFG is on. The price: gradients of 16-bit inputs are rounded twice (once
 unscaled, once scaled; ≤ 1 extra ulp), and the unscaled buffers live from forward to backward (W bytes, like any
 saved activation). Scaling out of place rather than in place costs W extra bytes of memory during backward only,
 and keeps retain_graph / repeated backward (gradcheck does that) correct.
 
 Reduction: deterministic two stages. The grid is (transition, block); each program loops over a contiguous
-chunk of its transition's row and writes six partial sums to a (B, n_blocks, 6) buffer; a second tiny kernel
+chunk of its transition's row and writes seven partial sums to a (B, n_blocks, 7) buffer; a second tiny kernel
 sums them in fixed block order and forms loss_b and the statistics. When one block per transition is enough
 (large B fills the GPU on its own) the first kernel finalises directly: one launch.
 
@@ -59,7 +67,7 @@ from fastnabla.loss_contract import SAMPLE_ARGS, STAT_NAMES
 
 __all__ = ["residual_db_loss_triton", "residual_db_loss_cfg_triton", "launch_geometry"]
 
-NUM_PARTIALS = 6  # Σr_F², Σg'², Σr_R², Σδ², Σd², Σr'²  (the last two only for statistics)
+NUM_PARTIALS = 7  # w·Σr_F², Σg'², Σr_R², Σδ², Σd², Σr'² (statistics only), Σr_A²
 NUM_STATS = len(STAT_NAMES)  # rows of the stats buffer, in the order of STAT_NAMES
 
 # GPU launch defaults. One config (no autotune: nothing to tune against in CI, and multi-config autotune does not
@@ -102,15 +110,21 @@ def _ld(row_ptr, offs, mask, F64: tl.constexpr):
 @triton.jit
 def _finalize(
     loss_ptr,  # (B,) compute dtype
-    stats_ptr,  # (8, B) fp32
+    stats_ptr,  # (9, B) fp32
     b, mask, B,
-    s_f, s_t, s_r, s_reg, s_d2, s_g2, term, nf, ts, rs, trs,
-    FLOW_NEXT: tl.constexpr, REVERSE: tl.constexpr, TRUST: tl.constexpr, STATS: tl.constexpr,
+    s_f, s_t, s_r, s_reg, s_d2, s_g2, s_a, term, nf, ts, rs, trs,
+    FLOW_NEXT: tl.constexpr, REVERSE: tl.constexpr, TRUST: tl.constexpr, RETURNS: tl.constexpr,
+    STATS: tl.constexpr,
 ):
-    """loss_b and the statistics from the per-transition sums (scalars in stage 1, BLOCK_B vectors in stage 2)."""
+    """loss_b and the statistics from the per-transition sums (scalars in stage 1, BLOCK_B vectors in stage 2).
+
+    s_f already carries the policy weight w."""
     l_f = s_f / nf
     loss = l_f
-    if FLOW_NEXT:
+    if RETURNS:  # the flow's only term: L_A, no L_T
+        l_a = (1.0 - term) * (s_a / nf)
+        loss = loss + l_a
+    elif FLOW_NEXT:
         l_t = term * (s_t / nf)
         loss = loss + ts * l_t
     if REVERSE:
@@ -124,8 +138,11 @@ def _finalize(
         tl.store(stats_ptr + 0 * B + b, l_f.to(tl.float32), mask=mask)
         tl.store(stats_ptr + 4 * B + b, tl.sqrt(s_d2).to(tl.float32), mask=mask)
         tl.store(stats_ptr + 5 * B + b, tl.sqrt(s_g2).to(tl.float32), mask=mask)
-        if FLOW_NEXT:
+        if RETURNS:
+            tl.store(stats_ptr + 8 * B + b, l_a.to(tl.float32), mask=mask)
+        elif FLOW_NEXT:
             tl.store(stats_ptr + 1 * B + b, l_t.to(tl.float32), mask=mask)
+        if FLOW_NEXT:
             tl.store(stats_ptr + 6 * B + b, tl.sqrt(s_t).to(tl.float32), mask=mask)
         if REVERSE:
             tl.store(stats_ptr + 2 * B + b, l_r.to(tl.float32), mask=mask)
@@ -141,8 +158,8 @@ def _finalize(
 def _residual_db_fwd_kernel(
     # ---- outputs
     loss_ptr,  # (B,) compute dtype: loss_b (FINALIZE only)
-    stats_ptr,  # (8, B) fp32, zero-filled: STAT_NAMES rows (FINALIZE and STATS only)
-    part_ptr,  # (B, n_blocks, 6) compute dtype: partial sums (not FINALIZE)
+    stats_ptr,  # (9, B) fp32, zero-filled: STAT_NAMES rows (FINALIZE and STATS only)
+    part_ptr,  # (B, n_blocks, 7) compute dtype: partial sums (not FINALIZE)
     g_out_ptr,  # (B, N) dtype of out (CFG: of the guided out), contiguous: unscaled ∂loss_b/∂out
     g_fn_ptr,  # (B, N) dtype of flow_next, contiguous: unscaled ∂loss_b/∂flow_next
     g_fc_ptr,  # (B, N) dtype of flow_cur, contiguous: unscaled ∂loss_b/∂flow_cur
@@ -159,12 +176,14 @@ def _residual_db_fwd_kernel(
     srr_ptr,  # (B, N) score_rev_ref (REV_REF)
     fc_ptr,  # (B, N) flow_cur (FLOW_CUR)
     rgc_ptr,  # (B, N) reward_grad_cur (REVERSE)
+    ret_ptr,  # (B, N) return_next G (RETURNS)
     co_ptr,  # (B,) coef_out, any float dtype
     iv_ptr,  # (B,) inv_var
     cx_ptr,  # (B,) coef_x (STRENGTH)
     term_ptr,  # (B,) terminal as 0/1 float (TERMINAL)
+    pw_ptr,  # (B,) policy_weight (WEIGHT)
     # ---- row strides of the inputs, in elements
-    s_out, s_outc, s_ref, s_rgn, s_fn, s_x, s_xn, s_old, s_sr, s_srr, s_fc, s_rgc,
+    s_out, s_outc, s_ref, s_rgn, s_fn, s_x, s_xn, s_old, s_sr, s_srr, s_fc, s_rgc, s_ret,
     # ---- sizes
     B, N, CHUNK, n_blocks,
     # ---- hyper-parameters as fp32 (hi, lo) pairs
@@ -172,8 +191,8 @@ def _residual_db_fwd_kernel(
     # ---- flags
     BLOCK: tl.constexpr, F64: tl.constexpr, CFG: tl.constexpr, STRENGTH: tl.constexpr, FLOW_NEXT: tl.constexpr,
     TERMINAL: tl.constexpr, REVERSE: tl.constexpr, REV_REF: tl.constexpr, FLOW_CUR: tl.constexpr,
-    TRUST: tl.constexpr, STATS: tl.constexpr, G_OUT: tl.constexpr, G_FN: tl.constexpr,
-    G_FC: tl.constexpr, FINALIZE: tl.constexpr,
+    TRUST: tl.constexpr, RETURNS: tl.constexpr, WEIGHT: tl.constexpr, STATS: tl.constexpr, G_OUT: tl.constexpr,
+    G_FN: tl.constexpr, G_FC: tl.constexpr, FINALIZE: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1).to(tl.int64)
@@ -187,6 +206,9 @@ def _residual_db_fwd_kernel(
     co = _up(tl.load(co_ptr + b), F64)
     iv = _up(tl.load(iv_ptr + b), F64)
     co_iv = co * iv
+    if WEIGHT:
+        pw = _up(tl.load(pw_ptr + b), F64)
+        co_iv = pw * co_iv  # ∂(w·r_F²)/∂out: the weight rides on the out gradient only
     if STRENGTH:
         cx = _up(tl.load(cx_ptr + b), F64)
     if TERMINAL:
@@ -203,6 +225,7 @@ def _residual_db_fwd_kernel(
     acc_reg = acc_f
     acc_d2 = acc_f
     acc_g2 = acc_f
+    acc_a = acc_f
 
     g_row = b * N  # gradient buffers are contiguous
     start = blk * CHUNK
@@ -223,7 +246,13 @@ def _residual_db_fwd_kernel(
             fn = _ld(fn_ptr + b * s_fn, offs, mask, F64)
             r_f = r_f - fn * keep
             acc_t += fn * fn
-            if G_FN:
+            if RETURNS:  # g' is data in r_F; the flow's gradient comes from L_A alone
+                r_a = fn + rg - _ld(ret_ptr + b * s_ret, offs, mask, F64)
+                acc_a += r_a * r_a
+                if G_FN:
+                    g = two_n * keep * r_a
+                    tl.store(g_fn_ptr + g_row + offs, g.to(g_fn_ptr.dtype.element_ty), mask=mask)
+            elif G_FN:
                 g = two_n * (ts * term * fn - keep * r_f)
                 tl.store(g_fn_ptr + g_row + offs, g.to(g_fn_ptr.dtype.element_ty), mask=mask)
         acc_f += r_f * r_f
@@ -254,29 +283,33 @@ def _residual_db_fwd_kernel(
     s_reg = tl.sum(acc_reg, axis=0)
     s_d2 = tl.sum(acc_d2, axis=0)
     s_g2 = tl.sum(acc_g2, axis=0)
+    s_a = tl.sum(acc_a, axis=0)
+    if WEIGHT:
+        s_f = pw * s_f
     if FINALIZE:
-        _finalize(loss_ptr, stats_ptr, b, None, B, s_f, s_t, s_r, s_reg, s_d2, s_g2, term, nf, ts, rs, trs,
-                  FLOW_NEXT, REVERSE, TRUST, STATS)
+        _finalize(loss_ptr, stats_ptr, b, None, B, s_f, s_t, s_r, s_reg, s_d2, s_g2, s_a, term, nf, ts, rs, trs,
+                  FLOW_NEXT, REVERSE, TRUST, RETURNS, STATS)
     else:
-        p = part_ptr + (b * n_blocks + blk) * 6
+        p = part_ptr + (b * n_blocks + blk) * 7
         tl.store(p + 0, s_f)
         tl.store(p + 1, s_t)
         tl.store(p + 2, s_r)
         tl.store(p + 3, s_reg)
         tl.store(p + 4, s_d2)
         tl.store(p + 5, s_g2)
+        tl.store(p + 6, s_a)
 
 
 @triton.jit
 def _residual_db_reduce_kernel(
     loss_ptr,  # (B,) compute dtype: loss_b
-    stats_ptr,  # (8, B) fp32, zero-filled: STAT_NAMES rows (STATS)
-    part_ptr,  # (B, n_blocks, 6) compute dtype: partial sums from the forward kernel
+    stats_ptr,  # (9, B) fp32, zero-filled: STAT_NAMES rows (STATS)
+    part_ptr,  # (B, n_blocks, 7) compute dtype: partial sums from the forward kernel
     term_ptr,  # (B,) terminal as 0/1 float (TERMINAL)
     B, N, n_blocks,
     ts_hi, ts_lo, rs_hi, rs_lo, trs_hi, trs_lo,
     BLOCK_B: tl.constexpr, F64: tl.constexpr, FLOW_NEXT: tl.constexpr, TERMINAL: tl.constexpr,
-    REVERSE: tl.constexpr, TRUST: tl.constexpr, STATS: tl.constexpr,
+    REVERSE: tl.constexpr, TRUST: tl.constexpr, RETURNS: tl.constexpr, STATS: tl.constexpr,
 ):
     """Stage 2: sum the per-block partials of BLOCK_B transitions in fixed block order (deterministic)."""
     b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -291,8 +324,9 @@ def _residual_db_reduce_kernel(
     s_reg = s_f
     s_d2 = s_f
     s_g2 = s_f
+    s_a = s_f
     for j in range(0, n_blocks):
-        p = part_ptr + (b * n_blocks + j) * 6
+        p = part_ptr + (b * n_blocks + j) * 7
         s_f += tl.load(p + 0, mask=mask, other=0.0)
         s_t += tl.load(p + 1, mask=mask, other=0.0)
         s_r += tl.load(p + 2, mask=mask, other=0.0)
@@ -300,12 +334,14 @@ def _residual_db_reduce_kernel(
         if STATS:
             s_d2 += tl.load(p + 4, mask=mask, other=0.0)
             s_g2 += tl.load(p + 5, mask=mask, other=0.0)
+        if RETURNS:
+            s_a += tl.load(p + 6, mask=mask, other=0.0)
     if TERMINAL:
         term = _up(tl.load(term_ptr + b, mask=mask, other=0.0), F64)
     else:
         term = 0.0
-    _finalize(loss_ptr, stats_ptr, b, mask, B, s_f, s_t, s_r, s_reg, s_d2, s_g2, term, nf, ts, rs, trs,
-              FLOW_NEXT, REVERSE, TRUST, STATS)
+    _finalize(loss_ptr, stats_ptr, b, mask, B, s_f, s_t, s_r, s_reg, s_d2, s_g2, s_a, term, nf, ts, rs, trs,
+              FLOW_NEXT, REVERSE, TRUST, RETURNS, STATS)
 
 
 @triton.jit
@@ -411,7 +447,7 @@ def _launch_forward(p, out_uncond: Optional[torch.Tensor], w: float, *, need: tu
                     stats: bool, block: Optional[int], num_blocks: Optional[int]):
     """Run the fused pass. ``need`` = gradients wanted for (out | out_uncond, out_cond, flow_next, flow_cur).
 
-    Returns loss (B,), stats (8, B) fp32 or None, and the unscaled gradient buffers for (out, flow_next,
+    Returns loss (B,), stats (9, B) fp32 or None, and the unscaled gradient buffers for (out, flow_next,
     flow_cur) (None where not needed; with CFG the buffer holds ∂loss_b/∂out of the guided output).
     """
     cfg = out_uncond is not None
@@ -437,6 +473,7 @@ def _launch_forward(p, out_uncond: Optional[torch.Tensor], w: float, *, need: tu
     co, iv = _vec(p.coef_out), _vec(p.inv_var)
     cx = _vec(p.coef_x) if p.coef_x is not None else co
     term = _vec(p.terminal) if p.terminal is not None else co
+    pw = _vec(p.policy_weight) if p.policy_weight is not None else co
 
     need_a, need_c, need_fn, need_fc = need
     need_out = need_a or (need_c and cfg)
@@ -461,23 +498,25 @@ def _launch_forward(p, out_uncond: Optional[torch.Tensor], w: float, *, need: tu
     lam, ts, rs, trs = p.strength, p.terminal_scale, p.reverse_scale, p.trust_region_scale
     flags = dict(
         F64=f64, FLOW_NEXT=p.flow_next is not None, TERMINAL=p.terminal is not None,
-        REVERSE=p.reverse_scale != 0.0, TRUST=p.trust_region_scale != 0.0, STATS=stats,
+        REVERSE=p.reverse_scale != 0.0, TRUST=p.trust_region_scale != 0.0, RETURNS=p.return_next is not None,
+        STATS=stats,
     )
     (a, s_a), (c, s_c), (ref, s_ref), (rgn, s_rgn), (fn, s_fn) = (ptr(n) for n in (
         "a", "c", "out_ref", "reward_grad_next", "flow_next"))
-    (x, s_x), (xn, s_xn), (old, s_old), (sr, s_sr), (srr, s_srr), (fc, s_fc), (rgc, s_rgc) = (ptr(n) for n in (
-        "x", "x_next", "out_old", "score_rev", "score_rev_ref", "flow_cur", "reward_grad_cur"))
+    (x, s_x), (xn, s_xn), (old, s_old), (sr, s_sr), (srr, s_srr), (fc, s_fc), (rgc, s_rgc), (ret, s_ret) = (
+        ptr(n) for n in ("x", "x_next", "out_old", "score_rev", "score_rev_ref", "flow_cur", "reward_grad_cur",
+                         "return_next"))
     with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
         _residual_db_fwd_kernel[(B, nblk)](
             loss, st, part, g_out if g_out is not None else dummy,
             g_fn if g_fn is not None else dummy, g_fc if g_fc is not None else dummy,
-            a, c, ref, rgn, fn, x, xn, old, sr, srr, fc, rgc, co, iv, cx, term,
-            s_a, s_c, s_ref, s_rgn, s_fn, s_x, s_xn, s_old, s_sr, s_srr, s_fc, s_rgc,
+            a, c, ref, rgn, fn, x, xn, old, sr, srr, fc, rgc, ret, co, iv, cx, term, pw,
+            s_a, s_c, s_ref, s_rgn, s_fn, s_x, s_xn, s_old, s_sr, s_srr, s_fc, s_rgc, s_ret,
             B, N, CHUNK, nblk,
             *_hi_lo(lam), *_hi_lo(w), *_hi_lo(ts), *_hi_lo(rs), *_hi_lo(trs),
             BLOCK=BLOCK, CFG=cfg, STRENGTH=p.strength != 1.0, REV_REF=p.score_rev_ref is not None,
-            FLOW_CUR=p.flow_cur is not None, G_OUT=need_out, G_FN=need_fn, G_FC=need_fc,
-            FINALIZE=finalize, num_warps=_GPU_WARPS, **flags,
+            FLOW_CUR=p.flow_cur is not None, WEIGHT=p.policy_weight is not None, G_OUT=need_out, G_FN=need_fn,
+            G_FC=need_fc, FINALIZE=finalize, num_warps=_GPU_WARPS, **flags,
         )
         if not finalize:
             block_b = min(triton.next_power_of_2(B), 1024)

@@ -146,6 +146,63 @@ def test_gradients_equal_the_closed_form(strength, trust, rev, tscale):
             torch.testing.assert_close(g, want[name], rtol=1e-12, atol=1e-12)
 
 
+# --- the returns recipe's terms (ALGORITHM §5b) -------------------------------------------------------------------
+
+
+def test_returns_hand_computed():
+    # B=1, S=(2,), λ = 1: d = coef_out·(out − out_ref)·inv_var = 2·[2, 0]·0.5 = [2, 0]
+    out, out_ref = torch.tensor([[3.0, 1.0]], requires_grad=True), torch.tensor([[1.0, 1.0]])
+    flow = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    kw = dict(coef_out=torch.tensor([2.0]), inv_var=torch.tensor([0.5]), reward_grad_next=torch.tensor([[0.5, 0.0]]),
+              flow_next=flow, policy_weight=torch.tensor([4.0]), return_next=torch.tensor([[1.0, 1.0]]))
+    # r_F = d − r' − g' = [0.5, −2] → w·mean r_F² = 4·(0.25 + 4)/2 = 8.5
+    # r_A = g' + r' − G = [0.5, 1] → mean r_A² = (0.25 + 1)/2 = 0.625
+    loss, st = residual_db_loss(out, out_ref, **kw, return_stats=True)
+    assert loss.item() == pytest.approx(8.5 + 0.625)
+    assert st["loss_forward"].item() == pytest.approx(8.5) and st["loss_returns"].item() == pytest.approx(0.625)
+    g_out, g_flow = torch.autograd.grad(loss.sum(), [out, flow])
+    # ∂/∂out = 2/N·w·coef_out·inv_var·r_F = 4·[0.5, −2]; ∂/∂g' = 2/N·r_A only (g' is data in L_F)
+    torch.testing.assert_close(g_out, torch.tensor([[2.0, -8.0]]))
+    torch.testing.assert_close(g_flow, torch.tensor([[0.5, 1.0]]))
+    # terminal x': g' := 0 in L_F, no L_A and no L_T (whatever terminal_scale is): r_F = [1.5, 0] → 4·1.125
+    loss = residual_db_loss(out, out_ref, **kw, terminal=torch.tensor([True]), terminal_scale=3.0)
+    assert loss.item() == pytest.approx(4.5)
+    assert not torch.autograd.grad(loss.sum(), flow, allow_unused=True)[0].abs().any()
+
+
+@pytest.mark.parametrize("terminal", ["none", "some", "all"])
+@pytest.mark.parametrize("weighted,trust", [(True, 0.0), (False, 2.0), (True, 1e3)])
+def test_returns_terms_equal_the_closed_form(terminal, weighted, trust):
+    """The reference with policy_weight and return_next: loss and autograd gradients against the closed forms."""
+    d = make(B=4, S=(2, 3), terminal=terminal, seed=5)
+    g = torch.Generator().manual_seed(6)
+    d["return_next"] = torch.randn(d["out"].shape, generator=g, dtype=torch.float64)
+    d["policy_weight"] = torch.rand(4, generator=g, dtype=torch.float64) * 3 if weighted else None
+    for k in ("x", "x_next", "coef_x", "score_rev", "score_rev_ref", "flow_cur", "reward_grad_cur"):
+        d.pop(k)
+    leaves = {k: d[k].clone().requires_grad_(True) for k in ("out", "flow_next")}
+    kw = dict(d, **leaves)
+    loss, st = residual_db_loss(**kw, trust_region_scale=trust, terminal_scale=2.0, return_stats=True)
+    want_loss, want = closed_form(kw, trust=trust, tscale=2.0)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(loss.sum(), list(leaves.values()))
+    for name, gr in zip(leaves, got):
+        torch.testing.assert_close(gr, want[name], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss.float(), st["loss_forward"] + trust * st["loss_trust_region"] + st["loss_returns"])
+    assert not st["loss_terminal"].any() and not st["loss_reverse"].any()
+
+
+def test_policy_weight_without_flow_scales_the_forward_residual():
+    """Without a flow (gfn.no_flow) the weight needs no return_next: w·L_F, and w = 1 changes nothing."""
+    d = make(terminal="none")
+    base = dict(out=d["out"], out_ref=d["out_ref"], coef_out=d["coef_out"], inv_var=d["inv_var"],
+                reward_grad_next=d["reward_grad_next"])
+    w = torch.tensor([0.0, 0.5, 1.0, 7.0], dtype=torch.float64)
+    unweighted = residual_db_loss(**base)
+    torch.testing.assert_close(residual_db_loss(**base, policy_weight=w), w * unweighted, rtol=1e-14, atol=0)
+    assert torch.equal(residual_db_loss(**base, policy_weight=torch.ones(4, dtype=torch.float64)), unweighted)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs_match_float64_within_rounding(dtype):
     d = make(B=6, S=(4, 16, 16), dtype=dtype, seed=2)
@@ -205,6 +262,17 @@ def _base():
     (lambda b, d: b.update(strength=float("nan")), "strength must be a finite number"),
     (lambda b, d: b.update(flow_next=torch.zeros(2, 3, device="meta")), "flow_next is on meta"),
     (lambda b, d: b.update(backend="cuda"), "backend must be"),
+    (lambda b, d: b.update(return_next=d["x"]), "return_next needs flow_next"),
+    (lambda b, d: b.update(return_next=d["x"], flow_next=d["flow_next"], strength=0.5, x=d["x"], x_next=d["x_next"],
+                           coef_x=d["coef_x"]), "return_next needs strength == 1"),
+    (lambda b, d: b.update(return_next=d["x"], flow_next=d["flow_next"], reverse_scale=1.0, score_rev=d["score_rev"],
+                           score_rev_ref=d["score_rev_ref"], reward_grad_cur=d["reward_grad_cur"]),
+     "reverse_scale must be 0 with return_next"),
+    (lambda b, d: b.update(policy_weight=torch.ones(2), flow_next=d["flow_next"]),
+     "policy_weight with flow_next needs return_next"),
+    (lambda b, d: b.update(policy_weight=torch.tensor([1.0, -0.5])), "policy_weight must be finite and ≥ 0"),
+    (lambda b, d: b.update(policy_weight=torch.ones(3)), r"policy_weight has shape \(3,\), expected \(2,\)"),
+    (lambda b, d: b.update(return_next=d["x"][:1], flow_next=d["flow_next"]), "return_next has shape"),
 ])
 def test_errors(change, msg):
     b, d = _base()

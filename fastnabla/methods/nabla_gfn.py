@@ -267,11 +267,11 @@ class NablaGFN(Method):
         )
 
     def _returns_objective(self, b: TransitionBatch, return_stats: bool):
-        """ALGORITHM §5b: loss_b = w_k·|d − sg(r' + g')|² + trust_region + L_A, with
+        """ALGORITHM §5b: loss_b = w_k·mean_S (d − sg(r' + g'))² + trust_region + L_A, with
         L_A = (1 − terminal)·mean_S (g(x') + r' − sg(G_{k+1}))² training the flow on the next state x' only.
 
-        w_k·|d − t|² = |√w_k·d − √w_k·t|² and d is linear in coef_out, so the weighted policy term is
-        ``residual_db_loss`` with coef_out and the target scaled by √w_k: the same loss (and kernel) as the paper's.
+        All of it is one ``residual_db_loss`` call: ``policy_weight`` = w_k and ``return_next`` = G_{k+1} switch the
+        loss to these terms (the flow is data in the policy's residual and learns from L_A alone).
         """
         bb, gfn, c = self.backbone, self.gfn, self.c
         k = b.k
@@ -285,26 +285,20 @@ class NablaGFN(Method):
         out = bb.policy(b.x, t, b.cond).to(b.x.dtype)
         with torch.no_grad():
             out_ref = bb.reference(b.x, t, b.cond).to(b.x.dtype)
-        # g' at the non-terminal rows only: at a clean x_N the flow is never read (g' := 0)
-        rows = (~terminal).nonzero(as_tuple=True)[0]
-        g_next = torch.zeros_like(b.x_next)
-        if not gfn.no_flow and rows.numel():
-            g_rows = bb.flow(b.x_next[rows], self.timesteps[k[rows] + 1],
-                             None if b.cond is None else b.cond[rows]).to(b.x.dtype)
-            g_next = g_next.index_copy(0, rows, g_rows)
-        w = coef.std.square() if gfn.policy_weighting == "sigma2" else torch.ones_like(coef.std)
-        sw = w.sqrt()
-        target = (r_next + g_next).detach()
-        loss_b, stats = residual_db_loss(
-            out, out_ref, coef_out=coef.coef_out * sw, inv_var=coef.inv_var, reward_grad_next=_col(sw, target) * target,
+        g_next = None
+        if not gfn.no_flow:
+            # g' at the non-terminal rows only: at a clean x_N the flow is never read (g' := 0, no L_A)
+            rows = (~terminal).nonzero(as_tuple=True)[0]
+            g_next = torch.zeros_like(b.x_next)
+            if rows.numel():
+                g_rows = bb.flow(b.x_next[rows], self.timesteps[k[rows] + 1],
+                                 None if b.cond is None else b.cond[rows]).to(b.x.dtype)
+                g_next = g_next.index_copy(0, rows, g_rows)
+        w = coef.std.square() if gfn.policy_weighting == "sigma2" else None
+        return residual_db_loss(
+            out, out_ref, coef_out=coef.coef_out, inv_var=coef.inv_var, reward_grad_next=r_next,
+            flow_next=g_next, terminal=terminal, policy_weight=w,
+            return_next=None if gfn.no_flow else b.returns,
             out_old=b.out_old if gfn.trust_region_scale > 0 else None, trust_region_scale=gfn.trust_region_scale,
-            backend=self.backend, return_stats=True, check_values=False,
+            backend=self.backend, return_stats=return_stats, check_values=False,
         )
-        if gfn.no_flow:
-            l_ret = torch.zeros_like(loss_b)
-        else:
-            res = (g_next + r_next - b.returns) * _col((~terminal).to(b.x.dtype), b.x)
-            l_ret = res.flatten(1).square().mean(1).to(loss_b.dtype)
-        stats["loss_returns"] = l_ret.detach()
-        loss_b = loss_b + l_ret
-        return (loss_b, stats) if return_stats else loss_b

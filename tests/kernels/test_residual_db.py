@@ -18,10 +18,12 @@ from fastnabla.loss import STAT_NAMES, validate_loss_inputs
 
 SAMPLE_KEYS = ("out_ref", "reward_grad_next", "flow_next", "x", "x_next", "out_old", "score_rev", "score_rev_ref",
                "flow_cur", "reward_grad_cur")
+RETURNS_KEYS = ("return_next",)  # a sample key whose presence switches the loss (§5b): passed only when conf asks
 GRAD_KEYS = ("out", "out_uncond", "out_cond", "flow_next", "flow_cur")
 EPS = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2.0 ** -23, torch.float64: 2.0 ** -52}
 
 # Each optional term is on in some configs and off in others; λ = 1 and λ ≠ 1 (incl. λ = 0: no score_rev_ref).
+# The returns recipe (§5b): return_next / policy_weight are passed when the config sets them True.
 CONFIGS = {
     "minimal": dict(strength=1.0, flow_next=False, terminal=None),
     "flow_terminal": dict(strength=1.0, flow_next=True, terminal="some", terminal_scale=2.5),
@@ -29,6 +31,10 @@ CONFIGS = {
     "reverse": dict(strength=0.8, flow_next=True, flow_cur=True, terminal="some", reverse_scale=1.3,
                     trust_region_scale=0.4, terminal_scale=0.5),
     "reverse_lam0_noflow": dict(strength=0.0, flow_next=False, flow_cur=False, terminal="all", reverse_scale=0.9),
+    "returns": dict(strength=1.0, flow_next=True, terminal="some", return_next=True, policy_weight=True,
+                    trust_region_scale=0.7, terminal_scale=2.5),  # terminal_scale is not used: no L_T
+    "returns_unweighted": dict(strength=1.0, flow_next=True, terminal=None, return_next=True),
+    "weighted_noflow": dict(strength=0.6, flow_next=False, terminal="some", policy_weight=True),
 }
 
 
@@ -48,6 +54,9 @@ def make(B=3, S=(4, 9), seed=0, cfg=False):
     t["coef_x"] = r(B).abs() + 0.5
     t["inv_var"] = r(B).abs() + 0.5
     t["upstream"] = r(B)  # ∂L/∂loss_b ≠ 1 and different per transition
+    # drawn last so that the data of the paper's configs does not depend on them
+    t["return_next"] = r(B, *S)
+    t["policy_weight"] = r(B).abs() + 0.2
     return t
 
 
@@ -74,8 +83,8 @@ def evaluate(impl, t, conf, dtype, *, upcast=False, w=None, stats=False, grad=GR
 
     leaves = {}
     kw = {}
-    for k in ("out", "out_uncond", "out_cond") + SAMPLE_KEYS:
-        if k not in t:
+    for k in ("out", "out_uncond", "out_cond") + SAMPLE_KEYS + RETURNS_KEYS:
+        if k not in t or (k in RETURNS_KEYS and not conf.get(k)):
             continue
         if k == "flow_next" and not conf.get("flow_next", True):
             continue
@@ -87,7 +96,9 @@ def evaluate(impl, t, conf, dtype, *, upcast=False, w=None, stats=False, grad=GR
         kw[k] = x
     kw.update(coef_out=t["coef_out"].float(), inv_var=t["inv_var"].float(), coef_x=t["coef_x"].float(),
               terminal=terminal_mask(conf.pop("terminal", None), B))
-    conf.pop("flow_next", None), conf.pop("flow_cur", None)
+    if conf.pop("policy_weight", False):
+        kw["policy_weight"] = t["policy_weight"].float()
+    conf.pop("flow_next", None), conf.pop("flow_cur", None), conf.pop("return_next", None)
     kw.update(conf)
     cfg = "out_cond" in kw
     if impl in ("api", "reference"):
@@ -177,7 +188,7 @@ def test_float64_matches_float64_reference():
 @pytest.mark.parametrize("cfg", [False, True])
 def test_float64_kernel_equals_the_closed_form(config, cfg):
     """Independent of the reference: the kernel's loss and gradients (× a per-transition upstream gradient) against
-    the element-wise closed forms of ALGORITHM §4, CFG halves split (1 − w, w)."""
+    the element-wise closed forms of ALGORITHM §4 (and §5b's returns terms), CFG halves split (1 − w, w)."""
     from tests.helpers.loss_closed_form import closed_form
 
     t = make(B=3, S=(3, 5), seed=29, cfg=cfg)
@@ -192,6 +203,8 @@ def test_float64_kernel_equals_the_closed_form(config, cfg):
         d["flow_next"] = None
     if not conf.get("flow_cur", False):
         d["flow_cur"] = None
+    d["return_next"] = t["return_next"] if conf.get("return_next") else None
+    d["policy_weight"] = t["policy_weight"].float().double() if conf.get("policy_weight") else None
     loss, g = closed_form(d, conf.get("strength", 1.0), conf.get("trust_region_scale", 0.0),
                           conf.get("reverse_scale", 0.0), conf.get("terminal_scale", 1.0))
     torch.testing.assert_close(k["loss"], loss, rtol=1e-12, atol=1e-12)
@@ -230,6 +243,64 @@ def test_gradcheck_through_kernel(cfg):
     assert "ResidualDB" in type(f(*leaves).grad_fn).__name__
     # one program per transition here (interpreter time); loops and splits have their own tests
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [False, True])
+def test_gradcheck_through_kernel_returns(cfg):
+    """The returns terms (§5b) through the policy's gradient: policy weight, trust region, some terminal rows.
+
+    Only the policy's outputs are checked here: the flow's gradient is by definition not the derivative of the loss
+    value (g' also enters L_F as the detached target), so finite differences cannot check it; the closed-form tests
+    do."""
+    t = make(B=3, S=(2, 3), seed=7, cfg=cfg)
+    conf = dict(terminal=terminal_mask("some", 3), trust_region_scale=0.5, policy_weight=t["policy_weight"],
+                return_next=t["return_next"])
+    names = ["out_uncond", "out_cond"] if cfg else ["out"]
+    leaves = [t[n].clone().requires_grad_(True) for n in names]
+    data = {k: t[k] for k in ("out_ref", "reward_grad_next", "out_old", "flow_next")}
+
+    def f(*xs):
+        kw = dict(zip(names, xs), **data, coef_out=t["coef_out"], inv_var=t["inv_var"], **conf)
+        if cfg:
+            ou = kw.pop("out_uncond")
+            p = validate_loss_inputs(kw.pop("out_cond"), kw.pop("out_ref"), **kw)
+            return K.residual_db_loss_cfg_triton(p, ou, 2.5)
+        p = validate_loss_inputs(kw.pop("out"), kw.pop("out_ref"), **kw)
+        return K.residual_db_loss_triton(p)
+
+    assert "ResidualDB" in type(f(*leaves).grad_fn).__name__
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("terminal", [None, "none", "some", "all"])
+@pytest.mark.parametrize("num_blocks", [1, 2])
+def test_returns_terminal_masks_against_the_closed_form(terminal, num_blocks):
+    """Returns mode: L_A and the flow gradient vanish on terminal rows, L_T never appears (whatever terminal_scale
+    says), and loss_returns / loss_forward are the closed-form (1 − t)·mean r_A² and w·mean r_F²."""
+    from tests.helpers.loss_closed_form import closed_form
+
+    B = 4
+    t = make(B=B, S=(12,), seed=8)
+    conf = dict(CONFIGS["returns"], terminal=terminal)
+    k = evaluate("kernel", t, conf, torch.float64, stats=True, block=4, num_blocks=num_blocks, upstream=False)
+    term = terminal_mask(terminal, B)
+    d = {n: t[n] for n in ("out", "out_ref", "reward_grad_next", "flow_next", "out_old", "return_next")}
+    d.update({n: t[n].float().double() for n in ("coef_out", "inv_var", "policy_weight")}, terminal=term)
+    loss, g = closed_form(d, trust=conf["trust_region_scale"], tscale=conf["terminal_scale"])
+    torch.testing.assert_close(k["loss"], loss, rtol=1e-12, atol=1e-12)
+    for name in ("out", "flow_next"):
+        torch.testing.assert_close(k["grads"][name], g[name], rtol=1e-11, atol=1e-12)
+    tt = term.double() if term is not None else torch.zeros(B, dtype=torch.float64)
+    r_f = (d["coef_out"].view(B, 1) * (t["out"] - t["out_ref"]) * d["inv_var"].view(B, 1) - t["reward_grad_next"]
+           - (1 - tt).view(B, 1) * t["flow_next"])
+    r_a = t["flow_next"] + t["reward_grad_next"] - t["return_next"]
+    st = k["stats"]
+    torch.testing.assert_close(st["loss_forward"].double(), d["policy_weight"] * r_f.square().mean(1), rtol=1e-6,
+                               atol=0)
+    torch.testing.assert_close(st["loss_returns"].double(), (1 - tt) * r_a.square().mean(1), rtol=1e-6, atol=0)
+    assert torch.all(st["loss_terminal"] == 0) and torch.all(st["loss_reverse"] == 0)
+    if terminal == "all":
+        assert torch.all(k["grads"]["flow_next"] == 0) and torch.all(st["loss_returns"] == 0)
 
 
 # ------------------------------------------------------------------------------------------ shapes and blocks
@@ -375,7 +446,7 @@ def test_under_autocast():
 
 
 @pytest.mark.parametrize("w", [0.0, 1.0, 5.0])
-@pytest.mark.parametrize("config", ["flow_terminal", "reverse"])
+@pytest.mark.parametrize("config", ["flow_terminal", "reverse", "returns"])
 def test_cfg_equals_guidance_then_loss(w, config):
     t = make(B=3, S=(4, 5), seed=13, cfg=True)
     conf = CONFIGS[config]
@@ -512,4 +583,4 @@ def test_kernels_compile_for_sm90():
     if res.returncode != 0 and "ptxas" in res.stderr and "No such file" in res.stderr:
         pytest.skip("this triton build has no ptxas")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "compiled 14" in res.stdout
+    assert "compiled 16" in res.stdout

@@ -230,6 +230,16 @@ def test_returns_objective_matches_an_independent_computation(over):
             torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("over", [
+    {"train.backend": "triton"},
+    {"train.backend": "triton", "gfn.policy_weighting": "none", "gfn.trust_region_scale": 3.0},
+])
+def test_returns_objective_through_the_fused_kernel(over):
+    """The same independent computation, with the returns terms (policy_weight, return_next) on the fused Triton
+    kernel (interpreted on CPU, float64) instead of the PyTorch reference."""
+    test_returns_objective_matches_an_independent_computation(over)
+
+
 @pytest.mark.parametrize("through_model", ["true", "false"])
 def test_chunked_reward_gradient_equals_the_whole_batch(through_model):
     """reward.micro_batch splits the forward-looking reward gradient into chunks (one leaf and forward each): the

@@ -1,7 +1,7 @@
 """The training step and the epoch per trajectory: fastnabla against the reference implementation's structure.
 
     python benchmarks/bench_step.py --quick      # tiny SD on the CPU (random weights, 64×64 images): ~10 min
-    python benchmarks/bench_step.py              # on a GPU: SD1.5-shaped UNet/VAE at random weights (--sd15)
+    python benchmarks/bench_step.py --sd15       # on a GPU: SD1.5-shaped UNet/VAE at random weights, 512×512
 
 Two units, as users count them:
 
@@ -70,6 +70,31 @@ def _rows():
 
 
 ROWS = _rows()
+
+
+#: SD1.5 shapes at random weights (--sd15, for a GPU): 512×512, 50 steps, 4 trajectories per batch
+SD15 = ["model.resolution=512", "model.flow_channels=[64,128,256,256]", "model.dtype=bf16", "sampling.num_steps=50",
+        "sampling.batch_size=4", "train.gradient_checkpointing=false"]
+
+
+def make_sd15_shaped(directory: str) -> str:
+    """An SD1.5-shaped pipeline at random weights (SD1.5's UNet and VAE configs, a one-layer 768-wide text encoder:
+    only its width matters), saved as a local diffusers directory."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from benchmarks.bench_memory import sd15_unet, sd15_vae
+    from tests.helpers.tiny_clip import make_tiny_clip_tokenizer
+
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=1,
+                                        num_attention_heads=12, max_position_embeddings=77))
+    tok = make_tiny_clip_tokenizer(os.path.join(directory, "_tok"), model_max_length=77)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    StableDiffusionPipeline(vae=sd15_vae(), text_encoder=text, tokenizer=tok, unet=sd15_unet(), scheduler=sched,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(directory)
+    return directory
 
 
 def _trim():
@@ -154,7 +179,7 @@ def reference_step(tr, batch) -> torch.Tensor:
     return residual_db_loss_reference(p)
 
 
-def worker(name: str, sd_dir: str, repeats: int) -> dict:
+def worker(name: str, sd_dir: str, repeats: int, sd15: bool = False) -> dict:
     from fastnabla.config import load_config
     from fastnabla.sampling import sample_trajectories
     from fastnabla.trainer import build_trainer
@@ -166,7 +191,8 @@ def worker(name: str, sd_dir: str, repeats: int) -> dict:
         except Exception:
             return {"row": name, "skipped": "bitsandbytes does not import here"}
     out_dir = tempfile.mkdtemp(prefix="bench_step_")
-    cfg = load_config(None, BASE + [f"model.pretrained={sd_dir}"] + over, output_dir=out_dir)
+    cfg = load_config(None, BASE + (SD15 if sd15 else []) + [f"model.pretrained={sd_dir}"] + over,
+                      output_dir=out_dir)
     tr = build_trainer(cfg)
     dev = tr.device
     n = cfg.sampling.batch_size
@@ -245,7 +271,8 @@ def plot(rows, path, title):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="one repeat (tiny SD on CPU either way)")
+    ap.add_argument("--quick", action="store_true", help="one repeat")
+    ap.add_argument("--sd15", action="store_true", help="SD1.5-shaped random weights at 512×512 (a GPU's job)")
     ap.add_argument("--rows", nargs="*", default=list(ROWS))
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -255,15 +282,18 @@ def main(argv=None):
     repeats = args.repeats or (1 if args.quick else 2)
     if args.worker:
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-        print("RESULT " + json.dumps(worker(args.worker, args.sd_dir, repeats)))
+        print("RESULT " + json.dumps(worker(args.worker, args.sd_dir, repeats, args.sd15)))
         return 0
     bad = [r for r in args.rows if r not in ROWS]
     if bad:
         print(f"bench_step: unknown row {bad[0]!r}; valid: {', '.join(ROWS)}", file=sys.stderr)
         return 2
-    from tests.helpers.tiny_sd import make_tiny_sd
+    if args.sd15:
+        sd_dir = make_sd15_shaped(tempfile.mkdtemp(prefix="sd15_shaped_"))
+    else:
+        from tests.helpers.tiny_sd import make_tiny_sd
 
-    sd_dir = make_tiny_sd(tempfile.mkdtemp(prefix="tiny_sd_"))
+        sd_dir = make_tiny_sd(tempfile.mkdtemp(prefix="tiny_sd_"))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=os.environ.get("BENCH_THREADS", "1"),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -272,7 +302,8 @@ def main(argv=None):
     rows = []
     for name in tqdm(args.rows, desc="rows"):
         p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", name, "--sd-dir", sd_dir,
-                            "--repeats", str(repeats)], env=env, capture_output=True, text=True, cwd=ROOT)
+                            "--repeats", str(repeats)] + (["--sd15"] if args.sd15 else []),
+                           env=env, capture_output=True, text=True, cwd=ROOT)
         line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if p.returncode or line is None:
             print(p.stdout[-2000:], p.stderr[-4000:], file=sys.stderr)
@@ -283,7 +314,8 @@ def main(argv=None):
     meta = {"device": torch.cuda.get_device_name() if dev == "cuda" else
             f"cpu ({platform.machine()}, {os.cpu_count()} cores, {env['OMP_NUM_THREADS']} thread)",
             "torch": torch.__version__, "git_sha": sha.strip(), "date": time.strftime("%Y-%m-%d"), "repeats": repeats,
-            "model": "tiny SD (tests/helpers/tiny_sd.py), 64×64, 20 steps, CFG 5"}
+            "model": "SD1.5-shaped, random weights, 512×512, 50 steps, CFG 5, bf16" if args.sd15 else
+            "tiny SD (tests/helpers/tiny_sd.py), 64×64, 20 steps, CFG 5"}
     ref = next(r for r in rows if r["row"] == "reference_structure")
     for r in rows:
         if "skipped" not in r:
@@ -292,13 +324,14 @@ def main(argv=None):
             r["epoch_speedup_vs_reference"] = round(ref["epoch_s_per_traj"] / r["epoch_s_per_traj"], 3)
         r.update(meta)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"step_{dev}.csv")
+    tag = dev + ("_sd15" if args.sd15 else "")
+    path = os.path.join(args.out, f"step_{tag}.csv")
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    plot(rows, os.path.join(args.out, f"step_{dev}.png"), f"{meta['model']} on {meta['device']}")
+    plot(rows, os.path.join(args.out, f"step_{tag}.png"), f"{meta['model']} on {meta['device']}")
     for r in rows:
         print(r["row"], {k: r.get(k) for k in ("transitions_per_s", "update_peak_mib", "epoch_s_per_traj",
                                                  "speedup_vs_reference", "memory_vs_reference", "skipped")})

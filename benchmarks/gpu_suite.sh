@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The one prepared GPU run: ≤ 5 minutes on one H100/H200 (twice, with the machine's start, fits 15 minutes).
+#
+#   here:   bash benchmarks/gpu_wheels.sh && git rev-parse --short HEAD > .whl/GIT_SHA
+#   device: run(command="bash benchmarks/gpu_suite.sh", carry=[".whl"], timeout_s=420)
+#
+# Installs the carried wheels, then runs a focused bench_loss slice (bf16, B ∈ {8, 512, 4096}, every kernel and
+# mode), bench_step at SD1.5 shapes (random weights, 512×512) and bench_memory at SD1.5 shapes, each under its own
+# time limit, and writes everything (CSV, PNG, device.txt) to one folder: $OUT when the device tool sets it, else
+# benchmarks/results/gpu_<date>. DRY_RUN=1 checks the CPU-side steps without a GPU (no benchmark runs).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEST="${OUT:-benchmarks/results/gpu_$(date +%Y%m%d)}"
+mkdir -p "$DEST"
+if [ "${DRY_RUN:-0}" != "1" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # cp312 wheels: the GPU image
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "gpu_suite: installing the carried wheels failed"; exit 2; }
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo "git_sha: $(cat .whl/GIT_SHA 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "gpu: none"
+  python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.version.cuda)"
+} > "$DEST/device.txt" 2>&1
+cat "$DEST/device.txt"
+if [ "${DRY_RUN:-0}" = "1" ]; then
+  python3 benchmarks/bench_loss.py --help > /dev/null && python3 benchmarks/bench_step.py --help > /dev/null \
+    && python3 benchmarks/bench_memory.py --help > /dev/null && echo "gpu_suite: dry run ok ($DEST)"
+  exit $?
+fi
+status=0
+timeout 100 python3 benchmarks/bench_loss.py --device cuda --dtypes bf16 --batch-sizes 8,512,4096 \
+  --modes forward,backward,full --out-dir "$DEST" 2>&1 | tail -40 || status=1
+timeout 150 python3 benchmarks/bench_step.py --sd15 --quick --out "$DEST" --rows reference_structure \
+  fastnabla_paper fastnabla_paper+all fastnabla_returns fastnabla_returns+unet_ckpt 2>&1 | tail -20 || status=1
+timeout 60 python3 benchmarks/bench_memory.py --configs none,all_ckpt --dtype bf16 --out "$DEST" 2>&1 | tail -10 || status=1
+ls -la "$DEST"
+exit $status

@@ -88,15 +88,30 @@ class NablaGFN(Method):
         return torch.where(j >= self.N, torch.ones_like(g), g)
 
     def _reward_grad(self, x: torch.Tensor, x0: torch.Tensor, prompts) -> tuple[torch.Tensor, torch.Tensor]:
-        """∇_x log R(decode(x0(x))) and log R, for x0 a differentiable function of x."""
-        log_r, _ = self.reward_fn(self.backbone.decode(x0), prompts, None)
-        (grad,) = torch.autograd.grad(log_r.sum(), x, retain_graph=True)
-        return grad.detach(), log_r.detach()
+        """∇_x log R(decode(x0(x))) and log R, for x0 a differentiable function of x.
+
+        With ``reward.micro_batch`` smaller than the batch, the decode and the reward run per chunk on detached
+        copies of x̂0 (their activations live one chunk at a time), and one VJP carries ∂log R/∂x̂0 back to x."""
+        B, mb = x.shape[0], self.micro_batch
+        if not 0 < mb < B:
+            log_r, _ = self.reward_fn(self.backbone.decode(x0), prompts, None)
+            (grad,) = torch.autograd.grad(log_r.sum(), x, retain_graph=True)
+            return grad.detach(), log_r.detach()
+        g_x0, logs = [], []
+        for s in range(0, B, mb):
+            leaf = x0[s:s + mb].detach().requires_grad_(True)
+            log_r, _ = self.reward_fn(self.backbone.decode(leaf), None if prompts is None else prompts[s:s + mb], None)
+            (g,) = torch.autograd.grad(log_r.sum(), leaf)
+            g_x0.append(g)
+            logs.append(log_r.detach())
+        (grad,) = torch.autograd.grad(x0, x, grad_outputs=torch.cat(g_x0), retain_graph=True)
+        return grad.detach(), torch.cat(logs)
 
     def reward_grad(self, x: torch.Tensor, j: torch.Tensor, cond, prompts, out: Optional[torch.Tensor] = None):
         """Forward-looking reward gradient r = β·γ·∇_x log R(x̂0_θ(x)) at states x with indices j (detached).
 
-        ``out`` (with a graph to ``x``, which must require grad) reuses an existing policy forward at x. With the
+        ``out`` (with a graph to ``x``, which must require grad) reuses an existing policy forward at x (then
+        ``reward.micro_batch`` chunks the decode and reward only: ``_reward_grad``). With the
         forward-looking term off (γ = 0 before the clean sample) only the clean rows are decoded and scored; the other
         rows get r = 0 and log R = NaN.
         """

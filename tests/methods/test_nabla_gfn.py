@@ -322,3 +322,23 @@ def test_bootstrapped_returns_feed_the_loss_and_are_not_stored():
     want, _ = obj._returns_objective(dataclasses.replace(b, returns=obj.bootstrapped_returns(b)), True)
     torch.testing.assert_close(loss_b, want, rtol=0, atol=0)
     assert float(stats["loss_returns"][:2].sum()) > 0 and float(stats["loss_returns"][2]) == 0  # terminal: no L_A
+
+
+def test_reverse_path_honours_reward_micro_batch():
+    """The paper's reward gradient at x reuses the policy forward; reward.micro_batch still chunks its decode and
+    reward (one VJP back through x̂0): the same loss as one pass, which the per-sample Jacobian test checks."""
+    cfg, bb, reward, c = _setup(**{"gfn.recipe": "paper"})
+    tr = sample_trajectories(bb, 6, torch.Generator().manual_seed(3), c)
+    idx = torch.stack([torch.arange(6), torch.tensor([0, 7, 25, 48, 49, 49])], 1)
+    b = TransitionBatch.gather(tr, idx, "cpu")
+    whole, _ = NablaGFN(bb, reward, c, cfg)(b)
+    seen = []
+    cfg.reward.micro_batch = 2
+
+    def spy(images, prompts, meta):
+        seen.append(images.shape[0])
+        return reward(images, prompts, meta)
+
+    chunked, _ = NablaGFN(bb, spy, c, cfg)(b)
+    torch.testing.assert_close(chunked, whole, rtol=1e-10, atol=1e-12)
+    assert max(seen) <= 2

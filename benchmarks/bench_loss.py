@@ -129,8 +129,15 @@ def provider_fn(provider: str):
 
 
 def mode_fn(provider: str, mode: str, p: LossInputs, upstream: torch.Tensor):
-    """A zero-argument callable timing one mode."""
-    loss_fn = provider_fn(provider)
+    """A zero-argument callable timing one mode. ``triton_final``: the kernel told the upstream gradient at forward
+    time (``expected_grad``), so it writes final gradients and the backward hands them back."""
+    if provider == "triton_final":
+        from fastnabla.kernels.residual_db import residual_db_loss_triton
+
+        def loss_fn(q):
+            return residual_db_loss_triton(q, expected_grad=upstream)
+    else:
+        loss_fn = provider_fn(provider)
     xs = leaves(p)
     if mode == "forward":
         return lambda: loss_fn(p)
@@ -229,7 +236,7 @@ def plot(rows, path: Path, title: str):
     for i, (k, d) in enumerate(panels):
         for j, m in enumerate(modes):
             ax = axes[i][j]
-            for prov in ("eager", "compile", "triton"):
+            for prov in ("eager", "compile", "triton", "triton_final"):
                 pts = sorted((r["B"], r["p50_ms"], r["p20_ms"], r["p80_ms"]) for r in rows
                              if r["kernel"] == k and r["dtype"] == d and r["mode"] == m and r["provider"] == prov)
                 if not pts:
@@ -257,7 +264,8 @@ def main(argv=None):
     ap.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=None)
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--modes", default="forward,backward,full")
-    ap.add_argument("--providers", default=None, help="default: eager,compile,triton (cpu: eager,compile)")
+    ap.add_argument("--providers", default=None,
+                    help="default: eager,compile,triton,triton_final (cpu: eager,compile)")
     ap.add_argument("--kernels", default=None, help=f"default: all on cuda, residual_db on cpu; of {list(KERNELS)}")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU intra-op threads (default 1: OpenMP spinning on a shared CPU distorts timings)")
@@ -271,8 +279,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         print("note: TRITON_INTERPRET=1 is ignored here; the interpreter is never timed", file=sys.stderr)
-    providers = (args.providers or ("eager,compile,triton" if device.type == "cuda" else "eager,compile")).split(",")
-    if device.type == "cpu" and "triton" in providers:
+    providers = (args.providers or ("eager,compile,triton,triton_final" if device.type == "cuda" else
+                                    "eager,compile")).split(",")
+    if device.type == "cpu" and any(p.startswith("triton") for p in providers):
         sys.exit("the Triton provider needs a GPU (interpreter timings would mean nothing)")
     kernels = (args.kernels or (",".join(KERNELS) if device.type == "cuda" else "residual_db")).split(",")
     bs = args.batch_sizes or (QUICK_BS if args.quick else FULL_BS)

@@ -33,7 +33,7 @@ fi
 status=0
 timeout 100 python3 benchmarks/bench_loss.py --device cuda --dtypes bf16 --batch-sizes 8,512,4096 \
   --modes forward,backward,full --out-dir "$DEST" 2>&1 | tail -40 || status=1
-timeout 150 python3 benchmarks/bench_step.py --sd15 --quick --out "$DEST" --rows reference_structure \
+timeout 210 python3 benchmarks/bench_step.py --sd15 --quick --out "$DEST" --rows reference_structure \
   fastnabla_paper fastnabla_paper+all fastnabla_returns fastnabla_returns+unet_ckpt 2>&1 | tail -20 || status=1
 timeout 60 python3 benchmarks/bench_memory.py --configs none,all_ckpt --dtype bf16 --out "$DEST" 2>&1 | tail -10 || status=1
 ls -la "$DEST"

@@ -167,19 +167,29 @@ def _empty(p: LossInputs) -> bool:
     return p.out.shape[0] == 0 or p.out[0].numel() == 0
 
 
+def _check_expected_grad(expected_grad, B: int) -> None:
+    if expected_grad is None:
+        return
+    t = torch.as_tensor(expected_grad)
+    if not (t.dim() == 0 or tuple(t.shape) == (B,)) or not t.is_floating_point() and t.dtype != torch.int64:
+        raise ValueError(f"expected_grad must be a number or a ({B},) tensor (the upstream gradient of loss_b), got "
+                         f"shape {tuple(t.shape)}")
+
+
 def residual_db_loss(out, out_ref, *, backend: str = "auto", return_stats: bool = False, check_values: bool = True,
-                     **terms):
+                     expected_grad=None, **terms):
     if backend not in ("auto", "reference", "triton"):
         raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
     p = validate_loss_inputs(out, out_ref, check_values=check_values, **terms)
+    _check_expected_grad(expected_grad, p.out.shape[0])
     _k = None if _empty(p) else _kernels_for(backend, out.device)
     if _k is not None:
-        return _k.residual_db_loss_triton(p, return_stats=return_stats)
+        return _k.residual_db_loss_triton(p, return_stats=return_stats, expected_grad=expected_grad)
     return residual_db_loss_reference(p, return_stats=return_stats)
 
 
 residual_db_loss.__signature__ = loss_signature(["out", "out_ref"], [("backend", "auto"), ("return_stats", False),
-                                                                     ("check_values", True)])
+                                                                     ("check_values", True), ("expected_grad", None)])
 residual_db_loss.__doc__ = f"""Residual ∇-DB loss per transition (ALGORITHM §4; §5b with return_next); a drop-in.
 
     Args:
@@ -191,8 +201,12 @@ residual_db_loss.__doc__ = f"""Residual ∇-DB loss per transition (ALGORITHM §
         return_stats: also return a dict of detached per-transition statistics (``STAT_NAMES``).
         check_values: validate tensor values too (finite coefficients, inv_var > 0, terminal 0/1). Each such check
             syncs a GPU with the host; a hot loop whose coefficients are checked once can pass False.
+        expected_grad: the gradient the caller will send into loss_b (a non-zero number or (B,)), e.g. 1/n for
+            ``loss_b.sum() / n``. The fused kernel then writes the final gradients in its forward pass and its
+            backward hands them back after one comparison (any other upstream gradient is still handled exactly,
+            by a rescaling pass). Values are unchanged; the reference ignores it.
 
-    Every argument is described once, in ``fastnabla.loss_contract.ARGS``.
+    Every loss argument is described once, in ``fastnabla.loss_contract.ARGS``.
 
     Returns:
         loss_b, (B,) float32 (float64 for float64 ``out``); and the stats dict if ``return_stats``.
@@ -207,7 +221,7 @@ def residual_db_loss_cfg_reference(p: LossInputs, out_uncond: torch.Tensor, guid
 
 
 def residual_db_loss_cfg(out_uncond, out_cond, guidance_scale, out_ref, *, backend: str = "auto",
-                         return_stats: bool = False, check_values: bool = True, **terms):
+                         return_stats: bool = False, check_values: bool = True, expected_grad=None, **terms):
     if backend not in ("auto", "reference", "triton"):
         raise ValueError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}")
     for name, t in (("out_uncond", out_uncond), ("out_cond", out_cond)):
@@ -220,15 +234,17 @@ def residual_db_loss_cfg(out_uncond, out_cond, guidance_scale, out_ref, *, backe
         raise ValueError(f"out_uncond is on {out_uncond.device}, expected {out_cond.device} (the device of out_cond)")
     w = _scalar_float("guidance_scale", guidance_scale)
     p = validate_loss_inputs(out_cond, out_ref, check_values=check_values, **terms)
+    _check_expected_grad(expected_grad, p.out.shape[0])
     _k = None if _empty(p) else _kernels_for(backend, out_cond.device)
     if _k is not None:
-        return _k.residual_db_loss_cfg_triton(p, out_uncond, w, return_stats=return_stats)
+        return _k.residual_db_loss_cfg_triton(p, out_uncond, w, return_stats=return_stats,
+                                              expected_grad=expected_grad)
     return residual_db_loss_cfg_reference(p, out_uncond, w, return_stats=return_stats)
 
 
 residual_db_loss_cfg.__signature__ = loss_signature(
     ["out_uncond", "out_cond", "guidance_scale", "out_ref"],
-    [("backend", "auto"), ("return_stats", False), ("check_values", True)])
+    [("backend", "auto"), ("return_stats", False), ("check_values", True), ("expected_grad", None)])
 residual_db_loss_cfg.__doc__ = """``residual_db_loss`` of the guided policy output out = out_uncond + w·(out_cond − out_uncond).
 
     For trainers whose model returns the two CFG halves separately (fastnabla's own backbones return the guided

@@ -212,6 +212,7 @@ class Trainer:
         accumulate on the device and are read once per update."""
         total = sum(int(idx.shape[0]) for idx in micro)
         stats_sum, finite = {}, True
+        self.method.item_grad = 1.0 / total
         self.engine.begin_update(len(micro))
         for idx in micro:
             loss_b, stats = self.method(self.method.gather(tr, idx, self.device))

@@ -34,7 +34,10 @@ Where the gradient work happens (bytes moved; R = input reads, W = gradient writ
   source (out, g', g; with CFG one buffer for the guided out serves both halves), in the input's dtype;
 - backward (``_scale_grads_kernel``) reads them and writes the W final gradients × grad_output[b].
 
-Full forward+backward therefore moves R + 2U + W. Recomputing in backward instead moves R + R' + W, where R' are
+Full forward+backward therefore moves R + 2U + W. When the caller announces the upstream gradient at forward
+time (``expected_grad``: the trainer's 1/items), the forward writes the final gradients (×upstream[b]) and the
+backward hands them back after one comparison: R + W, the minimum (without CFG; its halves still take the splitting
+pass). Any other upstream gradient is rescaled by grad/expected, exactly. Recomputing in backward instead moves R + R' + W, where R' are
 the inputs the gradients need again (out or both CFG halves, out_ref, r', g' and whichever of x, x', out_old,
 s_R, s_R^ref, g, r, G are on). Each gradient source needs at least two more reads than it has buffers (out: out,
 out_ref, r'; g' adds g', and G in returns mode; g adds s_R, r, g), so R' ≥ 2U always (λ = 1 with g': R' = 4, U = 2) and the fused pass
@@ -182,6 +185,7 @@ def _residual_db_fwd_kernel(
     cx_ptr,  # (B,) coef_x (STRENGTH)
     term_ptr,  # (B,) terminal as 0/1 float (TERMINAL)
     pw_ptr,  # (B,) policy_weight (WEIGHT)
+    up_ptr,  # (B,) the upstream gradient ∂L/∂loss_b known at forward time (UPSTREAM): gradients are written final
     # ---- row strides of the inputs, in elements
     s_out, s_outc, s_ref, s_rgn, s_fn, s_x, s_xn, s_old, s_sr, s_srr, s_fc, s_rgc, s_ret,
     # ---- sizes
@@ -192,13 +196,15 @@ def _residual_db_fwd_kernel(
     BLOCK: tl.constexpr, F64: tl.constexpr, CFG: tl.constexpr, STRENGTH: tl.constexpr, FLOW_NEXT: tl.constexpr,
     TERMINAL: tl.constexpr, REVERSE: tl.constexpr, REV_REF: tl.constexpr, FLOW_CUR: tl.constexpr,
     TRUST: tl.constexpr, RETURNS: tl.constexpr, WEIGHT: tl.constexpr, STATS: tl.constexpr, G_OUT: tl.constexpr,
-    G_FN: tl.constexpr, G_FC: tl.constexpr, FINALIZE: tl.constexpr,
+    G_FN: tl.constexpr, G_FC: tl.constexpr, FINALIZE: tl.constexpr, UPSTREAM: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1).to(tl.int64)
 
     nf = _arg(N, F64)
-    two_n = 2.0 / nf
+    two_n = 2.0 / nf  # the gradients' common factor (× the known upstream gradient: then they are final)
+    if UPSTREAM:
+        two_n = two_n * _up(tl.load(up_ptr + b), F64)
     lam = _arg(lam_hi, F64) + _arg(lam_lo, F64)
     ts = _arg(ts_hi, F64) + _arg(ts_lo, F64)
     rs = _arg(rs_hi, F64) + _arg(rs_lo, F64)
@@ -444,11 +450,13 @@ def _vec(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _launch_forward(p, out_uncond: Optional[torch.Tensor], w: float, *, need: tuple[bool, bool, bool, bool],
-                    stats: bool, block: Optional[int], num_blocks: Optional[int]):
+                    stats: bool, block: Optional[int], num_blocks: Optional[int],
+                    upstream: Optional[torch.Tensor] = None):
     """Run the fused pass. ``need`` = gradients wanted for (out | out_uncond, out_cond, flow_next, flow_cur).
 
-    Returns loss (B,), stats (9, B) fp32 or None, and the unscaled gradient buffers for (out, flow_next,
-    flow_cur) (None where not needed; with CFG the buffer holds ∂loss_b/∂out of the guided output).
+    Returns loss (B,), stats (9, B) fp32 or None, and the gradient buffers for (out, flow_next, flow_cur) (None
+    where not needed; with CFG the buffer holds ∂loss_b/∂out of the guided output): for an upstream gradient of 1,
+    or × ``upstream`` (B,) when it is given.
     """
     cfg = out_uncond is not None
     out_a = out_uncond if cfg else p.out  # the pointer the kernel calls out_ptr
@@ -511,12 +519,13 @@ def _launch_forward(p, out_uncond: Optional[torch.Tensor], w: float, *, need: tu
             loss, st, part, g_out if g_out is not None else dummy,
             g_fn if g_fn is not None else dummy, g_fc if g_fc is not None else dummy,
             a, c, ref, rgn, fn, x, xn, old, sr, srr, fc, rgc, ret, co, iv, cx, term, pw,
+            upstream if upstream is not None else co,
             s_a, s_c, s_ref, s_rgn, s_fn, s_x, s_xn, s_old, s_sr, s_srr, s_fc, s_rgc, s_ret,
             B, N, CHUNK, nblk,
             *_hi_lo(lam), *_hi_lo(w), *_hi_lo(ts), *_hi_lo(rs), *_hi_lo(trs),
             BLOCK=BLOCK, CFG=cfg, STRENGTH=p.strength != 1.0, REV_REF=p.score_rev_ref is not None,
             FLOW_CUR=p.flow_cur is not None, WEIGHT=p.policy_weight is not None, G_OUT=need_out, G_FN=need_fn,
-            G_FC=need_fc, FINALIZE=finalize, num_warps=_GPU_WARPS, **flags,
+            G_FC=need_fc, FINALIZE=finalize, UPSTREAM=upstream is not None, num_warps=_GPU_WARPS, **flags,
         )
         if not finalize:
             block_b = min(triton.next_power_of_2(B), 1024)
@@ -558,15 +567,21 @@ def _scale_grads(unscaled, specs, factors, grad_loss: torch.Tensor, f64: bool, b
 class _ResidualDBFunction(torch.autograd.Function):
     """Autograd glue: forward runs the fused pass (writing unscaled gradients), backward scales them.
 
+    With ``expected`` (the upstream gradient the caller announced, (B,)), the forward writes the final gradients
+    and the backward hands them back as they are when the upstream gradient is the announced one (one comparison;
+    without CFG, whose two halves still need their (1 − w, w) split), and rescales by grad/expected otherwise.
+
     Only the tensors that receive gradients are Function inputs; everything else rides along in ``p`` as data,
     exactly as the reference detaches it.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, out_a, out_c, flow_next, flow_cur, p, out_uncond, w, need, stats, block, num_blocks):
+    def forward(ctx, out_a, out_c, flow_next, flow_cur, p, out_uncond, w, need, stats, block, num_blocks,
+                expected=None):
         loss, st, grads = _launch_forward(p, out_uncond, w, need=need, stats=stats, block=block,
-                                          num_blocks=num_blocks)
+                                          num_blocks=num_blocks, upstream=expected)
+        ctx.expected = expected
         ctx.save_for_backward(*[g for g in grads if g is not None])
         ctx.has = tuple(g is not None for g in grads)
         ctx.specs = tuple((t.shape, t.dtype) if (t is not None and n) else None
@@ -584,11 +599,25 @@ class _ResidualDBFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused):
         saved = list(ctx.saved_tensors)
         unscaled = [saved.pop(0) if h else None for h in ctx.has]
+        if ctx.expected is not None:
+            if ctx.factors == (1.0, 0.0) and torch.equal(grad_loss, ctx.expected.to(grad_loss.dtype)):
+                g_out, g_fn, g_fc = unscaled  # already final: no second pass over the gradients
+                return (g_out if ctx.specs[0] is not None else None, None,
+                        g_fn if ctx.specs[2] is not None else None, g_fc if ctx.specs[3] is not None else None,
+                        *[None] * 8)
+            grad_loss = grad_loss / ctx.expected.to(grad_loss.dtype)
         grads = _scale_grads(unscaled, ctx.specs, ctx.factors, grad_loss, ctx.f64, *ctx.geometry)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, *[None] * 8)
 
 
-def _run(p, out_uncond, w, return_stats, block, num_blocks):
+def _expected(expected_grad, B: int, like: torch.Tensor, f64: bool) -> Optional[torch.Tensor]:
+    if expected_grad is None:
+        return None
+    t = torch.as_tensor(expected_grad, dtype=torch.float64 if f64 else torch.float32, device=like.device)
+    return (t.expand(B) if t.dim() == 0 else t).contiguous()
+
+
+def _run(p, out_uncond, w, return_stats, block, num_blocks, expected_grad=None):
     if p.out.shape[0] == 0 or p.out[0].numel() == 0:
         raise ValueError("the fused kernel needs at least one transition with at least one element; "
                          "call fastnabla.residual_db_loss, which routes empty inputs to the reference")
@@ -603,9 +632,11 @@ def _run(p, out_uncond, w, return_stats, block, num_blocks):
     else:
         need = (wants(p.out), False, wants(p.flow_next), wants(p.flow_cur))
     if any(need):
+        f64 = (torch.promote_types(out_uncond.dtype, p.out.dtype) if cfg else p.out.dtype) == torch.float64
         res = _ResidualDBFunction.apply(
             out_uncond if cfg else p.out, p.out if cfg else None, p.flow_next, p.flow_cur,
-            p, out_uncond, w, need, return_stats, block, num_blocks)
+            p, out_uncond, w, need, return_stats, block, num_blocks,
+            _expected(expected_grad, p.out.shape[0], p.out, f64))
         loss, st = res if return_stats else (res, None)
     else:
         loss, st, _ = _launch_forward(p, out_uncond, w, need=need, stats=return_stats, block=block,
@@ -616,19 +647,22 @@ def _run(p, out_uncond, w, return_stats, block, num_blocks):
 
 
 def residual_db_loss_triton(p, return_stats: bool = False, *, block: Optional[int] = None,
-                            num_blocks: Optional[int] = None):
+                            num_blocks: Optional[int] = None, expected_grad=None):
     """The fused kernel on validated ``LossInputs`` (see ``fastnabla.loss.residual_db_loss``).
 
     Returns loss (B,) float32 (float64 for float64 ``out``), and with ``return_stats`` the dict of detached (B,)
     float32 statistics of ``STAT_NAMES`` from the same pass. ``block``/``num_blocks`` override the launch
-    geometry (tests). ``fastnabla.residual_db_loss`` routes empty inputs to the reference before calling this.
+    geometry (tests). ``expected_grad`` (a number or (B,), non-zero): the upstream gradient the caller will send
+    into loss_b; the forward then writes final gradients and the backward needs no second pass when it comes.
+    ``fastnabla.residual_db_loss`` routes empty inputs to the reference before calling this.
     """
-    return _run(p, None, 0.0, return_stats, block, num_blocks)
+    return _run(p, None, 0.0, return_stats, block, num_blocks, expected_grad)
 
 
 def residual_db_loss_cfg_triton(p, out_uncond: torch.Tensor, guidance_scale: float, return_stats: bool = False, *,
-                                block: Optional[int] = None, num_blocks: Optional[int] = None):
+                                block: Optional[int] = None, num_blocks: Optional[int] = None, expected_grad=None):
     """The fused kernel with classifier-free guidance: ``p.out`` holds out_cond, and the guided output
-    out_uncond + w·(out_cond − out_uncond) is formed in registers only. Gradients go to both halves."""
-    return _run(p, out_uncond, float(guidance_scale), return_stats, block, num_blocks)
+    out_uncond + w·(out_cond − out_uncond) is formed in registers only. Gradients go to both halves (always a
+    second, splitting pass; ``expected_grad`` is accepted and only changes what the first pass writes)."""
+    return _run(p, out_uncond, float(guidance_scale), return_stats, block, num_blocks, expected_grad)
 

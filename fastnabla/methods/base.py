@@ -55,6 +55,10 @@ class Method:
 
     #: the ``method.name`` that selects this class
     name: str = ""
+    #: the gradient the trainer will send into each item's loss in the current update (1 / its items), set before
+    #: each micro-batch: a method may announce it to its loss (``residual_db_loss(expected_grad=…)``), whose fused
+    #: kernel then writes final gradients in one pass
+    item_grad: Optional[float] = None
 
     def __init__(self, backbone, reward_fn, coeffs: TransitionCoefficients, cfg):
         self.backbone = backbone

@@ -278,6 +278,7 @@ class NablaGFN(Method):
             out_old=b.out_old if gfn.trust_region_scale > 0 else None, trust_region_scale=gfn.trust_region_scale,
             reverse_scale=gfn.reverse_scale if reverse else 0.0, score_rev=score_rev, score_rev_ref=score_rev_ref,
             flow_cur=flow_cur, reward_grad_cur=r_cur, terminal_scale=gfn.terminal_scale, backend=self.backend,
+            expected_grad=self.item_grad,
             return_stats=return_stats, check_values=False,  # the coefficients were checked once at start
         )
 
@@ -315,5 +316,5 @@ class NablaGFN(Method):
             flow_next=g_next, terminal=terminal, policy_weight=w,
             return_next=None if gfn.no_flow else b.returns,
             out_old=b.out_old if gfn.trust_region_scale > 0 else None, trust_region_scale=gfn.trust_region_scale,
-            backend=self.backend, return_stats=return_stats, check_values=False,
+            backend=self.backend, return_stats=return_stats, check_values=False, expected_grad=self.item_grad,
         )

@@ -584,3 +584,33 @@ def test_kernels_compile_for_sm90():
         pytest.skip("this triton build has no ptxas")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "compiled 16" in res.stdout
+
+
+@pytest.mark.parametrize("config", ["flow_terminal", "reverse", "returns"])
+@pytest.mark.parametrize("announced", ["same", "other"])
+@pytest.mark.parametrize("cfg", [False, True])
+def test_expected_grad_writes_final_gradients_in_the_forward(config, announced, cfg, monkeypatch):
+    """With the upstream gradient announced (expected_grad), the forward writes the final gradients and, without
+    CFG, the backward hands them back with no rescaling pass. Another upstream gradient than the announced one
+    still gets the exact gradients (through the rescaling pass). Equal to the two-pass path, which the closed-form
+    test checks, in float64."""
+    t = make(B=3, S=(3, 5), seed=31, cfg=cfg)
+    t["upstream"] = torch.full((3,), 0.25, dtype=torch.float64)
+    announce = 0.25 if announced == "same" else torch.tensor([0.5, 0.125, 2.0])
+    w = 2.0 if cfg else None
+    calls = []
+    real = K._scale_grads
+    monkeypatch.setattr(K, "_scale_grads", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    one = evaluate("kernel", t, CONFIGS[config], torch.float64, w=w, stats=True, block=8, num_blocks=2,
+                   expected_grad=announce)
+    assert len(calls) == (0 if announced == "same" and not cfg else 1)
+    two = evaluate("kernel", t, CONFIGS[config], torch.float64, w=w, stats=True, block=8, num_blocks=2)
+    assert torch.equal(one["loss"], two["loss"])
+    for name in STAT_NAMES:
+        assert torch.equal(one["stats"][name], two["stats"][name]), name
+    assert set(one["grads"]) == set(two["grads"])
+    for name, g in two["grads"].items():
+        if g is None:
+            assert one["grads"][name] is None, name
+        else:
+            assert_close(one["grads"][name], g, 1e-13, name)

@@ -37,12 +37,14 @@ Where the gradient work happens (bytes moved; R = input reads, W = gradient writ
 Full forward+backward therefore moves R + 2U + W. When the caller announces the upstream gradient at forward
 time (``expected_grad``: the trainer's 1/items), the forward writes the final gradients (×upstream[b]) and the
 backward hands them back after one comparison: R + W, the minimum (without CFG; its halves still take the splitting
-pass). Any other upstream gradient is rescaled by grad/expected, exactly. Recomputing in backward instead moves R + R' + W, where R' are
-the inputs the gradients need again (out or both CFG halves, out_ref, r', g' and whichever of x, x', out_old,
-s_R, s_R^ref, g, r, G are on). Each gradient source needs at least two more reads than it has buffers (out: out,
-out_ref, r'; g' adds g', and G in returns mode; g adds s_R, r, g), so R' ≥ 2U always (λ = 1 with g': R' = 4, U = 2) and the fused pass
-is never worse, strictly better once λ ≠ 1, the trust region, the reverse residual or CFG is on. The price: gradients of 16-bit inputs are rounded twice (once
-unscaled, once scaled; ≤ 1 extra ulp), and the unscaled buffers live from forward to backward (W bytes, like any
+pass). Any other upstream gradient is rescaled by grad/expected, exactly.
+
+Recomputing in backward instead moves R + R' + W, where R' are the inputs the gradients need again (out or both
+CFG halves, out_ref, r', g' and whichever of x, x', out_old, s_R, s_R^ref, g, r, G are on). Each gradient source
+needs at least two more reads than it has buffers (out: out, out_ref, r'; g' adds g', and G in returns mode; g adds
+s_R, r, g), so R' ≥ 2U always (λ = 1 with g': R' = 4, U = 2) and the fused pass is never worse, strictly better
+once λ ≠ 1, the trust region, the reverse residual or CFG is on. The price: gradients of 16-bit inputs are rounded
+twice (once unscaled, once scaled; ≤ 1 extra ulp), and the unscaled buffers live from forward to backward (W bytes, like any
 saved activation). Scaling out of place rather than in place costs W extra bytes of memory during backward only,
 and keeps retain_graph / repeated backward (gradcheck does that) correct.
 
@@ -164,30 +166,31 @@ def _residual_db_fwd_kernel(
     stats_ptr,  # (9, B) fp32, zero-filled: STAT_NAMES rows (FINALIZE and STATS only)
     part_ptr,  # (B, n_blocks, 7) compute dtype: partial sums (not FINALIZE)
     g_out_ptr,  # (B, N) dtype of out (CFG: of the guided out), contiguous: unscaled ∂loss_b/∂out
-    g_fn_ptr,  # (B, N) dtype of flow_next, contiguous: unscaled ∂loss_b/∂flow_next
-    g_fc_ptr,  # (B, N) dtype of flow_cur, contiguous: unscaled ∂loss_b/∂flow_cur
+    g_flow_next_ptr,  # (B, N) dtype of flow_next, contiguous: unscaled ∂loss_b/∂flow_next
+    g_flow_cur_ptr,  # (B, N) dtype of flow_cur, contiguous: unscaled ∂loss_b/∂flow_cur
     # ---- inputs: rows of the flattened sample, any float dtype each, unit stride inside a row
     out_ptr,  # (B, N) out (CFG: out_uncond)
-    outc_ptr,  # (B, N) out_cond (CFG only)
-    ref_ptr,  # (B, N) out_ref
-    rgn_ptr,  # (B, N) reward_grad_next
-    fn_ptr,  # (B, N) flow_next (FLOW_NEXT)
+    out_cond_ptr,  # (B, N) out_cond (CFG only)
+    out_ref_ptr,  # (B, N) out_ref
+    reward_grad_next_ptr,  # (B, N) reward_grad_next
+    flow_next_ptr,  # (B, N) flow_next (FLOW_NEXT)
     x_ptr,  # (B, N) x (STRENGTH)
-    xn_ptr,  # (B, N) x_next (STRENGTH)
-    old_ptr,  # (B, N) out_old (TRUST)
-    sr_ptr,  # (B, N) score_rev (REVERSE)
-    srr_ptr,  # (B, N) score_rev_ref (REV_REF)
-    fc_ptr,  # (B, N) flow_cur (FLOW_CUR)
-    rgc_ptr,  # (B, N) reward_grad_cur (REVERSE)
-    ret_ptr,  # (B, N) return_next G (RETURNS)
-    co_ptr,  # (B,) coef_out, any float dtype
-    iv_ptr,  # (B,) inv_var
-    cx_ptr,  # (B,) coef_x (STRENGTH)
-    term_ptr,  # (B,) terminal as 0/1 float (TERMINAL)
-    pw_ptr,  # (B,) policy_weight (WEIGHT)
-    up_ptr,  # (B,) the upstream gradient ∂L/∂loss_b known at forward time (UPSTREAM): gradients are written final
+    x_next_ptr,  # (B, N) x_next (STRENGTH)
+    out_old_ptr,  # (B, N) out_old (TRUST)
+    score_rev_ptr,  # (B, N) score_rev (REVERSE)
+    score_rev_ref_ptr,  # (B, N) score_rev_ref (REV_REF)
+    flow_cur_ptr,  # (B, N) flow_cur (FLOW_CUR)
+    reward_grad_cur_ptr,  # (B, N) reward_grad_cur (REVERSE)
+    return_next_ptr,  # (B, N) return_next G (RETURNS)
+    coef_out_ptr,  # (B,) coef_out, any float dtype
+    inv_var_ptr,  # (B,) inv_var
+    coef_x_ptr,  # (B,) coef_x (STRENGTH)
+    terminal_ptr,  # (B,) terminal as 0/1 float (TERMINAL)
+    policy_weight_ptr,  # (B,) policy_weight (WEIGHT)
+    upstream_ptr,  # (B,) ∂L/∂loss_b known at forward time (UPSTREAM): the gradients are written final
     # ---- row strides of the inputs, in elements
-    s_out, s_outc, s_ref, s_rgn, s_fn, s_x, s_xn, s_old, s_sr, s_srr, s_fc, s_rgc, s_ret,
+    s_out, s_out_cond, s_out_ref, s_reward_grad_next, s_flow_next, s_x, s_x_next, s_out_old, s_score_rev,
+    s_score_rev_ref, s_flow_cur, s_reward_grad_cur, s_return_next,
     # ---- sizes
     B, N, CHUNK, n_blocks,
     # ---- hyper-parameters as fp32 (hi, lo) pairs
@@ -204,21 +207,21 @@ def _residual_db_fwd_kernel(
     nf = _arg(N, F64)
     two_n = 2.0 / nf  # the gradients' common factor (× the known upstream gradient: then they are final)
     if UPSTREAM:
-        two_n = two_n * _up(tl.load(up_ptr + b), F64)
+        two_n = two_n * _up(tl.load(upstream_ptr + b), F64)
     lam = _arg(lam_hi, F64) + _arg(lam_lo, F64)
     ts = _arg(ts_hi, F64) + _arg(ts_lo, F64)
     rs = _arg(rs_hi, F64) + _arg(rs_lo, F64)
     trs = _arg(trs_hi, F64) + _arg(trs_lo, F64)
-    co = _up(tl.load(co_ptr + b), F64)
-    iv = _up(tl.load(iv_ptr + b), F64)
+    co = _up(tl.load(coef_out_ptr + b), F64)
+    iv = _up(tl.load(inv_var_ptr + b), F64)
     co_iv = co * iv
     if WEIGHT:
-        pw = _up(tl.load(pw_ptr + b), F64)
+        pw = _up(tl.load(policy_weight_ptr + b), F64)
         co_iv = pw * co_iv  # ∂(w·r_F²)/∂out: the weight rides on the out gradient only
     if STRENGTH:
-        cx = _up(tl.load(cx_ptr + b), F64)
+        cx = _up(tl.load(coef_x_ptr + b), F64)
     if TERMINAL:
-        term = _up(tl.load(term_ptr + b), F64)
+        term = _up(tl.load(terminal_ptr + b), F64)
     else:
         term = 0.0
     keep = 1.0 - term  # g' counts in the forward residual only at a non-terminal x'
@@ -240,47 +243,48 @@ def _residual_db_fwd_kernel(
         mask = offs < N  # masked lanes load 0 and every term is linear in the loads: they add 0
         o = _ld(out_ptr + b * s_out, offs, mask, F64)
         if CFG:
-            o = o + w * (_ld(outc_ptr + b * s_outc, offs, mask, F64) - o)
-        diff = co * (o - lam * _ld(ref_ptr + b * s_ref, offs, mask, F64))
+            o = o + w * (_ld(out_cond_ptr + b * s_out_cond, offs, mask, F64) - o)
+        diff = co * (o - lam * _ld(out_ref_ptr + b * s_out_ref, offs, mask, F64))
         if STRENGTH:
             diff = diff + (1.0 - lam) * (cx * _ld(x_ptr + b * s_x, offs, mask, F64)
-                                         - _ld(xn_ptr + b * s_xn, offs, mask, F64))
+                                         - _ld(x_next_ptr + b * s_x_next, offs, mask, F64))
         d = diff * iv
-        rg = _ld(rgn_ptr + b * s_rgn, offs, mask, F64)
+        rg = _ld(reward_grad_next_ptr + b * s_reward_grad_next, offs, mask, F64)
         r_f = d - rg
         if FLOW_NEXT:
-            fn = _ld(fn_ptr + b * s_fn, offs, mask, F64)
+            fn = _ld(flow_next_ptr + b * s_flow_next, offs, mask, F64)
             r_f = r_f - fn * keep
             acc_t += fn * fn
             if RETURNS:  # g' is data in r_F; the flow's gradient comes from L_A alone
-                r_a = fn + rg - _ld(ret_ptr + b * s_ret, offs, mask, F64)
+                r_a = fn + rg - _ld(return_next_ptr + b * s_return_next, offs, mask, F64)
                 acc_a += r_a * r_a
                 if G_FN:
                     g = two_n * keep * r_a
-                    tl.store(g_fn_ptr + g_row + offs, g.to(g_fn_ptr.dtype.element_ty), mask=mask)
+                    tl.store(g_flow_next_ptr + g_row + offs, g.to(g_flow_next_ptr.dtype.element_ty), mask=mask)
             elif G_FN:
                 g = two_n * (ts * term * fn - keep * r_f)
-                tl.store(g_fn_ptr + g_row + offs, g.to(g_fn_ptr.dtype.element_ty), mask=mask)
+                tl.store(g_flow_next_ptr + g_row + offs, g.to(g_flow_next_ptr.dtype.element_ty), mask=mask)
         acc_f += r_f * r_f
         if STATS:
             acc_d2 += d * d
             acc_g2 += rg * rg
         g_o = co_iv * r_f
         if TRUST:
-            delta = o - _ld(old_ptr + b * s_old, offs, mask, F64)
+            delta = o - _ld(out_old_ptr + b * s_out_old, offs, mask, F64)
             acc_reg += delta * delta
             g_o = g_o + trs * delta
         if G_OUT:  # CFG: the guided output's gradient; backward splits it into the two halves
             tl.store(g_out_ptr + g_row + offs, (two_n * g_o).to(g_out_ptr.dtype.element_ty), mask=mask)
         if REVERSE:
-            r_r = _ld(sr_ptr + b * s_sr, offs, mask, F64) + _ld(rgc_ptr + b * s_rgc, offs, mask, F64)
+            r_r = (_ld(score_rev_ptr + b * s_score_rev, offs, mask, F64)
+                   + _ld(reward_grad_cur_ptr + b * s_reward_grad_cur, offs, mask, F64))
             if REV_REF:
-                r_r = r_r - lam * _ld(srr_ptr + b * s_srr, offs, mask, F64)
+                r_r = r_r - lam * _ld(score_rev_ref_ptr + b * s_score_rev_ref, offs, mask, F64)
             if FLOW_CUR:
-                r_r = r_r + _ld(fc_ptr + b * s_fc, offs, mask, F64)
+                r_r = r_r + _ld(flow_cur_ptr + b * s_flow_cur, offs, mask, F64)
                 if G_FC:
                     g = two_n * rs * keep * r_r
-                    tl.store(g_fc_ptr + g_row + offs, g.to(g_fc_ptr.dtype.element_ty), mask=mask)
+                    tl.store(g_flow_cur_ptr + g_row + offs, g.to(g_flow_cur_ptr.dtype.element_ty), mask=mask)
             acc_r += r_r * r_r
 
     s_f = tl.sum(acc_f, axis=0)
@@ -311,7 +315,7 @@ def _residual_db_reduce_kernel(
     loss_ptr,  # (B,) compute dtype: loss_b
     stats_ptr,  # (9, B) fp32, zero-filled: STAT_NAMES rows (STATS)
     part_ptr,  # (B, n_blocks, 7) compute dtype: partial sums from the forward kernel
-    term_ptr,  # (B,) terminal as 0/1 float (TERMINAL)
+    terminal_ptr,  # (B,) terminal as 0/1 float (TERMINAL)
     B, N, n_blocks,
     ts_hi, ts_lo, rs_hi, rs_lo, trs_hi, trs_lo,
     BLOCK_B: tl.constexpr, F64: tl.constexpr, FLOW_NEXT: tl.constexpr, TERMINAL: tl.constexpr,
@@ -343,7 +347,7 @@ def _residual_db_reduce_kernel(
         if RETURNS:
             s_a += tl.load(p + 6, mask=mask, other=0.0)
     if TERMINAL:
-        term = _up(tl.load(term_ptr + b, mask=mask, other=0.0), F64)
+        term = _up(tl.load(terminal_ptr + b, mask=mask, other=0.0), F64)
     else:
         term = 0.0
     _finalize(loss_ptr, stats_ptr, b, mask, B, s_f, s_t, s_r, s_reg, s_d2, s_g2, s_a, term, nf, ts, rs, trs,
@@ -357,8 +361,8 @@ def _scale_grads_kernel(
     d_fn_ptr,  # (B, N) dtype of flow_next: grad_output[b] · ∂loss_b/∂flow_next (FN)
     d_fc_ptr,  # (B, N) dtype of flow_cur: grad_output[b] · ∂loss_b/∂flow_cur (FC)
     g_out_ptr,  # (B, N) unscaled ∂loss_b/∂out from the forward pass (OUT1 or OUT2)
-    g_fn_ptr,  # (B, N) unscaled ∂loss_b/∂flow_next (FN)
-    g_fc_ptr,  # (B, N) unscaled ∂loss_b/∂flow_cur (FC)
+    g_flow_next_ptr,  # (B, N) unscaled ∂loss_b/∂flow_next (FN)
+    g_flow_cur_ptr,  # (B, N) unscaled ∂loss_b/∂flow_cur (FC)
     go_ptr,  # (B,) loss dtype, stride s_go (0 for an expanded scalar): upstream ∂L/∂loss_b
     s_go, N, CHUNK,
     f1_hi, f1_lo, f2_hi, f2_lo,  # CFG split of the out gradient: (1 − w, w); plain: f1 = 1
@@ -383,10 +387,10 @@ def _scale_grads_kernel(
             if OUT2:
                 tl.store(d_out2_ptr + offs, (v * go2).to(d_out2_ptr.dtype.element_ty), mask=mask)
         if FN:
-            v = _up(tl.load(g_fn_ptr + offs, mask=mask, other=0.0), F64)
+            v = _up(tl.load(g_flow_next_ptr + offs, mask=mask, other=0.0), F64)
             tl.store(d_fn_ptr + offs, (v * go).to(d_fn_ptr.dtype.element_ty), mask=mask)
         if FC:
-            v = _up(tl.load(g_fc_ptr + offs, mask=mask, other=0.0), F64)
+            v = _up(tl.load(g_flow_cur_ptr + offs, mask=mask, other=0.0), F64)
             tl.store(d_fc_ptr + offs, (v * go).to(d_fc_ptr.dtype.element_ty), mask=mask)
 
 
@@ -509,9 +513,10 @@ def _launch_forward(p, out_uncond: Optional[torch.Tensor], w: float, *, need: tu
         REVERSE=p.reverse_scale != 0.0, TRUST=p.trust_region_scale != 0.0, RETURNS=p.return_next is not None,
         STATS=stats,
     )
-    (a, s_a), (c, s_c), (ref, s_ref), (rgn, s_rgn), (fn, s_fn) = (ptr(n) for n in (
+    (a, s_a), (c, s_c), (ref, s_out_ref), (rgn, s_reward_grad_next), (fn, s_flow_next) = (ptr(n) for n in (
         "a", "c", "out_ref", "reward_grad_next", "flow_next"))
-    (x, s_x), (xn, s_xn), (old, s_old), (sr, s_sr), (srr, s_srr), (fc, s_fc), (rgc, s_rgc), (ret, s_ret) = (
+    ((x, s_x), (xn, s_x_next), (old, s_out_old), (sr, s_score_rev), (srr, s_score_rev_ref), (fc, s_flow_cur),
+     (rgc, s_reward_grad_cur), (ret, s_return_next)) = (
         ptr(n) for n in ("x", "x_next", "out_old", "score_rev", "score_rev_ref", "flow_cur", "reward_grad_cur",
                          "return_next"))
     with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
@@ -520,7 +525,8 @@ def _launch_forward(p, out_uncond: Optional[torch.Tensor], w: float, *, need: tu
             g_fn if g_fn is not None else dummy, g_fc if g_fc is not None else dummy,
             a, c, ref, rgn, fn, x, xn, old, sr, srr, fc, rgc, ret, co, iv, cx, term, pw,
             upstream if upstream is not None else co,
-            s_a, s_c, s_ref, s_rgn, s_fn, s_x, s_xn, s_old, s_sr, s_srr, s_fc, s_rgc, s_ret,
+            s_a, s_c, s_out_ref, s_reward_grad_next, s_flow_next, s_x, s_x_next, s_out_old, s_score_rev,
+            s_score_rev_ref, s_flow_cur, s_reward_grad_cur, s_return_next,
             B, N, CHUNK, nblk,
             *_hi_lo(lam), *_hi_lo(w), *_hi_lo(ts), *_hi_lo(rs), *_hi_lo(trs),
             BLOCK=BLOCK, CFG=cfg, STRENGTH=p.strength != 1.0, REV_REF=p.score_rev_ref is not None,

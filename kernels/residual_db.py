@@ -44,9 +44,9 @@ CFG halves, out_ref, r', g' and whichever of x, x', out_old, s_R, s_R^ref, g, r,
 needs at least two more reads than it has buffers (out: out, out_ref, r'; g' adds g', and G in returns mode; g adds
 s_R, r, g), so R' ≥ 2U always (λ = 1 with g': R' = 4, U = 2) and the fused pass is never worse, strictly better
 once λ ≠ 1, the trust region, the reverse residual or CFG is on. The price: gradients of 16-bit inputs are rounded
-twice (once unscaled, once scaled; ≤ 1 extra ulp), and the unscaled buffers live from forward to backward (W bytes, like any
-saved activation). Scaling out of place rather than in place costs W extra bytes of memory during backward only,
-and keeps retain_graph / repeated backward (gradcheck does that) correct.
+twice (once unscaled, once scaled; ≤ 1 extra ulp), and the unscaled buffers live from forward to backward (W bytes,
+like any saved activation). Scaling out of place rather than in place costs W extra bytes of memory during backward
+only, and keeps retain_graph / repeated backward (gradcheck does that) correct.
 
 Reduction: deterministic two stages. The grid is (transition, block); each program loops over a contiguous
 chunk of its transition's row and writes seven partial sums to a (B, n_blocks, 7) buffer; a second tiny kernel

@@ -6,7 +6,7 @@ diffusers' ``scheduler.step`` (tested), so training and sampling read the same c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -31,6 +31,9 @@ class Trajectories:
     prompts: Optional[list]  # n prompts, or None for an unconditional backbone
     cond: Optional[torch.Tensor]  # (n, ...) conditioning, or None
     returns: Optional[torch.Tensor] = None  # (n, N+1, *S) gradient returns G_0..G_N (recipe "returns"), or None
+    # per-trajectory tensors (n, ...) a method stores with the trajectories (e.g. DDPO's advantages): concatenated,
+    # checkpointed and moved with them
+    extras: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.xs.shape[0]
@@ -42,14 +45,16 @@ class Trajectories:
             return None if vals[0] is None else torch.cat(vals)
 
         prompts = None if items[0].prompts is None else [p for i in items for p in i.prompts]
-        return Trajectories(c("xs"), c("outs"), c("log_reward"), prompts, c("cond"), c("returns"))
+        extras = {k: torch.cat([i.extras[k] for i in items]) for k in items[0].extras}
+        return Trajectories(c("xs"), c("outs"), c("log_reward"), prompts, c("cond"), c("returns"), extras)
 
     def state_dict(self) -> dict:
         def cpu(t):
             return None if t is None else t.cpu()
 
         return {"xs": self.xs.cpu(), "outs": self.outs.cpu(), "log_reward": self.log_reward.cpu(),
-                "prompts": self.prompts, "cond": cpu(self.cond), "returns": cpu(self.returns)}
+                "prompts": self.prompts, "cond": cpu(self.cond), "returns": cpu(self.returns),
+                "extras": {k: v.cpu() for k, v in self.extras.items()}}
 
     @staticmethod
     def from_state_dict(d: dict, device) -> "Trajectories":
@@ -57,7 +62,8 @@ class Trajectories:
             return None if t is None else t.to(device)
 
         return Trajectories(d["xs"].to(device), d["outs"].to(device), d["log_reward"].to(device), d["prompts"],
-                            dev(d["cond"]), dev(d.get("returns")))
+                            dev(d["cond"]), dev(d.get("returns")),
+                            {k: v.to(device) for k, v in d.get("extras", {}).items()})
 
 
 @torch.no_grad()

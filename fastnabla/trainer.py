@@ -7,7 +7,8 @@ and hands them to ``Trainer``, which is the loop alone.
 One epoch e:
  1. sample ``sampling.num_batches × batch_size`` fresh trajectories with the current policy (RNG seeded by
     (seed, e, shard), so a resumed run draws the same noise); the method's ``prepare`` runs on each batch;
- 2. train on the previous epoch's trajectories (``gfn.sample_lag`` = 1; with sample_lag = 0 on the fresh ones):
+ 2. train on the previous epoch's trajectories (``Method.sample_lag`` = 1, ∇-GFlowNet's ``gfn.sample_lag``; with
+    sample_lag = 0, which the on-policy baselines use, on the fresh ones):
     pick the trained transitions of each trajectory, shuffle them, and run ``gradient_accumulation_steps``
     micro-batches of ``train.batch_size`` transitions per update. With sample_lag = 1, epoch 0 first draws one
     more batch (seeded as epoch −1, same policy) to train on, so every sampled batch is trained on exactly once
@@ -151,7 +152,7 @@ class Trainer:
                 parts.append(self.method.prepare(tr))
         if bar is not None:
             bar.close()
-        return Trajectories.cat(parts)
+        return self.method.prepare_epoch(Trajectories.cat(parts))
 
     @torch.no_grad()
     def sample_final(self, n: int, seed: int) -> tuple[torch.Tensor, Optional[list]]:
@@ -247,6 +248,7 @@ class Trainer:
             "bad_steps": self.bad_steps,
             "history": self.history,
             "epoch_acc": self._epoch_acc,
+            "method": self.method.state_dict(),
             "world_size": self.world_size,
             "config": config_to_dict(self.cfg),
         }
@@ -263,6 +265,7 @@ class Trainer:
         self.fresh = None if s["fresh"] is None else Trajectories.from_state_dict(s["fresh"], self.device)
         self.buffer = None if s["buffer"] is None else Trajectories.from_state_dict(s["buffer"], self.device)
         self.bad_steps, self._epoch_acc = s["bad_steps"], s["epoch_acc"]
+        self.method.load_state_dict(s.get("method", {}))
         self.history[:] = s["history"]  # in place: the evaluation context holds this list
 
     @property
@@ -320,7 +323,8 @@ class Trainer:
         """One epoch from wherever the state says; False if a signal stopped it (a checkpoint is written)."""
         cfg, e = self.cfg, self.epoch
         t0 = time.time()
-        if cfg.gfn.sample_lag == 1 and self.buffer is None:  # epoch 0: the batch it trains on (seeded as epoch −1)
+        lag = self.method.sample_lag
+        if lag == 1 and self.buffer is None:  # epoch 0: the batch it trains on (seeded as epoch −1)
             if self._stop_requested():
                 return False
             self.buffer = self.sample(e - 1)
@@ -329,7 +333,7 @@ class Trainer:
                 return False
             self.fresh = self.sample(e)
             self._epoch_acc = {}
-        tr = self.buffer if cfg.gfn.sample_lag == 1 else self.fresh
+        tr = self.buffer if lag == 1 else self.fresh
         updates = self.plan(e, len(tr))
         bar = _progress(len(updates), f"epoch {e} training", cfg.logging.progress and self.is_main)
         if bar is not None:

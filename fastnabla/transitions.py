@@ -17,6 +17,7 @@ sample-prediction. Everything is computed in float64 and cast at the end.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Sequence
 
@@ -82,6 +83,11 @@ class TransitionCoefficients:
     def out_cotangent(self, v: torch.Tensor) -> torch.Tensor:
         """coef_out·v: the cotangent of the network output whose input-VJP ``mean_vjp`` needs."""
         return _bcast(self.coef_out, v) * v
+
+    def log_density(self, x_next: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        """Elementwise log N(x'; μ, std²), (B, *S): −(x' − μ)²/(2σ²) − log σ − ½·log 2π (DDPO's ratio, §5c)."""
+        std = _bcast(self.std, x_next)
+        return -(x_next - mu).square() / (2 * std * std) - std.log() - 0.5 * math.log(2 * math.pi)
 
     def reverse_score(self, x: torch.Tensor, mu: torch.Tensor, x_next: torch.Tensor,
                       retain_graph: bool = False) -> torch.Tensor:

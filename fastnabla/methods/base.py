@@ -7,6 +7,12 @@ returns, stored with the trajectories and therefore checkpointed), plans updates
 (trajectory, step) pairs drawn by ``Method.select``, builds each micro-batch with ``TransitionBatch.gather`` and
 asks the method for its per-item loss. A method computes losses; it never steps an optimizer, writes a checkpoint
 or talks to DeepSpeed.
+
+Methods whose items are not stored transitions override ``gather``: the reward-backpropagation baselines
+(``chain.ChainMethod``) make one item per trajectory and re-run its sampling chain with gradients. Per-trajectory
+data a method derives after a whole epoch's sampling (DDPO's advantages) goes into ``Trajectories.extras`` from
+``prepare_epoch``; state a method carries across epochs (DDPO's per-prompt reward statistics) goes through
+``state_dict``/``load_state_dict`` into the trainer's checkpoint.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ class TransitionBatch:
     prompts: Optional[list]
     returns: Optional[torch.Tensor] = None  # (B, *S) gradient return G_{k+1} at x_next, when stored
     states: Optional[torch.Tensor] = None  # (B, N+1, *S) each transition's whole trajectory, when asked for
+    extras: Optional[dict] = None  # per-item rows of ``Trajectories.extras`` (e.g. DDPO's "advantages": (B,))
 
     @staticmethod
     def gather(tr: Trajectories, idx: torch.Tensor, device, with_states: bool = False) -> "TransitionBatch":
@@ -44,6 +51,7 @@ class TransitionBatch:
             prompts=None if tr.prompts is None else [tr.prompts[j] for j in i.tolist()],
             returns=None if tr.returns is None else tr.returns[i, k + 1],
             states=tr.xs[i] if with_states else None,
+            extras={name: v[i].to(device) for name, v in tr.extras.items()},
         )
 
 
@@ -82,14 +90,33 @@ class Method:
     def check_engine(self, engine) -> None:
         """Refuse an engine this method cannot run under, with a one-line ValueError naming the alternative."""
 
+    @property
+    def sample_lag(self) -> int:
+        """Epochs between sampling a batch and training on it: 0 (on-policy) or 1 (``gfn.sample_lag``)."""
+        return self.cfg.gfn.sample_lag
+
     # --- the loop's hooks ----------------------------------------------------------------------------------------
     def prepare(self, tr: Trajectories) -> Trajectories:
         """Per-trajectory work right after sampling (with the sampling-time weights); returns ``tr``."""
         return tr
 
-    def gather(self, tr: Trajectories, idx: torch.Tensor, device) -> TransitionBatch:
-        """One micro-batch of ``idx`` (B, 2) = (trajectory, step) pairs from the trajectories ``tr``."""
+    def prepare_epoch(self, tr: Trajectories) -> Trajectories:
+        """Work on the whole epoch's trajectories of this process (after every batch's ``prepare``); returns ``tr``."""
+        return tr
+
+    def gather(self, tr: Trajectories, idx: torch.Tensor, device):
+        """The micro-batch handed to ``__call__`` for ``idx`` (B, 2) = (trajectory, ``select`` column value) pairs
+        from the trajectories ``tr`` (a ``TransitionBatch`` unless the method's items are something else)."""
         return TransitionBatch.gather(tr, idx, device)
+
+    def state_dict(self) -> dict:
+        """What this method carries across epochs (saved in the trainer's checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"method.name={self.name} keeps no state, but the checkpoint has {sorted(state)}; "
+                             "resume with the method that wrote it")
 
     def select(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """The trained steps of each of n trajectories, (n, K) long (``sampling.select_transitions``)."""

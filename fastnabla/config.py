@@ -1,8 +1,8 @@
 """Run configuration: dataclasses, YAML loading, dotted CLI overrides, aliases, one validation pass.
 
-A config is YAML with the sections ``model reward prompts sampling gfn train eval logging checkpoint`` plus a
-top-level ``seed``. Overrides are ``key=value`` with dotted keys and YAML values
-(``reward.center=[1.0,0.5] gfn.reward_scale=2.0 seed=3``). The reference implementation's option names are
+A config is YAML with the sections ``method model reward prompts sampling gfn train eval logging checkpoint``, one
+per baseline method (``refl draft alignprop ddpo``) and a top-level ``seed``. Overrides are ``key=value`` with
+dotted keys and YAML values (``reward.center=[1.0,0.5] gfn.reward_scale=2.0 seed=3``). The reference implementation's option names are
 accepted as aliases (e.g. ``unet_reg_scale`` → ``gfn.trust_region_scale``), at the top level or in their
 section. Every problem raises ``ConfigError`` with one line naming the key and the fix; the CLI exits 2.
 """
@@ -170,8 +170,62 @@ class CheckpointConfig:
 
 @dataclass
 class MethodConfig:
-    # the finetuning method (fastnabla/methods/): nabla_gfn (∇-GFlowNet; its hyper-parameters are the gfn section)
+    # the finetuning method (fastnabla/methods/): nabla_gfn (∇-GFlowNet; its hyper-parameters are the gfn section),
+    # or one of the baselines of ALGORITHM §5c, each with its own section: refl, draft, alignprop, ddpo. The gfn
+    # section is ∇-GFlowNet's alone; the baselines are on-policy (they train on the epoch's fresh samples).
     name: str = "nabla_gfn"
+
+
+@dataclass
+class ReFLConfig:
+    """ReFL (Xu et al. 2023, ImageReward; reference code ``train_refl``): no-grad sampling to a random late step, one
+    step with gradient to x̂0, loss −log R(x̂0). Defaults: the reference draws the gradient step from 30…39 of 40
+    steps (= [0.75, 1.0) of the chain) and multiplies the loss by ``grad_scale`` 1e-3."""
+
+    step_range: list = field(default_factory=lambda: [0.75, 1.0])  # fractions of the N steps: k ∈ [⌊aN⌋, ⌈bN⌉ − 1]
+    grad_scale: float = 1e-3
+    # the reference's hinge ReLU(margin − score) with margin 2 on ImageReward's standardised score; unset = −log R
+    reward_margin: Optional[float] = None
+    # weight of a data-free stand-in for ReFL's pretraining loss: mean (out_θ − out_ref)² at the trained state (the
+    # reference's regulariser is the denoising loss on its pretraining data, which fastnabla does not have)
+    pretrain_scale: float = 0.0
+
+
+@dataclass
+class DRaFTConfig:
+    """DRaFT (Clark et al., ICLR 2024): −log R(x_N) backpropagated through the last ``k`` sampler steps; DRaFT-LV
+    (``lv_copies`` = n > 0, needs k = 1): the final sample re-noised n times to the last step's noise level and
+    denoised in one step with gradient. The paper's recommended settings: DRaFT-1 (k = 1) and DRaFT-LV with n = 2."""
+
+    k: int = 1
+    lv_copies: int = 0
+    checkpointing: bool = True  # recompute each differentiated policy forward in the backward
+    grad_scale: float = 1.0
+
+
+@dataclass
+class AlignPropConfig:
+    """AlignProp (Prabhudesai et al. 2023; reference code ``sd_pipeline.py``/``config/align_prop.py``): −log R(x_N)
+    backpropagated through the chain from a random step on (outputs of earlier steps detached), with gradient
+    checkpointing. The reference's general config draws that step from 35…45 of 50 (= [0.7, 0.9]); its aesthetic
+    preset uses 0…50 (the whole chain), lr 1e-3, loss coefficient 0.01, grad-norm clip 5."""
+
+    truncation_range: list = field(default_factory=lambda: [0.7, 0.9])  # fractions of N, both ends inclusive
+    checkpointing: bool = True
+    grad_scale: float = 1.0
+
+
+@dataclass
+class DDPOConfig:
+    """DDPO-clip (Black et al. 2023; defaults of ddpo-pytorch's ``config/base.py``): PPO's clipped surrogate on the
+    per-step Gaussian log-probabilities (mean over the state's elements), advantages normalised per prompt."""
+
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    timestep_fraction: float = 1.0  # steps trained per trajectory (a random subset below 1)
+    per_prompt_stat_tracking: bool = True  # off, or an unconditional backbone: normalise over the epoch's batch
+    buffer_size: int = 16  # rewards kept per prompt, across epochs
+    min_count: int = 16  # below this many, the batch's mean and std are used
 
 
 @dataclass
@@ -186,11 +240,16 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    refl: ReFLConfig = field(default_factory=ReFLConfig)
+    draft: DRaFTConfig = field(default_factory=DRaFTConfig)
+    alignprop: AlignPropConfig = field(default_factory=AlignPropConfig)
+    ddpo: DDPOConfig = field(default_factory=DDPOConfig)
     seed: int = 0
     output_dir: str = "runs/default"
 
 
-SECTIONS = ("method", "model", "reward", "prompts", "sampling", "gfn", "train", "eval", "logging", "checkpoint")
+SECTIONS = ("method", "model", "reward", "prompts", "sampling", "gfn", "train", "eval", "logging", "checkpoint",
+            "refl", "draft", "alignprop", "ddpo")
 
 #: the reference implementation's names → ours (accepted at the top level or inside their section)
 ALIASES = {
@@ -447,6 +506,33 @@ def validate(cfg: Config) -> None:
     check(cfg.eval.ground_truth_samples >= 0, "eval.ground_truth_samples", "must be ≥ 0 (0 = no ground truth)")
     check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be ≥ 0")
     check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be ≥ 1")
+    _validate_baselines(cfg, check)
+
+
+def _fraction_range(key: str, v: list, check) -> None:
+    check(len(v) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in v)
+          and 0 <= v[0] <= v[1] <= 1, key, f"{v!r} must be two fractions 0 ≤ a ≤ b ≤ 1 of the sampling steps, "
+          "e.g. [0.75, 1.0]")
+
+
+def _validate_baselines(cfg: Config, check) -> None:
+    N = cfg.sampling.num_steps
+    rf, dr, ap, dp = cfg.refl, cfg.draft, cfg.alignprop, cfg.ddpo
+    _fraction_range("refl.step_range", rf.step_range, check)
+    check(rf.grad_scale > 0, "refl.grad_scale", "must be > 0")
+    check(rf.pretrain_scale >= 0, "refl.pretrain_scale", "must be ≥ 0 (0 = off)")
+    check(1 <= dr.k <= N, "draft.k", f"{dr.k} must be in [1, sampling.num_steps={N}]")
+    check(dr.lv_copies >= 0, "draft.lv_copies", "must be ≥ 0 (0 = DRaFT-K; n > 0 = DRaFT-LV)")
+    check(dr.lv_copies == 0 or dr.k == 1, "draft.lv_copies",
+          f"DRaFT-LV differentiates the last step only; set draft.k=1 (got {dr.k}) or draft.lv_copies=0")
+    check(dr.grad_scale > 0, "draft.grad_scale", "must be > 0")
+    _fraction_range("alignprop.truncation_range", ap.truncation_range, check)
+    check(ap.grad_scale > 0, "alignprop.grad_scale", "must be > 0")
+    check(dp.clip_range > 0, "ddpo.clip_range", "must be > 0 (ddpo-pytorch: 1e-4)")
+    check(dp.adv_clip_max > 0, "ddpo.adv_clip_max", "must be > 0 (ddpo-pytorch: 5)")
+    check(0 < dp.timestep_fraction <= 1 and int(N * dp.timestep_fraction) >= 1, "ddpo.timestep_fraction",
+          f"{dp.timestep_fraction} must be in (0, 1] and select at least one of the {N} steps")
+    check(dp.buffer_size >= 1 and 1 <= dp.min_count, "ddpo.buffer_size", "buffer_size and min_count must be ≥ 1")
 
 
 #: what ``gfn.recipe`` fills in for the keys left unset (None)

@@ -13,6 +13,10 @@ __all__ = ["Method", "TransitionBatch", "METHODS", "build_method"]
 #: method.name → "module:class" (imported on use)
 METHODS = {
     "nabla_gfn": "fastnabla.methods.nabla_gfn:NablaGFN",
+    "refl": "fastnabla.methods.refl:ReFL",
+    "draft": "fastnabla.methods.draft:DRaFT",
+    "alignprop": "fastnabla.methods.alignprop:AlignProp",
+    "ddpo": "fastnabla.methods.ddpo:DDPO",
 }
 
 

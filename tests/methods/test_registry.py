@@ -1,0 +1,38 @@
+"""method.name and the baselines' config sections: one-line errors naming the valid choices."""
+import pytest
+
+from fastnabla.config import ConfigError, load_config
+from fastnabla.methods import METHODS, build_method, method_class
+
+
+def test_every_method_is_registered_and_importable():
+    assert sorted(METHODS) == ["alignprop", "ddpo", "draft", "nabla_gfn", "refl"]
+    for name in METHODS:
+        assert method_class(name).name == name
+
+
+def test_bad_method_name_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["method.name=dpo"])
+    msg = str(e.value)
+    assert "\n" not in msg and "method.name='dpo' is not a method; valid: alignprop, ddpo, draft, nabla_gfn, refl" in msg
+    with pytest.raises(ValueError, match="valid: alignprop, ddpo, draft, nabla_gfn, refl"):
+        build_method(type("C", (), {"method": type("M", (), {"name": "x"})()})(), None, None, None)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("refl.stp_range=[0.5,1.0]", "unknown config key 'refl.stp_range'; did you mean 'refl.step_range'?"),
+    ("draft.kk=2", "unknown config key 'draft.kk'; did you mean 'draft.k'?"),
+    ("alignprop.truncation_range=[0.9,0.1]", "alignprop.truncation_range: [0.9, 0.1] must be two fractions"),
+    ("ddpo.clip_range=0", "ddpo.clip_range: must be > 0"),
+])
+def test_section_keys_and_values(override, match):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert match in str(e.value) and "\n" not in str(e.value)
+
+
+def test_gfn_transition_plan_is_not_checked_for_the_baselines():
+    load_config(None, ["method.name=draft", "sampling.num_steps=4", "gfn.timestep_fraction=0.1"])
+    with pytest.raises(ConfigError, match="gfn.timestep_fraction"):
+        load_config(None, ["sampling.num_steps=4", "gfn.timestep_fraction=0.1"])

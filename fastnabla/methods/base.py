@@ -119,10 +119,13 @@ class Method:
                              "resume with the method that wrote it")
 
     def select(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """The trained steps of each of n trajectories, (n, K) long (``sampling.select_transitions``)."""
+        """The items of each of n trajectories, (n, K) long: the trained steps (``sampling.select_transitions``), or
+        a per-trajectory draw for a method whose item is the trajectory (``chain.ChainMethod``). Drawn from the
+        plan's seeded generator, so a resumed run draws the same."""
         g = self.cfg.gfn
         return select_transitions(n, self.N, g.timestep_fraction, g.low_var_subsampling, generator)
 
-    def __call__(self, batch: TransitionBatch) -> tuple[torch.Tensor, dict]:
-        """Per-item loss (B,) with a graph to the trainables, and a dict of detached (B,) statistics."""
+    def __call__(self, batch) -> tuple[torch.Tensor, dict]:
+        """Per-item loss (B,) of a ``gather``ed micro-batch (a ``TransitionBatch`` by default) with a graph to the
+        trainables, and a dict of detached (B,) statistics."""
         raise NotImplementedError

@@ -36,3 +36,15 @@ def test_gfn_transition_plan_is_not_checked_for_the_baselines():
     load_config(None, ["method.name=draft", "sampling.num_steps=4", "gfn.timestep_fraction=0.1"])
     with pytest.raises(ConfigError, match="gfn.timestep_fraction"):
         load_config(None, ["sampling.num_steps=4", "gfn.timestep_fraction=0.1"])
+
+
+@pytest.mark.parametrize("backbone", ["toy2d", "digits", "sd15_aesthetic"])
+@pytest.mark.parametrize("method", ["refl", "draft", "alignprop", "ddpo"])
+def test_presets_load(backbone, method):
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = load_config(os.path.join(root, "configs", f"{backbone}_{method}.yaml"))
+    assert cfg.method.name == method
+    base = load_config(os.path.join(root, "configs", f"{backbone}.yaml"))
+    assert (cfg.model, cfg.reward, cfg.sampling) == (base.model, base.reward, base.sampling)  # same footing

@@ -2,9 +2,10 @@
 
 A config is YAML with the sections ``method model reward prompts sampling gfn train eval logging checkpoint``, one
 per baseline method (``refl draft alignprop ddpo``) and a top-level ``seed``. Overrides are ``key=value`` with
-dotted keys and YAML values (``reward.center=[1.0,0.5] gfn.reward_scale=2.0 seed=3``). The reference implementation's option names are
-accepted as aliases (e.g. ``unet_reg_scale`` → ``gfn.trust_region_scale``), at the top level or in their
-section. Every problem raises ``ConfigError`` with one line naming the key and the fix; the CLI exits 2.
+dotted keys and YAML values (``reward.center=[1.0,0.5] gfn.reward_scale=2.0 seed=3``). The reference
+implementation's option names are accepted as aliases (e.g. ``unet_reg_scale`` → ``gfn.trust_region_scale``), at the
+top level or in their section. Every problem raises ``ConfigError`` with one line naming the key and the fix; the
+CLI exits 2.
 """
 from __future__ import annotations
 

@@ -6,17 +6,18 @@ and hands them to ``Trainer``, which is the loop alone.
 
 One epoch e:
  1. sample ``sampling.num_batches × batch_size`` fresh trajectories with the current policy (RNG seeded by
-    (seed, e, shard), so a resumed run draws the same noise); the method's ``prepare`` runs on each batch;
+    (seed, e, shard), so a resumed run draws the same noise); the method's ``prepare`` runs on each batch and its
+    ``prepare_epoch`` on all of them;
  2. train on the previous epoch's trajectories (``Method.sample_lag`` = 1, ∇-GFlowNet's ``gfn.sample_lag``; with
     sample_lag = 0, which the on-policy baselines use, on the fresh ones):
-    pick the trained transitions of each trajectory, shuffle them, and run ``gradient_accumulation_steps``
-    micro-batches of ``train.batch_size`` transitions per update. With sample_lag = 1, epoch 0 first draws one
-    more batch (seeded as epoch −1, same policy) to train on, so every sampled batch is trained on exactly once
-    and every epoch has the same number of updates;
+    pick the trained items of each trajectory (transitions, or the trajectory itself for the reward-backpropagation
+    baselines), shuffle them, and run ``gradient_accumulation_steps`` micro-batches of ``train.batch_size`` items per
+    update. With sample_lag = 1, epoch 0 first draws one more batch (seeded as epoch −1, same policy) to train on,
+    so every sampled batch is trained on exactly once and every epoch has the same number of updates;
  3. the fresh trajectories become the buffer; log metrics, evaluate, checkpoint.
 
-The loop is resumable at any update: a checkpoint holds the epoch, the next update within it, the fresh samples
-and the buffer, so resuming replays exactly what the uninterrupted run would have done (bit for bit on CPU).
+The loop is resumable at any update: a checkpoint holds the epoch, the next update within it, the fresh samples,
+the buffer and the method's state, so resuming replays exactly what the uninterrupted run would have done (bit for bit on CPU).
 """
 from __future__ import annotations
 

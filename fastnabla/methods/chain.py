@@ -13,6 +13,7 @@ The baselines are on-policy (``sample_lag`` = 0: the epoch trains on its own fre
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,9 +38,8 @@ class ChainBatch:
 
 
 def step_range(frac: list, N: int, inclusive_end: bool) -> tuple[int, int]:
-    """Step indices [lo, hi] (both included, within 0..N−1) of a fraction range of the N steps."""
-    import math
-
+    """Step indices [lo, hi] (both included, within 0..N−1) of a fraction range [a, b] of the N steps: lo = ⌊aN⌋,
+    hi = ⌊bN⌋ (``inclusive_end``, as AlignProp's randint) or ⌈bN⌉ − 1 (ReFL's "30…39 of 40" for [0.75, 1.0])."""
     lo = min(int(math.floor(frac[0] * N)), N - 1)
     hi = int(math.floor(frac[1] * N)) if inclusive_end else int(math.ceil(frac[1] * N)) - 1
     return lo, max(lo, min(hi, N - 1))

@@ -17,7 +17,8 @@ One epoch e:
  3. the fresh trajectories become the buffer; log metrics, evaluate, checkpoint.
 
 The loop is resumable at any update: a checkpoint holds the epoch, the next update within it, the fresh samples,
-the buffer and the method's state, so resuming replays exactly what the uninterrupted run would have done (bit for bit on CPU).
+the buffer and the method's state, so resuming replays exactly what the uninterrupted run would have done (bit for
+bit on CPU).
 """
 from __future__ import annotations
 

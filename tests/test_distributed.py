@@ -191,6 +191,21 @@ def test_zero2_two_ranks_trains_checkpoints_and_resumes_exactly(tmp_path):
 # --- launched: slow ----------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["refl", "draft", "alignprop", "ddpo"])
+def test_baselines_under_zero2_resume_exactly(tmp_path, method):
+    """Each baseline through the same DeepSpeed engine: two ranks, ZeRO-2, a checkpoint after epoch 0, and the run
+    resumed from it ends bit for bit where the uninterrupted one ends (its method state, e.g. DDPO's per-prompt
+    statistics, travels in the per-rank state). The single-process runs and resumes are in tests/methods/."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    _ok(launch(2, a, "zero2", f"method.name={method}", "train.epochs=2", "checkpoint.every=1",
+               "checkpoint.keep_last=5"))
+    first = a / "checkpoints" / sorted(os.listdir(a / "checkpoints"))[0]
+    _ok(launch(2, b, "zero2", f"method.name={method}", "train.epochs=2", f"checkpoint.resume_from={first}"))
+    _same(_final(a), _final(b))
+    assert _records(b) == _records(a)[1:]
+
+
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [1, 3])
 def test_zero_stages_two_epochs(tmp_path, stage):

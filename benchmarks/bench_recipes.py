@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -36,13 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-BASE = [
-    "model.backbone=sd", "model.resolution=64", "model.flow_channels=[16,32]", "model.dtype=fp32",
-    "reward.name=brightness", "sampling.num_steps=20", "sampling.batch_size=8", "sampling.guidance_scale=5.0",
-    "gfn.timestep_fraction=0.1", "gfn.reward_scale=100.0", "gfn.trust_region_scale=1000.0",
-    "train.batch_size=4", "train.gradient_accumulation_steps=1", "eval.every=0", "checkpoint.every=0",
-    "logging.progress=false", "logging.plots=false",
-]
+#: bench_step's tiny-SD config, with the paper's trust region in every variant (as these results were recorded)
+TRUST = ["gfn.trust_region_scale=1000.0"]
 
 #: variant → (recipe family, overrides): each flag alone against its recipe's default
 VARIANTS = {
@@ -57,69 +50,19 @@ VARIANTS = {
 }
 
 
-def _trim():
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
 def worker(name: str, sd_dir: str, repeats: int) -> dict:
-    from benchmarks.bench_memory import RSSPeak
-    from fastnabla.config import load_config
-    from fastnabla.sampling import sample_trajectories
-    from fastnabla.trainer import build_trainer
+    """bench_step's measurement of the library's update for one variant."""
+    from benchmarks.bench_step import BASE, measure
 
     torch.set_num_threads(1)
     family, over = VARIANTS[name]
-    out = tempfile.mkdtemp(prefix="bench_recipes_")
-    cfg = load_config(None, BASE + [f"model.pretrained={sd_dir}"] + over, output_dir=out)
-    tr = build_trainer(cfg)
-    n = cfg.sampling.batch_size
-
-    def draw(seed):
-        g = torch.Generator().manual_seed(seed)
-        return sample_trajectories(tr.backbone, n, g, tr.coeffs, tr.prompts.sample(n, g), tr.reward_fn)
-
-    tr.method.prepare(draw(0))  # warm-up
-    t_sample = t_prep = 0.0
-    peak_sample = peak_prep = 0
-    for r in range(repeats):
-        _trim()
-        with RSSPeak() as m:
-            base = m.peak
-            t0 = time.perf_counter()
-            traj = draw(r + 1)
-            t_sample += time.perf_counter() - t0
-        peak_sample = max(peak_sample, m.peak - base)
-        _trim()
-        with RSSPeak() as m:
-            base = m.peak
-            t0 = time.perf_counter()
-            traj = tr.method.prepare(traj)
-            t_prep += time.perf_counter() - t0
-        peak_prep = max(peak_prep, m.peak - base)
-    updates = tr.plan(1, len(traj))
-    tr.update(traj, updates[0])  # warm-up
-    t_upd, peak_upd, count = 0.0, 0, 0
-    for micro in (updates[1:] * repeats)[: max(repeats * 2, 2)]:
-        _trim()
-        with RSSPeak() as m:
-            base = m.peak
-            t0 = time.perf_counter()
-            info = tr.update(traj, micro)
-            t_upd += time.perf_counter() - t0
-        peak_upd = max(peak_upd, m.peak - base)
-        count += 1
-        assert not info["skipped"]
-    per = repeats * n
+    r = measure(name, "fastnabla", over, sd_dir, repeats, base=BASE + TRUST)
     return {"variant": name, "recipe": family, "overrides": " ".join(over) or "(defaults)",
-            "sample_s_per_traj": round(t_sample / per, 4), "returns_s_per_traj": round(t_prep / per, 4),
-            "traj_s_total": round((t_sample + t_prep) / per, 4),
-            "sample_peak_mib": round(peak_sample / 2**20, 1), "returns_peak_mib": round(peak_prep / 2**20, 1),
-            "update_s": round(t_upd / count, 4), "update_peak_mib": round(peak_upd / 2**20, 1),
-            "transitions_per_update": int(updates[1][0].shape[0])}
+            "sample_s_per_traj": r["sample_s_per_traj"], "returns_s_per_traj": r["returns_s_per_traj"],
+            "traj_s_total": round(r["sample_s_per_traj"] + r["returns_s_per_traj"], 4),
+            "sample_peak_mib": r["sample_peak_mib"], "returns_peak_mib": r["returns_peak_mib"],
+            "update_s": r["update_s"], "update_peak_mib": r["update_peak_mib"],
+            "transitions_per_update": r["transitions_per_update"]}
 
 
 def plot(rows, path):

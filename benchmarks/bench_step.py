@@ -180,18 +180,25 @@ def reference_step(tr, batch) -> torch.Tensor:
 
 
 def worker(name: str, sd_dir: str, repeats: int, sd15: bool = False) -> dict:
+    kind, over = ROWS[name]
+    return measure(name, kind, over, sd_dir, repeats, sd15)
+
+
+def measure(name: str, kind: str, over: list, sd_dir: str, repeats: int, sd15: bool = False,
+            base: list = BASE) -> dict:
+    """One row: ``kind`` "fastnabla" (the library's update) or "reference" (``reference_step``), config ``base``
+    plus ``over``. Sampling, stored returns and updates timed, with their peak extra memory."""
     from fastnabla.config import load_config
     from fastnabla.sampling import sample_trajectories
     from fastnabla.trainer import build_trainer
 
-    kind, over = ROWS[name]
     if "train.optimizer=adamw8bit" in over:
         try:
             import bitsandbytes  # noqa: F401
         except Exception:
             return {"row": name, "skipped": "bitsandbytes does not import here"}
     out_dir = tempfile.mkdtemp(prefix="bench_step_")
-    cfg = load_config(None, BASE + (SD15 if sd15 else []) + [f"model.pretrained={sd_dir}"] + over,
+    cfg = load_config(None, base + (SD15 if sd15 else []) + [f"model.pretrained={sd_dir}"] + over,
                       output_dir=out_dir)
     tr = build_trainer(cfg)
     dev = tr.device

@@ -26,6 +26,7 @@ live on ``self.device``; ``x`` is float32 in the trainer, the backbone casts to 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -71,10 +72,34 @@ class Backbone(nn.Module):
     def flow(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def reference_scope(self):
+        """The context the reference runs in, forward and backward. A backbone whose reference is the policy's
+        network with its LoRA adapters off returns ``adapters_off()``: a gradient-checkpointed network recomputes
+        its blocks during the backward, and must recompute the reference there, not the policy."""
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def adapters_off(self):
+        """Adapters off inside (re-entrant: only the outermost entry and exit switch them), via ``_set_adapters``."""
+        depth = getattr(self, "_adapters_off_depth", 0)
+        self._adapters_off_depth = depth + 1
+        if depth == 0:
+            self._set_adapters(False)
+        try:
+            yield
+        finally:
+            self._adapters_off_depth = depth
+            if depth == 0:
+                self._set_adapters(True)
+
+    def _set_adapters(self, on: bool) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no adapters to switch")
+
     def reference_vjp(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor],
                       cotangent) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out_ref, (∂out_ref/∂x)ᵀ·cotangent(out_ref)), both detached, in x's dtype."""
-        with torch.enable_grad():
+        """(out_ref, (∂out_ref/∂x)ᵀ·cotangent(out_ref)), both detached, in x's dtype. The forward and the backward
+        both run inside ``reference_scope()``."""
+        with torch.enable_grad(), self.reference_scope():
             x = x.detach().requires_grad_(True)
             out = self.reference(x, t, cond).to(x.dtype)
             (g,) = torch.autograd.grad(out, x, grad_outputs=cotangent(out.detach()))

@@ -178,16 +178,12 @@ class PixelBackbone(Backbone):
                             device=self.device)
 
     # --- networks -------------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _adapter_off(self):
-        layers = _tuner_layers(self.unet)
-        for m in layers:
-            m.enable_adapters(False)
-        try:
-            yield
-        finally:
-            for m in layers:
-                m.enable_adapters(True)
+    def _set_adapters(self, on: bool) -> None:
+        for m in _tuner_layers(self.unet):
+            m.enable_adapters(on)
+
+    def reference_scope(self):
+        return contextlib.nullcontext() if self.ref_unet is not None else self.adapters_off()
 
     @contextlib.contextmanager
     def reference_sampling(self):
@@ -226,22 +222,8 @@ class PixelBackbone(Backbone):
         with ctx:
             if self.ref_unet is not None:
                 return self._call(self.ref_unet, x, t, cond)
-            with self._adapter_off():
+            with self.adapters_off():
                 return self._call(self.unet, x, t, cond)
-
-    def reference_vjp(self, x, t, cond, cotangent):
-        """As ``Backbone.reference_vjp``, with the adapters off through the backward too: a gradient-checkpointed UNet
-        recomputes its blocks there, and must recompute the reference, not the policy."""
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            if self.ref_unet is not None:
-                out = self._call(self.ref_unet, x, t, cond).to(x.dtype)
-                (g,) = torch.autograd.grad(out, x, grad_outputs=cotangent(out.detach()))
-            else:
-                with self._adapter_off():
-                    out = self._call(self.unet, x, t, cond).to(x.dtype)
-                    (g,) = torch.autograd.grad(out, x, grad_outputs=cotangent(out.detach()))
-        return out.detach(), g
 
     def flow(self, x, t, cond=None):
         B = x.shape[0]

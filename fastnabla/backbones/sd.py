@@ -246,13 +246,11 @@ class SDBackbone(Backbone):
         return self._uncond[dev]
 
     # --- networks -------------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _adapter_off(self):
-        self.unet.disable_adapters()
-        try:
-            yield
-        finally:
-            self.unet.enable_adapters()
+    def _set_adapters(self, on: bool) -> None:
+        self.unet.enable_adapters() if on else self.unet.disable_adapters()
+
+    def reference_scope(self):
+        return contextlib.nullcontext() if self.ref_unet is not None else self.adapters_off()
 
     def _cfg_call(self, unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """out_u + w·(out_c − out_u) from one UNet call on [uncond; cond]; fp32 in, fp32 out (fp64 for fp64 x, for
@@ -280,22 +278,8 @@ class SDBackbone(Backbone):
         with ctx:
             if self.ref_unet is not None:
                 return self._cfg_call(self.ref_unet, x, t, cond)
-            with self._adapter_off():
+            with self.adapters_off():
                 return self._cfg_call(self.unet, x, t, cond)
-
-    def reference_vjp(self, x, t, cond, cotangent):
-        """As ``Backbone.reference_vjp``, with the adapters off through the backward too: a gradient-checkpointed UNet
-        recomputes its blocks there, and must recompute the reference, not the policy."""
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            if self.ref_unet is not None:
-                out = self._cfg_call(self.ref_unet, x, t, cond).to(x.dtype)
-                (g,) = torch.autograd.grad(out, x, grad_outputs=cotangent(out.detach()))
-            else:
-                with self._adapter_off():
-                    out = self._cfg_call(self.unet, x, t, cond).to(x.dtype)
-                    (g,) = torch.autograd.grad(out, x, grad_outputs=cotangent(out.detach()))
-        return out.detach(), g
 
     def flow(self, x, t, cond):
         B = x.shape[0]

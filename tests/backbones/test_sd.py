@@ -124,7 +124,7 @@ def test_cfg_gradient_returns_equal_a_hand_unrolled_chain(tiny_sd_dir, tmp_path)
         torch.testing.assert_close(G[i, N], want, rtol=1e-9, atol=1e-12)
         for k in range(N - 1, -1, -1):
             x = tr.xs[i, k].clone().requires_grad_(True)
-            with bb._adapter_off():
+            with bb.adapters_off():
                 e_u = bb.unet(x[None], ts[k : k + 1], encoder_hidden_states=unc).sample[0]
                 e_c = bb.unet(x[None], ts[k : k + 1], encoder_hidden_states=tr.cond[i : i + 1].double()).sample[0]
             (v_u,) = torch.autograd.grad(e_u, x, grad_outputs=want, retain_graph=True)

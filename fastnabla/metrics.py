@@ -314,6 +314,10 @@ def _digits_eval(trainer: EvalContext, samples: torch.Tensor, prompts, log_r: to
         if final:
             out["target"] = tgt
         out["pretrained"]["class_tv"] = histogram_tv(p_hist, tgt["class_histogram"])
+        if final:
+            from fastnabla.report import check_targets
+
+            out["targets_met"] = check_targets(out)
     if final and trainer.is_main:
         np.save(os.path.join(trainer.out_dir, "final_samples.npy"), samples.clamp(-1, 1).numpy())
         np.save(os.path.join(trainer.out_dir, "pretrained_samples.npy"), ps.clamp(-1, 1).numpy())
@@ -325,6 +329,10 @@ def _digits_eval(trainer: EvalContext, samples: torch.Tensor, prompts, log_r: to
             curves = plot_curves(trainer.out_dir, trainer.history)
             if curves:
                 out["plots"].append(curves)
+            from fastnabla.config import config_to_dict
+            from fastnabla.report import write_report  # report_curves.png + report.html (issue 12, item 6)
+
+            out["plots"] += write_report(trainer.out_dir, trainer.history, out, config_to_dict(cfg))
     return out
 
 

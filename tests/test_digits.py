@@ -91,8 +91,11 @@ def test_two_epoch_digits_run_writes_every_output(tmp_path):
     with bb.reference_sampling():
         again, _ = tr.sample_final(48, seed=cfg.seed + 7919)
     np.testing.assert_allclose(pre, again.clamp(-1, 1).numpy(), atol=1e-6)
-    for png in ("samples_grid.png", "class_histogram.png", "curves.png"):
+    for png in ("samples_grid.png", "class_histogram.png", "curves.png", "report_curves.png"):
         assert (out / png).stat().st_size > 1000
+    assert "class-histogram TV" in (out / "report.html").read_text()
+    met = summary["targets_met"]
+    assert met["class_tv"] == summary["class_tv"] and met["class_tv_ok"] == (summary["class_tv"] <= 0.05)
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and "class_tv_batch" in lines[0] and "fid_pretrained" in lines[0]
     assert res["eval_reward_mean"] == pytest.approx(summary["mean_log_r"])

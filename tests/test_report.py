@@ -1,0 +1,58 @@
+"""fastnabla.report: the issue's three checks against hand-computed cases, and the self-contained HTML page."""
+import base64
+import json
+
+import pytest
+
+from fastnabla import report
+
+
+def _summary(tv=0.04, gap=-0.05, ratios=None):
+    tgt_hist = [0.0, 0.0, 0.0, 0.5, 0.0, 0.25, 0.0, 0.0, 0.25, 0.0]
+    return {"class_tv": tv, "mean_log_r_gap": gap, "mean_log_r": -0.1 + gap,
+            "diversity_ratio_per_class": {"3": 0.95, "5": 1.02, "8": 0.91} if ratios is None else ratios,
+            "class_histogram": [0.0, 0.0, 0.0, 0.46, 0.0, 0.27, 0.0, 0.0, 0.27, 0.0], "diversity": 40.0,
+            "fid_pretrained": 12.5, "kid_pretrained": 3.25, "num_samples": 64, "classifier_test_accuracy": 0.99,
+            "pretrained": {"class_histogram": [0.1] * 10, "class_tv": 0.7, "mean_log_r": -9.0, "diversity": 50.0},
+            "target": {"class_histogram": tgt_hist, "mean_log_r": -0.1, "diversity": 42.0, "ess": 1234.0,
+                       "num_samples": 5000, "beta": 1.0}}
+
+
+def test_check_targets_by_hand():
+    ok = report.check_targets(_summary())
+    assert ok["all_ok"] and ok["min_diversity_ratio"] == 0.91
+    # each bar on its own: TV just over 0.05, a gap of 0.11 nat in either direction, one class at 0.89
+    assert not report.check_targets(_summary(tv=0.0501))["class_tv_ok"]
+    assert not report.check_targets(_summary(gap=0.11))["mean_log_r_ok"]
+    assert not report.check_targets(_summary(gap=-0.11))["mean_log_r_ok"]
+    bad = report.check_targets(_summary(ratios={"3": 0.89, "5": 1.0}))
+    assert not bad["diversity_ok"] and not bad["all_ok"] and bad["class_tv_ok"] and bad["mean_log_r_ok"]
+    assert report.check_targets({"mean_log_r": -1.0}) is None  # no target in the run
+
+
+def test_write_report_embeds_pictures_and_numbers(tmp_path):
+    pytest.importorskip("matplotlib")
+    history = [{"epoch": e, "updates_total": 3 * (e + 1), "reward_mean": -5.0 + e, "class_tv_batch": 0.5 - 0.1 * e,
+                "diversity_batch": 45.0} for e in range(4)]
+    history[1].update(class_tv=0.3, mean_log_r=-3.0, diversity=44.0, fid_pretrained=8.0)
+    (tmp_path / "samples_grid.png").write_bytes(b"\x89PNG fake grid")
+    paths = report.write_report(str(tmp_path), history, _summary(),
+                                {"reward": {"name": "digit_class", "options": {"classes": [3, 5, 8]}},
+                                 "gfn": {"reward_scale": 1.0}})
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["report_curves.png", "report.html"]
+    page = (tmp_path / "report.html").read_text()
+    assert "digit_class" in page and "12 updates" in page and "1234" in page
+    assert base64.b64encode(b"\x89PNG fake grid").decode() in page  # embedded, not linked
+    assert "class_histogram.png was not drawn" in page  # a missing picture is said, not a broken link
+    assert page.count("met:") == 3 and "not met" not in page
+    assert (tmp_path / "report_curves.png").stat().st_size > 1000
+
+
+def test_report_cli_rebuilds_from_a_run_directory(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "updates_total": 2, "reward_mean": -1.0}) + "\n")
+    (tmp_path / "summary.json").write_text(json.dumps(_summary(tv=0.2)))
+    assert report.main([str(tmp_path)]) == 0
+    assert "not met: class-histogram TV 0.200" in (tmp_path / "report.html").read_text()
+    assert report.main([str(tmp_path / "missing")]) == 2
+    assert "not a finished run directory" in capsys.readouterr().err

@@ -1,0 +1,179 @@
+"""The digits targets (issue 12) against updates for variants of ``configs/digits.yaml``.
+
+    python benchmarks/digits_sweep.py c358 --only lr3e-3_cos_ema --epochs 200 --eval-every 50
+    python benchmarks/digits_sweep.py c3b05 --only shipped
+    python benchmarks/digits_sweep.py c358 --collect --only a,b     # re-read finished runs, run nothing
+
+Each variant is ``configs/digits.yaml`` plus the task's overrides (the reward and β) plus the variant's, run in a
+subprocess, one at a time (2 shared cores). Every evaluation (``eval.every`` epochs, ``eval.num_samples`` samples of
+the policy's EMA) reports the class-histogram TV to the importance-sampled target, the mean log R gap and the
+within-class diversity relative to the target's. The sweep writes ``benchmarks/results/digits_sweep_<task><tag>.csv``
+(one row per evaluation) and a ``.png`` of the three against updates, with each target's bar.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: the issue's tasks: the reward and β each variant runs with
+TASKS = {
+    "c358": ["reward.name=digit_class", "reward.options={classes: [3, 5, 8]}", "gfn.reward_scale=1.0"],
+    "c3b05": ["reward.name=digit_class", "reward.options={classes: 3}", "gfn.reward_scale=0.5"],
+    "ink": ["reward.name=digit_ink", "reward.options={scale: 10.0}", "gfn.reward_scale=1.0"],
+}
+
+COS_EMA = ["train.lr_schedule=cosine", "train.ema_decay=0.99"]
+
+#: levers on top of configs/digits.yaml (the "shipped" row is the file as it is)
+VARIANTS = {
+    "shipped": [],
+    "lr1e-3_const": ["train.lr=1e-3", "train.lr_schedule=constant", "train.ema_decay=0.0"],
+    "lr1e-3_cos_ema": ["train.lr=1e-3", *COS_EMA],
+    "lr3e-3_cos_ema": ["train.lr=3e-3", *COS_EMA],
+    "lr1e-2_cos_ema": ["train.lr=1e-2", *COS_EMA],
+    "lr3e-3_cos_ema_rank32": ["train.lr=3e-3", "model.lora_rank=32", *COS_EMA],
+    "full_lr3e-4_cos_ema": ["model.lora_rank=0", "train.lr=3e-4", *COS_EMA],
+    "full_lr1e-3_cos_ema": ["model.lora_rank=0", "train.lr=1e-3", *COS_EMA],
+    "lr3e-3_cos_ema_batch256": ["train.lr=3e-3", "sampling.batch_size=128", "train.batch_size=256", *COS_EMA],
+    "lr3e-3_cos_ema_tf05": ["train.lr=3e-3", "gfn.timestep_fraction=0.5", *COS_EMA],
+    "lr3e-3_cos_ema_trust": ["train.lr=3e-3", "gfn.trust_region_scale=1.0", *COS_EMA],
+}
+
+#: the issue's bars
+TV_BAR, GAP_BAR, DIV_BAR = 0.05, 0.1, 0.9
+
+
+def run_dir(out_root: str, task: str, name: str) -> str:
+    return os.path.join(out_root, f"{task}_{name}")
+
+
+def run_one(task: str, name: str, out_root: str, epochs: int, eval_every: int, extra: list[str],
+            collect_only: bool) -> dict:
+    out = run_dir(out_root, task, name)
+    overrides = [*TASKS[task], *VARIANTS[name]]
+    t0 = time.time()
+    if not collect_only:
+        cmd = [sys.executable, "-m", "fastnabla.train", "--config", os.path.join(ROOT, "configs", "digits.yaml"),
+               "--output-dir", out, f"train.epochs={epochs}", f"eval.every={eval_every}", "logging.progress=false",
+               "checkpoint.every=0", *overrides, *extra]
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if os.path.exists(os.path.join(out, "metrics.jsonl")):
+            os.remove(os.path.join(out, "metrics.jsonl"))
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            return {"name": name, "error": (r.stderr or r.stdout).strip().splitlines()[-1:],
+                    "seconds": time.time() - t0}
+    return collect(out, name, overrides + list(extra), None if collect_only else time.time() - t0)
+
+
+def _row(updates: int, rec: dict) -> tuple:
+    ratios = rec.get("diversity_ratio_per_class") or {}
+    return (updates, rec["class_tv"], rec["mean_log_r_gap"], min(ratios.values()) if ratios else float("nan"),
+            rec.get("fid_pretrained", float("nan")), rec.get("mean_log_r", float("nan")))
+
+
+def collect(out: str, name: str, overrides: list[str], seconds) -> dict:
+    """The evaluation curve of a finished run directory (metrics.jsonl + summary.json)."""
+    if not os.path.isfile(os.path.join(out, "summary.json")):
+        return {"name": name, "error": [f"{out}: no summary.json (run unfinished or failed)"], "seconds": 0}
+    hist = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if line.strip()]
+    summ = json.load(open(os.path.join(out, "summary.json")))
+    curve = [_row(h["updates_total"], h) for h in hist if "class_tv" in h]
+    curve.append(_row(hist[-1]["updates_total"], summ))
+    train_s = sum(h.get("seconds", 0.0) for h in hist)
+    return {"name": name, "overrides": overrides, "curve": curve, "summary": summ, "train_seconds": train_s,
+            "seconds": seconds if seconds is not None else float("nan")}
+
+
+def verdict(r: dict) -> str:
+    _, tv, gap, div, _, _ = r["curve"][-1]
+    ok = tv <= TV_BAR and abs(gap) <= GAP_BAR and div >= DIV_BAR
+    return ("PASS" if ok else "FAIL") + f" (TV {tv:.3f} ≤ {TV_BAR}: {tv <= TV_BAR}; |gap| {abs(gap):.3f} ≤ {GAP_BAR}: " \
+        f"{abs(gap) <= GAP_BAR}; min diversity ratio {div:.3f} ≥ {DIV_BAR}: {div >= DIV_BAR})"
+
+
+def write(results: list[dict], task: str, tag: str, extra: list[str]) -> str:
+    stem = os.path.join(ROOT, "benchmarks", "results", f"digits_sweep_{task}{tag}")
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    date = datetime.date.today().isoformat()
+    with open(stem + ".csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant", "overrides", "updates", "class_tv", "mean_log_r_gap", "min_diversity_ratio",
+                    "fid_pretrained", "mean_log_r", "train_seconds", "run_seconds", "git_sha", "date", "extra",
+                    "verdict"])
+        for r in results:
+            for u, tv, gap, div, fid, mlr in r.get("curve", []):
+                w.writerow([r["name"], " ".join(r["overrides"]), u, f"{tv:.4f}", f"{gap:.4f}", f"{div:.4f}",
+                            f"{fid:.2f}", f"{mlr:.4f}", f"{r['train_seconds']:.0f}", f"{r['seconds']:.0f}", sha, date,
+                            " ".join(extra), r["verdict"].split()[0]])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.4))
+    for r in results:
+        if not r.get("curve"):
+            continue
+        u, tv, gap, div, _, _ = zip(*r["curve"])
+        ax[0].plot(u, tv, "o-", ms=3, label=f"{r['name']} ({tv[-1]:.3f})")
+        ax[1].plot(u, [abs(g) for g in gap], "o-", ms=3, label=r["name"])
+        ax[2].plot(u, div, "o-", ms=3, label=r["name"])
+    for a, bar, title in zip(ax, (TV_BAR, GAP_BAR, DIV_BAR),
+                             ("class-histogram TV to the IS target", "|mean log R − target's| (nat)",
+                              "min over kept classes of diversity / target's")):
+        a.axhline(bar, color="gray", ls="--", lw=1)
+        a.set_xlabel("updates")
+        a.set_title(title)
+    ax[0].set_ylim(bottom=0)
+    ax[1].set_yscale("log")
+    ax[0].legend(fontsize=7)
+    fig.suptitle(f"digits {task} {' '.join(extra)}".strip())
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=110)
+    plt.close(fig)
+    return stem
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", choices=sorted(TASKS))
+    p.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--set", nargs="*", default=[], help="overrides added to every run")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "digits_sweep"))
+    p.add_argument("--tag", default="", help="results file suffix")
+    p.add_argument("--collect", action="store_true", help="only re-read finished run directories")
+    a = p.parse_args(argv)
+    names = [n for n in (a.only.split(",") if a.only else VARIANTS) if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        print(f"digits_sweep: unknown variants {unknown}; choose from {sorted(VARIANTS)}", file=sys.stderr)
+        return 2
+    results = []
+    for n in names:
+        r = run_one(a.task, n, a.out, a.epochs, a.eval_every, a.set, a.collect)
+        if "error" in r:
+            print(f"{n}: FAILED {r['error']}", flush=True)
+            continue
+        r["verdict"] = verdict(r)
+        results.append(r)
+        print(f"{n}: {r['verdict']} (train {r['train_seconds']:.0f} s)", flush=True)
+    if results:
+        stem = write(results, a.task, a.tag, a.set)
+        print(f"wrote {stem}.csv and {stem}.png")
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -107,6 +107,19 @@ def _hist(h) -> str:
     return "–" if h is None else " ".join(f"{float(v):.2f}" for v in h)
 
 
+def _pretrained_quality(out_dir: str) -> Optional[dict]:
+    """The "quality" block of ``pretrained.json`` (``fastnabla pretrain-digits --report``, which ``make digits`` writes
+    into the run directory), when there is one."""
+    path = os.path.join(out_dir, "pretrained.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f).get("quality")
+    except (OSError, ValueError):
+        return None
+
+
 def write_report(out_dir: str, history: list, summary: dict, config: Optional[dict] = None) -> list[str]:
     """Write ``report_curves.png`` and ``report.html`` in out_dir; returns their paths."""
     curves = plot_report_curves(os.path.join(out_dir, "report_curves.png"), history, summary)
@@ -114,7 +127,8 @@ def write_report(out_dir: str, history: list, summary: dict, config: Optional[di
     chk = check_targets(summary)
     reward = (config or {}).get("reward", {})
     beta = tgt.get("beta", (config or {}).get("gfn", {}).get("reward_scale"))
-    title = f"digits: {reward.get('name', 'reward')} {json.dumps(reward.get('options', {}))}, β = {_fmt(beta, 2)}"
+    title = f"digits: {reward['name']} {json.dumps(reward.get('options', {}))}, β = {_fmt(beta, 2)}" \
+        if reward.get("name") else f"digits run, β = {_fmt(beta, 2)}"
     rows = [("class histogram (classes 0…9)", _hist(tgt.get("class_histogram")), _hist(pre.get("class_histogram")),
              _hist(summary.get("class_histogram"))),
             ("class-histogram TV to the target", "0", _fmt(pre.get("class_tv")), _fmt(summary.get("class_tv"))),
@@ -136,6 +150,15 @@ def write_report(out_dir: str, history: list, summary: dict, config: Optional[di
             li(chk["mean_log_r_ok"], f"|mean log R − target's| = {abs(chk['mean_log_r_gap']):.3f} ≤ {GAP_BAR} nat") + \
             li(chk["diversity_ok"], f"within-class diversity ≥ {DIVERSITY_BAR:.0%} of the target's for every class "
                                     f"it keeps (smallest ratio {chk['min_diversity_ratio']:.2f}; {ratio_txt})") + "</ul>"
+    prior = ""
+    q = _pretrained_quality(out_dir)
+    if q is not None:
+        prior = (f"<h2>The pretrained model against real digits</h2><p>{_fmt(q.get('num_samples'))} samples against "
+                 f"the 359 held-out digits, in classifier features: class-histogram TV to the real data's "
+                 f"{_fmt(q.get('class_tv_to_real'))} (bar 0.05), FID {_fmt(q.get('fid_heldout'), 1)}, KID "
+                 f"{_fmt(q.get('kid_heldout'), 1)} ± {_fmt(q.get('kid_heldout_std'), 1)}; real against real (held-out "
+                 f"against train) FID {_fmt(q.get('fid_real_vs_real'), 1)}, KID {_fmt(q.get('kid_real_vs_real'), 1)}"
+                 f" (from pretrained.json).</p>")
     updates = history[-1]["updates_total"] if history else 0
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}
@@ -150,6 +173,7 @@ pretrained samples.</p>
 <h2>Samples: pretrained against finetuned, same seeds</h2>{_img(os.path.join(out_dir, 'samples_grid.png'), 'grid')}
 <h2>Class histogram against the target</h2>{_img(os.path.join(out_dir, 'class_histogram.png'), 'histogram')}
 <h2>Figures</h2><table><tr><th></th><th>target (IS)</th><th>pretrained</th><th>finetuned</th></tr>{table}</table>
+{prior}
 </body></html>
 """
     path = os.path.join(out_dir, "report.html")

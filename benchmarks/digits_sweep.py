@@ -45,6 +45,15 @@ VARIANTS = {
     "lr3e-3_cos_ema_batch256": ["train.lr=3e-3", "sampling.batch_size=128", "train.batch_size=256", *COS_EMA],
     "lr3e-3_cos_ema_tf05": ["train.lr=3e-3", "gfn.timestep_fraction=0.5", *COS_EMA],
     "lr3e-3_cos_ema_trust": ["train.lr=3e-3", "gfn.trust_region_scale=1.0", *COS_EMA],
+    # one lever each on the shipped file (constant lr, no EMA): short screening runs
+    "fl_none": ["gfn.reward_adaptive_mode=none"],
+    "fl_sqrt": ["gfn.reward_adaptive_mode=sqrt"],
+    "full_lr3e-4": ["model.lora_rank=0", "train.lr=3e-4"],
+    "tf05": ["gfn.timestep_fraction=0.5"],
+    "lr3e-3": ["train.lr=3e-3"],
+    "tf1": ["gfn.timestep_fraction=1.0"],
+    "tf1_cos_ema": ["gfn.timestep_fraction=1.0", *COS_EMA],
+    "tf1_samples128_cos_ema": ["gfn.timestep_fraction=1.0", "sampling.batch_size=128", *COS_EMA],
 }
 
 #: the issue's bars
@@ -83,18 +92,27 @@ def _row(updates: int, rec: dict) -> tuple:
 
 def collect(out: str, name: str, overrides: list[str], seconds) -> dict:
     """The evaluation curve of a finished run directory (metrics.jsonl + summary.json)."""
-    if not os.path.isfile(os.path.join(out, "summary.json")):
-        return {"name": name, "error": [f"{out}: no summary.json (run unfinished or failed)"], "seconds": 0}
+    if not os.path.isfile(os.path.join(out, "metrics.jsonl")):
+        return {"name": name, "error": [f"{out}: no metrics.jsonl"], "seconds": 0}
     hist = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if line.strip()]
-    summ = json.load(open(os.path.join(out, "summary.json")))
+    finished = os.path.isfile(os.path.join(out, "summary.json"))
     curve = [_row(h["updates_total"], h) for h in hist if "class_tv" in h]
-    curve.append(_row(hist[-1]["updates_total"], summ))
+    if finished:
+        curve.append(_row(hist[-1]["updates_total"], json.load(open(os.path.join(out, "summary.json")))))
+    # the fresh training batches (64 samples each, live weights): a moving average over 10 epochs
+    u = [h["updates_total"] for h in hist if "class_tv_batch" in h]
+    tv = [h["class_tv_batch"] for h in hist if "class_tv_batch" in h]
+    rw = [h["reward_mean"] for h in hist if "class_tv_batch" in h]
+    batch = [(u[i], sum(tv[max(0, i - 9):i + 1]) / len(tv[max(0, i - 9):i + 1]),
+              sum(rw[max(0, i - 9):i + 1]) / len(rw[max(0, i - 9):i + 1])) for i in range(len(u))]
     train_s = sum(h.get("seconds", 0.0) for h in hist)
-    return {"name": name, "overrides": overrides, "curve": curve, "summary": summ, "train_seconds": train_s,
-            "seconds": seconds if seconds is not None else float("nan")}
+    return {"name": name, "overrides": overrides, "curve": curve, "batch": batch, "finished": finished,
+            "train_seconds": train_s, "seconds": seconds if seconds is not None else float("nan")}
 
 
 def verdict(r: dict) -> str:
+    if not r["finished"] or not r["curve"]:
+        return f"UNFINISHED (stopped after {r['batch'][-1][0] if r['batch'] else 0} updates)"
     _, tv, gap, div, _, _ = r["curve"][-1]
     ok = tv <= TV_BAR and abs(gap) <= GAP_BAR and div >= DIV_BAR
     return ("PASS" if ok else "FAIL") + f" (TV {tv:.3f} ≤ {TV_BAR}: {tv <= TV_BAR}; |gap| {abs(gap):.3f} ≤ {GAP_BAR}: " \
@@ -115,25 +133,38 @@ def write(results: list[dict], task: str, tag: str, extra: list[str]) -> str:
                 w.writerow([r["name"], " ".join(r["overrides"]), u, f"{tv:.4f}", f"{gap:.4f}", f"{div:.4f}",
                             f"{fid:.2f}", f"{mlr:.4f}", f"{r['train_seconds']:.0f}", f"{r['seconds']:.0f}", sha, date,
                             " ".join(extra), r["verdict"].split()[0]])
+    with open(stem + "_batch.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant", "updates", "class_tv_batch_ma10", "reward_mean_ma10", "git_sha", "date"])
+        for r in results:
+            for u, tv, rw in r.get("batch", []):
+                w.writerow([r["name"], u, f"{tv:.4f}", f"{rw:.4f}", sha, date])
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.4))
-    for r in results:
+    fig, ax = plt.subplots(1, 4, figsize=(19, 4.4))
+    for i, r in enumerate(results):
+        col = f"C{i % 10}"
+        if r.get("batch"):
+            bu, btv, _ = zip(*r["batch"])
+            ax[3].plot(bu, btv, color=col, lw=1, label=r["name"])
         if not r.get("curve"):
             continue
         u, tv, gap, div, _, _ = zip(*r["curve"])
-        ax[0].plot(u, tv, "o-", ms=3, label=f"{r['name']} ({tv[-1]:.3f})")
-        ax[1].plot(u, [abs(g) for g in gap], "o-", ms=3, label=r["name"])
-        ax[2].plot(u, div, "o-", ms=3, label=r["name"])
-    for a, bar, title in zip(ax, (TV_BAR, GAP_BAR, DIV_BAR),
-                             ("class-histogram TV to the IS target", "|mean log R − target's| (nat)",
-                              "min over kept classes of diversity / target's")):
+        ax[0].plot(u, tv, "o-", color=col, ms=3, label=f"{r['name']} ({tv[-1]:.3f})")
+        ax[1].plot(u, [abs(g) for g in gap], "o-", color=col, ms=3, label=r["name"])
+        ax[2].plot(u, div, "o-", color=col, ms=3, label=r["name"])
+    for a, bar, title in zip(ax, (TV_BAR, GAP_BAR, DIV_BAR, TV_BAR),
+                             ("class TV to the IS target (evaluations)", "|mean log R − target's| (nat)",
+                              "min over kept classes of diversity / target's",
+                              "class TV of the fresh batches (64 samples, 10-epoch mean)")):
         a.axhline(bar, color="gray", ls="--", lw=1)
         a.set_xlabel("updates")
-        a.set_title(title)
+        a.set_title(title, fontsize=10)
+    ax[3].set_ylim(bottom=0)
+    ax[3].legend(fontsize=7)
     ax[0].set_ylim(bottom=0)
     ax[1].set_yscale("log")
     ax[0].legend(fontsize=7)
@@ -168,7 +199,8 @@ def main(argv=None) -> int:
             continue
         r["verdict"] = verdict(r)
         results.append(r)
-        print(f"{n}: {r['verdict']} (train {r['train_seconds']:.0f} s)", flush=True)
+        print(f"{n}: {r['verdict']} (train {r['train_seconds']:.0f} s; last batch class TV (10-epoch mean) "
+              f"{r['batch'][-1][1] if r['batch'] else float('nan'):.3f})", flush=True)
     if results:
         stem = write(results, a.task, a.tag, a.set)
         print(f"wrote {stem}.csv and {stem}.png")

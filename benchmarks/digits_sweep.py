@@ -56,6 +56,9 @@ VARIANTS = {
     "tf1_samples128_cos_ema": ["gfn.timestep_fraction=1.0", "sampling.batch_size=128", *COS_EMA],
 }
 
+#: updates over which the fresh-batch curves are averaged
+WINDOW = 30
+
 #: the issue's bars
 TV_BAR, GAP_BAR, DIV_BAR = 0.05, 0.1, 0.9
 
@@ -99,12 +102,13 @@ def collect(out: str, name: str, overrides: list[str], seconds) -> dict:
     curve = [_row(h["updates_total"], h) for h in hist if "class_tv" in h]
     if finished:
         curve.append(_row(hist[-1]["updates_total"], json.load(open(os.path.join(out, "summary.json")))))
-    # the fresh training batches (64 samples each, live weights): a moving average over 10 epochs
-    u = [h["updates_total"] for h in hist if "class_tv_batch" in h]
-    tv = [h["class_tv_batch"] for h in hist if "class_tv_batch" in h]
-    rw = [h["reward_mean"] for h in hist if "class_tv_batch" in h]
-    batch = [(u[i], sum(tv[max(0, i - 9):i + 1]) / len(tv[max(0, i - 9):i + 1]),
-              sum(rw[max(0, i - 9):i + 1]) / len(rw[max(0, i - 9):i + 1])) for i in range(len(u))]
+    # the fresh training batches (sampling.batch_size samples each, live weights): the mean over the epochs of the
+    # last WINDOW updates, so variants with different updates per epoch compare at equal updates
+    pts = [(h["updates_total"], h["class_tv_batch"], h["reward_mean"]) for h in hist if "class_tv_batch" in h]
+    batch = []
+    for u, _, _ in pts:
+        win = [(tv, rw) for v, tv, rw in pts if u - WINDOW < v <= u]
+        batch.append((u, sum(t for t, _ in win) / len(win), sum(r for _, r in win) / len(win)))
     train_s = sum(h.get("seconds", 0.0) for h in hist)
     return {"name": name, "overrides": overrides, "curve": curve, "batch": batch, "finished": finished,
             "train_seconds": train_s, "seconds": seconds if seconds is not None else float("nan")}
@@ -135,7 +139,7 @@ def write(results: list[dict], task: str, tag: str, extra: list[str]) -> str:
                             " ".join(extra), r["verdict"].split()[0]])
     with open(stem + "_batch.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["variant", "updates", "class_tv_batch_ma10", "reward_mean_ma10", "git_sha", "date"])
+        w.writerow(["variant", "updates", "class_tv_batch_mean_last30updates", "reward_mean_mean_last30updates", "git_sha", "date"])
         for r in results:
             for u, tv, rw in r.get("batch", []):
                 w.writerow([r["name"], u, f"{tv:.4f}", f"{rw:.4f}", sha, date])
@@ -159,7 +163,7 @@ def write(results: list[dict], task: str, tag: str, extra: list[str]) -> str:
     for a, bar, title in zip(ax, (TV_BAR, GAP_BAR, DIV_BAR, TV_BAR),
                              ("class TV to the IS target (evaluations)", "|mean log R − target's| (nat)",
                               "min over kept classes of diversity / target's",
-                              "class TV of the fresh batches (64 samples, 10-epoch mean)")):
+                              f"class TV of the fresh batches (mean over {WINDOW} updates)")):
         a.axhline(bar, color="gray", ls="--", lw=1)
         a.set_xlabel("updates")
         a.set_title(title, fontsize=10)
@@ -199,7 +203,7 @@ def main(argv=None) -> int:
             continue
         r["verdict"] = verdict(r)
         results.append(r)
-        print(f"{n}: {r['verdict']} (train {r['train_seconds']:.0f} s; last batch class TV (10-epoch mean) "
+        print(f"{n}: {r['verdict']} (train {r['train_seconds']:.0f} s; batch class TV over the last 30 updates "
               f"{r['batch'][-1][1] if r['batch'] else float('nan'):.3f})", flush=True)
     if results:
         stem = write(results, a.task, a.tag, a.set)

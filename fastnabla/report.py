@@ -146,16 +146,16 @@ def write_report(out_dir: str, history: list, summary: dict, config: Optional[di
         def li(ok, text):
             return f'<li style="color:{"#176117" if ok else "#a11"}">{"met" if ok else "not met"}: {text}</li>'
 
-        checks = "<ul>" + li(chk["class_tv_ok"], f"class-histogram TV {chk['class_tv']:.3f} ≤ {TV_BAR}") + \
-            li(chk["mean_log_r_ok"], f"|mean log R − target's| = {abs(chk['mean_log_r_gap']):.3f} ≤ {GAP_BAR} nat") + \
-            li(chk["diversity_ok"], f"within-class diversity ≥ {DIVERSITY_BAR:.0%} of the target's for every class "
-                                    f"it keeps (smallest ratio {chk['min_diversity_ratio']:.2f}; {ratio_txt})") + "</ul>"
+        checks = "<ul>" + li(chk["class_tv_ok"], f"class-histogram TV {chk['class_tv']:.3f} (bar: ≤ {TV_BAR})") + \
+            li(chk["mean_log_r_ok"], f"|mean log R − target's| = {abs(chk['mean_log_r_gap']):.3f} nat (bar: ≤ {GAP_BAR})") + \
+            li(chk["diversity_ok"], f"within-class diversity relative to the target's, smallest over the classes it keeps "
+                                    f"{chk['min_diversity_ratio']:.2f} (bar: ≥ {DIVERSITY_BAR}; {ratio_txt})") + "</ul>"
     prior = ""
     q = _pretrained_quality(out_dir)
     if q is not None:
         prior = (f"<h2>The pretrained model against real digits</h2><p>{_fmt(q.get('num_samples'))} samples against "
                  f"the 359 held-out digits, in classifier features: class-histogram TV to the real data's "
-                 f"{_fmt(q.get('class_tv_to_real'))} (bar 0.05), FID {_fmt(q.get('fid_heldout'), 1)}, KID "
+                 f"{_fmt(q.get('class_tv_to_real'), 4)} (bar: ≤ 0.05), FID {_fmt(q.get('fid_heldout'), 1)}, KID "
                  f"{_fmt(q.get('kid_heldout'), 1)} ± {_fmt(q.get('kid_heldout_std'), 1)}; real against real (held-out "
                  f"against train) FID {_fmt(q.get('fid_real_vs_real'), 1)}, KID {_fmt(q.get('kid_real_vs_real'), 1)}"
                  f" (from pretrained.json).</p>")

@@ -55,7 +55,7 @@ def test_report_cli_rebuilds_from_a_run_directory(tmp_path, capsys):
     (tmp_path / "pretrained.json").write_text(json.dumps({"quality": {"class_tv_to_real": 0.0421, "kid_heldout": 77.5,
                                                                       "num_samples": 2000}}))
     assert report.main([str(tmp_path)]) == 0
-    assert "TV to the real data's 0.042" in (tmp_path / "report.html").read_text()
-    assert "not met: class-histogram TV 0.200" in (tmp_path / "report.html").read_text()
+    assert "TV to the real data's 0.0421" in (tmp_path / "report.html").read_text()
+    assert "not met: class-histogram TV 0.200 (bar: ≤ 0.05)" in (tmp_path / "report.html").read_text()
     assert report.main([str(tmp_path / "missing")]) == 2
     assert "not a finished run directory" in capsys.readouterr().err

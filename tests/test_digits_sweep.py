@@ -1,0 +1,50 @@
+"""benchmarks/digits_sweep.py: reading a run directory back (evaluation curve, fresh-batch window, verdict)."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "digits_sweep.py")
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("digits_sweep", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write(d, hist, summary=None):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist))
+    if summary is not None:
+        (d / "summary.json").write_text(json.dumps(summary))
+
+
+def test_collect_and_verdict_by_hand(sweep, tmp_path):
+    # 10 updates per epoch: the 30-update window averages the last three epochs
+    hist = [{"epoch": e, "updates_total": 10 * (e + 1), "class_tv_batch": tv, "reward_mean": -float(e),
+             "seconds": 2.0} for e, tv in enumerate([0.6, 0.5, 0.4, 0.3])]
+    hist[1].update(class_tv=0.45, mean_log_r_gap=-2.0, diversity_ratio_per_class={"3": 0.97, "8": 0.92},
+                   fid_pretrained=5.0, mean_log_r=-2.1)
+    final = {"class_tv": 0.04, "mean_log_r_gap": 0.09, "diversity_ratio_per_class": {"3": 0.95, "5": 0.91},
+             "fid_pretrained": 9.0, "mean_log_r": -0.05}
+    _write(tmp_path / "run", hist, final)
+    r = sweep.collect(str(tmp_path / "run"), "x", ["a=1"], None)
+    assert r["curve"] == [(20, 0.45, -2.0, 0.92, 5.0, -2.1), (40, 0.04, 0.09, 0.91, 9.0, -0.05)]
+    assert r["batch"][-1] == pytest.approx((40, (0.5 + 0.4 + 0.3) / 3, (-1 - 2 - 3) / 3))
+    assert r["batch"][0] == pytest.approx((10, 0.6, 0.0)) and r["train_seconds"] == 8.0
+    assert sweep.verdict(r).startswith("PASS")
+    for bad in ({"class_tv": 0.051}, {"mean_log_r_gap": -0.11}, {"diversity_ratio_per_class": {"3": 0.89}}):
+        _write(tmp_path / "bad", hist, dict(final, **bad))
+        assert sweep.verdict(sweep.collect(str(tmp_path / "bad"), "x", [], None)).startswith("FAIL"), bad
+
+
+def test_unfinished_and_missing_runs(sweep, tmp_path):
+    _write(tmp_path / "stopped", [{"epoch": 0, "updates_total": 3, "class_tv_batch": 0.7, "reward_mean": -9.0}])
+    r = sweep.collect(str(tmp_path / "stopped"), "x", [], None)
+    assert not r["finished"] and r["curve"] == [] and sweep.verdict(r) == "UNFINISHED (stopped after 3 updates)"
+    assert "error" in sweep.collect(str(tmp_path / "nothing"), "x", [], None)
+    assert sweep.main(["c358", "--only", "no_such_variant"]) == 2

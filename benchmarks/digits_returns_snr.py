@@ -23,6 +23,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def state_stats(G: torch.Tensor, r: torch.Tensor, g: torch.Tensor) -> dict:
+    """Per-state figures from the returns G, the reward term r and the flow g, each (n, *S)."""
+    var = float(G.var(0).sum())  # Σ over pixels of the across-sample variance (unbiased)
+
+    def explained(pred):
+        return 1.0 - float(((G - pred) ** 2).mean(0).sum()) / var
+
+    def norm(v):
+        return float(v.flatten(1).norm(dim=1).mean())
+
+    pred = g + r
+    return dict(norm_G=norm(G), norm_mean_G=float(G.mean(0).norm()), norm_r=norm(r), norm_g=norm(g),
+                explained_flow_plus_r=explained(pred), explained_r_only=explained(r),
+                cos_mean=float(torch.nn.functional.cosine_similarity(pred.mean(0).flatten(), G.mean(0).flatten(),
+                                                                     dim=0)),
+                norm_mean_pred=float(pred.mean(0).norm()))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="a digits run directory (config.yaml, checkpoints/)")
@@ -52,19 +70,7 @@ def main(argv=None) -> int:
         r, _ = obj.reward_grad(x, torch.full((x.shape[0],), j, dtype=torch.long), None, None)
         with torch.no_grad():
             g = bb.flow(x, obj.timesteps[j], None).to(x.dtype) if j < N else torch.zeros_like(x)
-        var = float(G.var(0).sum())
-
-        def explained(pred):
-            return 1.0 - float(((G - pred) ** 2).mean(0).sum()) / var
-
-        def norm(v):
-            return float(v.flatten(1).norm(dim=1).mean())
-
-        rows.append(dict(state=j, norm_G=norm(G), norm_mean_G=float(G.mean(0).norm()), norm_r=norm(r), norm_g=norm(g),
-                         explained_flow_plus_r=explained(g + r), explained_r_only=explained(r),
-                         cos_mean=float(torch.nn.functional.cosine_similarity((g + r).mean(0).flatten(),
-                                                                              G.mean(0).flatten(), dim=0)),
-                         norm_mean_pred=float((g + r).mean(0).norm())))
+        rows.append(dict(state=j, **state_stats(G, r, g)))
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()))
     name = a.name or os.path.basename(os.path.normpath(a.run)) + ("_init" if a.init else "")
     path = os.path.join(ROOT, "benchmarks", "results", f"digits_returns_snr_{name}.csv")

@@ -48,3 +48,22 @@ def test_unfinished_and_missing_runs(sweep, tmp_path):
     assert not r["finished"] and r["curve"] == [] and sweep.verdict(r) == "UNFINISHED (stopped after 3 updates)"
     assert "error" in sweep.collect(str(tmp_path / "nothing"), "x", [], None)
     assert sweep.main(["c358", "--only", "no_such_variant"]) == 2
+
+
+def test_returns_snr_state_stats_by_hand():
+    import torch
+
+    spec = importlib.util.spec_from_file_location(
+        "digits_returns_snr", os.path.join(os.path.dirname(_PATH), "digits_returns_snr.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # two samples, two pixels: G = [[1, 0], [3, 0]] → mean (2, 0), Σ var = ((1−2)² + (3−2)²)/(2−1) = 2
+    G = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    zero = torch.zeros_like(G)
+    s = mod.state_stats(G, zero, zero)
+    assert s["norm_G"] == pytest.approx(2.0) and s["norm_mean_G"] == pytest.approx(2.0)
+    assert s["explained_flow_plus_r"] == pytest.approx(1 - 5.0 / 2)  # E‖G − 0‖² = (1 + 9)/2 = 5
+    exact = mod.state_stats(G, G / 2, G / 2)  # g + r = G
+    assert exact["explained_flow_plus_r"] == pytest.approx(1.0) and exact["explained_r_only"] == pytest.approx(1 - 1.25 / 2)
+    mean = mod.state_stats(G, zero, torch.tensor([[2.0, 0.0], [2.0, 0.0]]))  # the batch mean: E‖G − m‖² = 1 = ½·Σvar
+    assert mean["explained_flow_plus_r"] == pytest.approx(0.5) and mean["cos_mean"] == pytest.approx(1.0)

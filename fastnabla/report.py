@@ -2,8 +2,8 @@
 
 The page holds the issue's three pictures and the numbers behind them:
 - curves against updates (``report_curves.png``): mean log R, class-histogram TV to the importance-sampled target,
-  diversity and FID against the pretrained samples; fresh training batches as thin lines, evaluations as dots, the
-  target's value (or bar) dashed;
+  diversity and FID against the pretrained samples; fresh training batches as thin lines, evaluations as dots
+  (the pretrained model's value at update 0), the target's value (or bar) dashed;
 - the pretrained and finetuned samples at the same seeds (``samples_grid.png``, drawn by ``metrics``);
 - the class histogram against the target (``class_histogram.png``, drawn by ``metrics``);
 - a table of target / pretrained / finetuned figures and the issue's three checks (``check_targets``).
@@ -21,7 +21,8 @@ import os
 import sys
 from typing import Optional
 
-__all__ = ["TV_BAR", "GAP_BAR", "DIVERSITY_BAR", "check_targets", "plot_report_curves", "write_report", "main"]
+__all__ = ["TV_BAR", "GAP_BAR", "DIVERSITY_BAR", "check_targets", "eval_series", "plot_report_curves", "write_report",
+           "main"]
 
 #: the issue's bars: class-histogram TV, |mean log R − target's| (nat), within-class diversity / target's
 TV_BAR, GAP_BAR, DIVERSITY_BAR = 0.05, 0.1, 0.9
@@ -48,6 +49,18 @@ def _series(history: list, key: str) -> tuple[list, list]:
     return ([u for u, _ in pts], [v for _, v in pts])
 
 
+def eval_series(history: list, summary: dict, key: str) -> tuple[list, list]:
+    """(updates, values) of an evaluation figure: the pretrained model's value at update 0 (FID and KID against the
+    pretrained samples are 0 there), every evaluation in the history, and the final one (``summary``)."""
+    pre = summary.get("pretrained") or {}
+    start = 0.0 if key in ("fid_pretrained", "kid_pretrained") else pre.get(key)
+    last_u = history[-1]["updates_total"] if history else 0
+    u, v = _series(history + [dict(summary, updates_total=last_u)], key)
+    if isinstance(start, (int, float)) and math.isfinite(start):
+        u, v = [0] + u, [start] + v
+    return u, v
+
+
 def plot_report_curves(path: str, history: list, summary: dict) -> str:
     """Mean log R, class TV, diversity and FID against updates (the final evaluation as the last dot)."""
     import matplotlib
@@ -55,8 +68,6 @@ def plot_report_curves(path: str, history: list, summary: dict) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    last_u = history[-1]["updates_total"] if history else 0
-    final = dict(summary, updates_total=last_u)
     tgt = summary.get("target") or {}
     panels = [("reward_mean", "mean_log_r", "mean log R", tgt.get("mean_log_r")),
               ("class_tv_batch", "class_tv", "class-histogram TV to the target", TV_BAR if tgt else None),
@@ -68,7 +79,7 @@ def plot_report_curves(path: str, history: list, summary: dict) -> str:
             u, v = _series(history, batch_key)
             if u:
                 a.plot(u, v, lw=0.8, alpha=0.5, label="fresh batch")
-        u, v = _series(history + [final], eval_key)
+        u, v = eval_series(history, summary, eval_key)
         if u:
             a.plot(u, v, "o-", ms=4, label="evaluation")
         if ref is not None:

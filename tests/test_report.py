@@ -30,6 +30,15 @@ def test_check_targets_by_hand():
     assert report.check_targets({"mean_log_r": -1.0}) is None  # no target in the run
 
 
+def test_eval_series_starts_at_the_pretrained_model():
+    history = [{"updates_total": 3}, {"updates_total": 6, "class_tv": 0.3, "fid_pretrained": 8.0},
+               {"updates_total": 9}]
+    s = _summary()
+    assert report.eval_series(history, s, "class_tv") == ([0, 6, 9], [0.7, 0.3, 0.04])
+    assert report.eval_series(history, s, "fid_pretrained") == ([0, 6, 9], [0.0, 8.0, 12.5])
+    assert report.eval_series(history, {"class_tv": 0.2}, "class_tv") == ([6, 9], [0.3, 0.2])  # no pretrained
+
+
 def test_write_report_embeds_pictures_and_numbers(tmp_path):
     pytest.importorskip("matplotlib")
     history = [{"epoch": e, "updates_total": 3 * (e + 1), "reward_mean": -5.0 + e, "class_tv_batch": 0.5 - 0.1 * e,

@@ -51,6 +51,7 @@ VARIANTS = {
     "full_lr3e-4": ["model.lora_rank=0", "train.lr=3e-4"],
     "tf05": ["gfn.timestep_fraction=0.5"],
     "lr3e-3": ["train.lr=3e-3"],
+    "td1": ["gfn.return_steps=1"],  # flow target J_refᵀ·(g + r)(x_{k+1}): one-step bootstrapped returns
     "tf1": ["gfn.timestep_fraction=1.0"],
     "tf1_cos_ema": ["gfn.timestep_fraction=1.0", *COS_EMA],
     "tf1_samples128_cos_ema": ["gfn.timestep_fraction=1.0", "sampling.batch_size=128", *COS_EMA],

@@ -2,9 +2,9 @@
 
     python benchmarks/digits_returns_snr.py runs/digits_sweep/c358_tf1 [--init] [--name NAME] [--set key=value …]
 
-Loads the run's config and its latest checkpoint (``--init``: the untrained policy and flow), draws one epoch of
+Loads the run's config and its latest checkpoint (``--init``: the untrained policy and flow), draws epochs of
 trajectories with the run's sampler, and compares, at each state x_k, the Monte-Carlo gradient return G_k (the flow's
-regression target, ALGORITHM §5b) with what predicts it: g(x_k) + r(x_k) (flow + forward-looking reward gradient),
+regression target with κ = 1, ALGORITHM §5b; computed here whatever returns the run trained on) with what predicts it: g(x_k) + r(x_k) (flow + forward-looking reward gradient),
 and r(x_k) alone. Reported per state: the mean norms of G, r and g, the norm of G's and of the prediction's batch
 mean and the cosine between the two means, and the explained fraction 1 − E‖G − pred‖² /
 Σ Var(G) (1 = G predicted exactly, 0 = no better than G's mean, < 0 worse). Rows go to
@@ -51,19 +51,21 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from fastnabla import checkpoint as ckpt
     from fastnabla.config import load_config
-    from fastnabla.trainer import Trainer
+    from fastnabla.trainer import build_trainer
 
     torch.set_num_threads(1)
     cfg = load_config(os.path.join(a.run, "config.yaml"), ["logging.progress=false", "eval.ground_truth_samples=0",
                                                            *a.set], output_dir=os.path.join(a.run, "snr_tmp"))
-    tr = Trainer(cfg)
+    tr = build_trainer(cfg)
     if not a.init:
         tr.load_state_dict(ckpt.load_checkpoint(ckpt.resolve_resume("latest", os.path.join(a.run, "checkpoints")),
                                                 engine=tr.engine))
+    obj, bb = tr.method, tr.backbone  # the ∇-GFlowNet method: reward_grad, gradient_returns, timesteps, N
+    N = obj.N
     trajs = [tr.sample(10_000 + i) for i in range(a.batches)]
     xs = torch.cat([t.xs for t in trajs])
-    G_all = torch.cat([t.returns for t in trajs])
-    obj, bb, N = tr.objective, tr.backbone, tr.objective.N
+    # the Monte-Carlo returns (κ = 1, untruncated) whatever the run trained on: the unbiased target
+    G_all = torch.cat([obj.gradient_returns(t.xs, t.cond, t.prompts) for t in trajs])
     rows = []
     for j in range(1, N + 1):
         x, G = xs[:, j], G_all[:, j]

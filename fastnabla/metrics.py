@@ -231,28 +231,28 @@ def _scores(ctx: EvalContext, samples: torch.Tensor, prompts) -> torch.Tensor:
 
 # --- the digits benchmark ---------------------------------------------------------------------------------------
 
-def _digits_state(trainer: EvalContext) -> dict:
+def _digits_state(ctx: EvalContext) -> dict:
     """What a digits run computes once and keeps: the feature classifier and the importance-sampled target."""
-    st = trainer.cache.get("digits")
+    st = ctx.cache.get("digits")
     if st is not None:
         return st
     from fastnabla import digits
 
-    cfg = trainer.cfg
-    clf = getattr(trainer.reward_fn, "classifier", None)
-    meta = dict(getattr(trainer.reward_fn, "meta", {}) or {})
+    cfg = ctx.cfg
+    clf = getattr(ctx.reward_fn, "classifier", None)
+    meta = dict(getattr(ctx.reward_fn, "meta", {}) or {})
     if clf is None:
         clf, meta = digits.ensure_classifier(cfg.model.image_size, cfg.model.cache_dir, cfg.logging.progress)
-    clf = clf.to(trainer.device).eval()
+    clf = clf.to(ctx.device).eval()
     st = {"classifier": clf, "classifier_test_accuracy": meta.get("test_accuracy"), "target": None}
     n_gt = cfg.eval.ground_truth_samples
-    if n_gt and not trainer.backbone.conditional:
-        ref = digits.reference_samples(trainer.backbone, clf, n_gt, seed=cfg.seed + 104729,
+    if n_gt and not ctx.backbone.conditional:
+        ref = digits.reference_samples(ctx.backbone, clf, n_gt, seed=cfg.seed + 104729,
                                        batch=max(cfg.sampling.batch_size, 1024), cache_dir=cfg.model.cache_dir,
-                                       progress=cfg.logging.progress and trainer.is_main)
-        log_r = _scores(trainer, ref["images"], None)
+                                       progress=cfg.logging.progress and ctx.is_main)
+        log_r = _scores(ctx, ref["images"], None)
         st["target"] = digits.ground_truth(ref, log_r, cfg.gfn.reward_scale, clf.head.out_features)
-    trainer.cache["digits"] = st
+    ctx.cache["digits"] = st
     return st
 
 
@@ -262,9 +262,9 @@ def _digits_features(st, backbone, samples: torch.Tensor):
     return classifier_outputs(st["classifier"], backbone.decode(samples))
 
 
-def _digits_epoch(trainer: EvalContext, finals: torch.Tensor) -> dict:
-    st = _digits_state(trainer)
-    logits, feats = _digits_features(st, trainer.backbone, finals)
+def _digits_epoch(ctx: EvalContext, finals: torch.Tensor) -> dict:
+    st = _digits_state(ctx)
+    logits, feats = _digits_features(st, ctx.backbone, finals)
     pred = logits.argmax(1)
     out = {"diversity_batch": diversity(feats, max_per_group=1024)["overall"]}
     if st["target"] is not None:
@@ -273,17 +273,17 @@ def _digits_epoch(trainer: EvalContext, finals: torch.Tensor) -> dict:
     return out
 
 
-def _digits_eval(trainer: EvalContext, samples: torch.Tensor, prompts, log_r: torch.Tensor, final: bool) -> dict:
+def _digits_eval(ctx: EvalContext, samples: torch.Tensor, prompts, log_r: torch.Tensor, final: bool) -> dict:
     """Class histogram (and its TV to the target), diversity, FID/KID against the pretrained model's samples at the
     same seeds and prompts; at the end also the .npy files and the report plots."""
-    cfg, bb = trainer.cfg, trainer.backbone
-    st = _digits_state(trainer)
+    cfg, bb = ctx.cfg, ctx.backbone
+    st = _digits_state(ctx)
     n = samples.shape[0]
     key = ("pretrained", n)
     if st.get("pretrained_key") != key:  # the reference never changes: its samples are drawn once per size
         with bb.reference_sampling():
-            ps, pp = trainer.sample_final(n, seed=cfg.seed + 7919)
-        st["pretrained"] = (ps, pp, _scores(trainer, ps, pp)) + tuple(_digits_features(st, bb, ps))
+            ps, pp = ctx.sample_final(n, seed=cfg.seed + 7919)
+        st["pretrained"] = (ps, pp, _scores(ctx, ps, pp)) + tuple(_digits_features(st, bb, ps))
         st["pretrained_key"] = key
     ps, _, p_lr, p_logits, p_feats = st["pretrained"]
     logits, feats = _digits_features(st, bb, samples)
@@ -318,21 +318,22 @@ def _digits_eval(trainer: EvalContext, samples: torch.Tensor, prompts, log_r: to
             from fastnabla.report import check_targets
 
             out["targets_met"] = check_targets(out)
-    if final and trainer.is_main:
-        np.save(os.path.join(trainer.out_dir, "final_samples.npy"), samples.clamp(-1, 1).numpy())
-        np.save(os.path.join(trainer.out_dir, "pretrained_samples.npy"), ps.clamp(-1, 1).numpy())
+    if final and ctx.is_main:
+        np.save(os.path.join(ctx.out_dir, "final_samples.npy"), samples.clamp(-1, 1).numpy())
+        np.save(os.path.join(ctx.out_dir, "pretrained_samples.npy"), ps.clamp(-1, 1).numpy())
         if cfg.logging.plots:
             out["plots"] = [
-                plot_digit_grid(os.path.join(trainer.out_dir, "samples_grid.png"), bb.decode(ps), bb.decode(samples)),
-                plot_class_histogram(os.path.join(trainer.out_dir, "class_histogram.png"), hist, p_hist,
+                plot_digit_grid(os.path.join(ctx.out_dir, "samples_grid.png"), bb.decode(ps), bb.decode(samples)),
+                plot_class_histogram(os.path.join(ctx.out_dir, "class_histogram.png"), hist, p_hist,
                                      None if tgt is None else tgt["class_histogram"])]
-            curves = plot_curves(trainer.out_dir, trainer.history)
+            curves = plot_curves(ctx.out_dir, ctx.history)
             if curves:
                 out["plots"].append(curves)
-            from fastnabla.config import config_to_dict
-            from fastnabla.report import write_report  # report_curves.png + report.html (issue 12, item 6)
+            from dataclasses import asdict
 
-            out["plots"] += write_report(trainer.out_dir, trainer.history, out, config_to_dict(cfg))
+            from fastnabla.report import write_report  # report_curves.png + report.html
+
+            out["plots"] += write_report(ctx.out_dir, ctx.history, out, asdict(cfg))
     return out
 
 

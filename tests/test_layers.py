@@ -24,7 +24,8 @@ LAYERS = [
     # what the loop composes: methods, metrics
     {"fastnabla.methods", "fastnabla.methods.base", "fastnabla.methods.nabla_gfn", "fastnabla.methods.chain",
      "fastnabla.methods.refl", "fastnabla.methods.draft", "fastnabla.methods.alignprop", "fastnabla.methods.ddpo",
-     "fastnabla.metrics"},
+     "fastnabla.metrics",
+     "fastnabla.report"},
     {"fastnabla.config"},
     # the digits benchmark: data, classifier and UNet pretraining, importance-sampled target
     {"fastnabla.digits"},

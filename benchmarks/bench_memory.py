@@ -150,6 +150,47 @@ class RSSPeak:
         self.peak = max(self.peak, self.rss())
 
 
+def trim_memory():
+    """Free what Python and glibc hold, so a phase's RSS starts from live memory."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+class PhasePeak:
+    """Seconds and peak extra memory of a phase (``with PhasePeak(device) as m: …``, then ``m.seconds``,
+    ``m.peak`` in bytes, ``m.method``): the CUDA allocator's peak above the allocation before it on a GPU, the
+    sampled RSS peak above the RSS before it on a CPU (after ``trim_memory``)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.method = "cuda.max_memory_allocated" if device.type == "cuda" else "rss_peak_delta"
+
+    def __enter__(self):
+        trim_memory()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._rss = RSSPeak().__enter__()
+            self.base = self._rss.peak
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.t0
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._rss.__exit__(*exc)
+            self.peak = self._rss.peak - self.base
+
+
 def worker(name: str, resolution: int, batch: int, dtype_name: str) -> dict:
     from fastnabla.backbones.sd import DTYPES
     from fastnabla.sampling import step_coefficients
@@ -177,27 +218,9 @@ def worker(name: str, resolution: int, batch: int, dtype_name: str) -> dict:
         return g
 
     step()  # warm-up: one-time allocations (kernel caches, thread pools, lazy buffers) are not the step's memory
-    gc.collect()
-    t0 = time.time()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    with PhasePeak(device) as m:
         g = step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        method = "cuda.max_memory_allocated"
-    else:
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        with RSSPeak() as m:
-            base = m.peak
-            g = step()
-        peak = m.peak - base
-        method = "rss_peak_delta"
-    seconds = time.time() - t0
+    peak, method, seconds = m.peak, m.method, m.seconds
     assert torch.isfinite(g).all()
     return {"config": name, "unet_ckpt": unet_ckpt, "vae_ckpt": vae_ckpt, "reward_ckpt": reward_ckpt,
             "peak_step_mib": round(peak / 2**20, 1), "seconds": round(seconds, 2), "method": method,

@@ -12,7 +12,7 @@ a weight-free reward) and measures, after a warm-up:
 - per update (4 transitions, 1 micro-batch): seconds and peak extra memory of ``Trainer.update``.
 
 Peak extra memory on a CPU is the process RSS sampled every millisecond minus the RSS just before the phase, with
-glibc's mmap threshold at 128 KiB so freed tensors leave the RSS (``bench_memory.RSSPeak``). Writes
+glibc's mmap threshold at 128 KiB so freed tensors leave the RSS (``bench_memory.PhasePeak``). Writes
 ``benchmarks/results/recipes_cpu.csv`` and ``recipes_cpu.png``; the numbers are CPU measurements of a tiny model,
 never GPU claims.
 """

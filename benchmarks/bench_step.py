@@ -22,7 +22,7 @@ only on a GPU (on a CPU it would be the interpreter) and ``train.compile`` does 
 not measured rather than guessed.
 
 Each row runs in its own subprocess. Peak extra memory: ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU the
-RSS sampled every millisecond minus the RSS before the phase (``bench_memory.RSSPeak``, glibc mmap threshold
+RSS sampled every millisecond minus the RSS before the phase (``bench_memory.PhasePeak``, glibc mmap threshold
 128 KiB). Writes ``benchmarks/results/step_<device>.csv`` and ``.png`` with device, versions, git sha and date.
 CPU figures are CPU figures of a tiny model: never GPU claims.
 """
@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -97,45 +95,6 @@ def make_sd15_shaped(directory: str) -> str:
     return directory
 
 
-def _trim():
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-class _Peak:
-    """Peak extra memory of a phase: CUDA allocator on a GPU, sampled RSS on a CPU."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        _trim()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            from benchmarks.bench_memory import RSSPeak
-
-            self._rss = RSSPeak().__enter__()
-            self.base = self._rss.peak
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.seconds = time.perf_counter() - self.t0
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.seconds = time.perf_counter() - self.t0
-            self._rss.__exit__(*exc)
-            self.peak = self._rss.peak - self.base
-
-
 def reference_step(tr, batch) -> torch.Tensor:
     """ALGORITHM §5's step in the reference implementation's structure (separate passes; see the module docstring).
 
@@ -188,6 +147,7 @@ def measure(name: str, kind: str, over: list, sd_dir: str, repeats: int, sd15: b
             base: list = BASE) -> dict:
     """One row: ``kind`` "fastnabla" (the library's update) or "reference" (``reference_step``), config ``base``
     plus ``over``. Sampling, stored returns and updates timed, with their peak extra memory."""
+    from benchmarks.bench_memory import PhasePeak
     from fastnabla.config import load_config
     from fastnabla.sampling import sample_trajectories
     from fastnabla.trainer import build_trainer
@@ -212,11 +172,11 @@ def measure(name: str, kind: str, over: list, sd_dir: str, repeats: int, sd15: b
     t_s = t_r = 0.0
     m_s = m_r = 0
     for r in range(repeats):
-        with _Peak(dev) as m:
+        with PhasePeak(dev) as m:
             traj = draw(r + 1)
         t_s, m_s = t_s + m.seconds, max(m_s, m.peak)
         if kind == "fastnabla":
-            with _Peak(dev) as m:
+            with PhasePeak(dev) as m:
                 traj = tr.method.prepare(traj)
             t_r, m_r = t_r + m.seconds, max(m_r, m.peak)
     updates = tr.plan(1, len(traj))
@@ -238,7 +198,7 @@ def measure(name: str, kind: str, over: list, sd_dir: str, repeats: int, sd15: b
     one_update(updates[0])  # warm-up
     t_u, m_u, count = 0.0, 0, 0
     for micro in (updates[1:] * repeats)[: max(2 * repeats, 2)]:
-        with _Peak(dev) as m:
+        with PhasePeak(dev) as m:
             one_update(micro)
         t_u, m_u, count = t_u + m.seconds, max(m_u, m.peak), count + 1
     per_traj_transitions = sum(int(i.shape[0]) for u in updates for i in u) / len(traj)

@@ -175,12 +175,14 @@ class NablaGFN(Method):
             jN = torch.full((xs[sl].shape[0],), N, dtype=torch.long, device=xs.device)
             G[sl, N], _ = self.reward_grad(xs[sl, N], jN, c_s, p_s)  # γ = 1 at the clean sample in every FL mode
             for k in range(N - 1, -1, -1):
-                kk = torch.full_like(jN, k)
-                ck, v = self.c[kk], G[sl, k + 1]
-                _, out_vjp = self.backbone.reference_vjp(xs[sl, k], self.timesteps[kk], c_s,
-                                                         lambda out: ck.out_cotangent(v))
-                G[sl, k] = ck.mean_vjp(v, out_vjp)
+                G[sl, k] = self._reference_mean_vjp(xs[sl, k], torch.full_like(jN, k), c_s, G[sl, k + 1])
         return G
+
+    def _reference_mean_vjp(self, x: torch.Tensor, j: torch.Tensor, cond, v: torch.Tensor) -> torch.Tensor:
+        """J_ref(x)ᵀ·v at states x with step indices j: one input-VJP of the reference's mean map (detached)."""
+        cj = self.c[j]
+        _, out_vjp = self.backbone.reference_vjp(x, self.timesteps[j], cond, lambda out: cj.out_cotangent(v))
+        return cj.mean_vjp(v, out_vjp)
 
     @torch.no_grad()
     def bootstrapped_returns(self, b: TransitionBatch) -> torch.Tensor:
@@ -219,10 +221,7 @@ class NablaGFN(Method):
             j = stop[act] - t
             v = kappa * G[act] + (1 - kappa) * gr_next[act] if kappa < 1 else G[act]
             cond, _ = sel(act)
-            cj = self.c[j]
-            _, out_vjp = self.backbone.reference_vjp(b.states[act, j], self.timesteps[j], cond,
-                                                     lambda out: cj.out_cotangent(v))
-            G[act] = cj.mean_vjp(v, out_vjp)
+            G[act] = self._reference_mean_vjp(b.states[act, j], j, cond, v)
             more = L[act] > t
             if kappa < 1 and bool(more.any()):
                 gr_next[act[more]] = g_plus_r(act[more], j[more])

@@ -17,9 +17,10 @@ reward gradient, two separate VAE decodes and fp32 reward backward passes (at x 
 with an input gradient for its reverse score, no checkpointing, and the eager PyTorch loss. fastnabla's rows run
 the library's own ``Trainer.update`` for the paper's recipe and for the returns recipe (the SD configs' default:
 forward-looking term off), with each memory/speed flag alone and combined: ``train.gradient_checkpointing``,
-``reward.vae_checkpointing``, ``train.optimizer=adamw8bit`` (when bitsandbytes imports). The fused Triton loss runs
-only on a GPU (on a CPU it would be the interpreter) and ``train.compile`` does not exist yet; both are reported as
-not measured rather than guessed.
+``reward.vae_checkpointing``, ``train.optimizer=adamw8bit`` (when bitsandbytes imports), ``train.compile`` (torch.compile of the UNet,
+flow net and VAE decoder; ``warmup_s`` holds the first sampling, returns and update, where the compilation is paid).
+The fused Triton loss runs only on a GPU (on a CPU it would be the interpreter): not measured here rather than
+guessed.
 
 Each row runs in its own subprocess. Peak extra memory: ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU the
 RSS sampled every millisecond minus the RSS before the phase (``bench_memory.PhasePeak``, glibc mmap threshold
@@ -54,7 +55,7 @@ BASE = [
 PAPER = ["gfn.recipe=paper", "gfn.trust_region_scale=1000.0"]  # the paper's objective as the SD configs had it
 RETURNS = ["gfn.recipe=returns", "gfn.reward_adaptive_mode=off", "gfn.trust_region_scale=0.0"]  # the SD default
 FLAGS = {"unet_ckpt": ["train.gradient_checkpointing=true"], "vae_ckpt": ["reward.vae_checkpointing=true"],
-         "8bit": ["train.optimizer=adamw8bit"]}
+         "8bit": ["train.optimizer=adamw8bit"], "compile": ["train.compile=true"]}
 
 
 def _rows():
@@ -168,7 +169,8 @@ def measure(name: str, kind: str, over: list, sd_dir: str, repeats: int, sd15: b
         g = torch.Generator().manual_seed(seed)
         return sample_trajectories(tr.backbone, n, g, tr.coeffs, tr.prompts.sample(n, g), tr.reward_fn)
 
-    traj = tr.method.prepare(draw(0))  # warm-up
+    t0 = time.perf_counter()
+    traj = tr.method.prepare(draw(0))  # warm-up (with train.compile: the compilation)
     t_s = t_r = 0.0
     m_s = m_r = 0
     for r in range(repeats):
@@ -196,6 +198,7 @@ def measure(name: str, kind: str, over: list, sd_dir: str, repeats: int, sd15: b
         tr.engine.step()
 
     one_update(updates[0])  # warm-up
+    warmup_s = time.perf_counter() - t0
     t_u, m_u, count = 0.0, 0, 0
     for micro in (updates[1:] * repeats)[: max(2 * repeats, 2)]:
         with PhasePeak(dev) as m:
@@ -207,7 +210,7 @@ def measure(name: str, kind: str, over: list, sd_dir: str, repeats: int, sd15: b
             "update_s": round(update_s, 4), "transitions_per_s": round(per_update / update_s, 3),
             "update_peak_mib": round(m_u / 2**20, 1), "sample_s_per_traj": round(sample_s, 4),
             "returns_s_per_traj": round(returns_s, 4), "returns_peak_mib": round(m_r / 2**20, 1),
-            "sample_peak_mib": round(m_s / 2**20, 1),
+            "sample_peak_mib": round(m_s / 2**20, 1), "warmup_s": round(warmup_s, 2),
             "epoch_s_per_traj": round(sample_s + returns_s + per_traj_transitions / per_update * update_s, 4)}
 
 
@@ -243,6 +246,7 @@ def main(argv=None):
     ap.add_argument("--rows", nargs="*", default=list(ROWS))
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--tag", default="", help="results file suffix (e.g. for a --rows subset)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--sd-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -254,6 +258,9 @@ def main(argv=None):
     bad = [r for r in args.rows if r not in ROWS]
     if bad:
         print(f"bench_step: unknown row {bad[0]!r}; valid: {', '.join(ROWS)}", file=sys.stderr)
+        return 2
+    if "reference_structure" not in args.rows:
+        print("bench_step: --rows must include reference_structure (every ratio is taken against it)", file=sys.stderr)
         return 2
     if args.sd15:
         sd_dir = make_sd15_shaped(tempfile.mkdtemp(prefix="sd15_shaped_"))
@@ -291,7 +298,7 @@ def main(argv=None):
             r["epoch_speedup_vs_reference"] = round(ref["epoch_s_per_traj"] / r["epoch_s_per_traj"], 3)
         r.update(meta)
     os.makedirs(args.out, exist_ok=True)
-    tag = dev + ("_sd15" if args.sd15 else "")
+    tag = dev + ("_sd15" if args.sd15 else "") + args.tag
     path = os.path.join(args.out, f"step_{tag}.csv")
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:

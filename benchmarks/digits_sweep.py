@@ -53,6 +53,7 @@ VARIANTS = {
     "lr3e-3": ["train.lr=3e-3"],
     "td1": ["gfn.return_steps=1"],  # flow target J_refᵀ·(g + r)(x_{k+1}): one-step bootstrapped returns
     "kappa05_n5": ["gfn.return_kappa=0.5", "gfn.return_steps=5"],  # κ-returns truncated after 5 steps
+    "target_return": ["gfn.policy_target=return"],  # the policy regresses on G_{k+1}; no flow
     "tf1": ["gfn.timestep_fraction=1.0"],
     "tf1_cos_ema": ["gfn.timestep_fraction=1.0", *COS_EMA],
     "tf1_samples128_cos_ema": ["gfn.timestep_fraction=1.0", "sampling.batch_size=128", *COS_EMA],

@@ -34,6 +34,7 @@ RETURNS_VARIANTS = {
     "returns_fl_sqrt": ["gfn.reward_adaptive_mode=sqrt"],
     "returns_unweighted": ["gfn.policy_weighting=none"],
     "returns_no_flow": ["gfn.no_flow=true"],
+    "returns_target_return": ["gfn.policy_target=return"],  # the policy regresses on G_{k+1}; no flow
     "returns_sample_lag_0": ["gfn.sample_lag=0"],
 }
 

@@ -121,6 +121,11 @@ class GFNConfig:
     return_kappa: float = 1.0
     return_steps: int = 0
     return_micro_batch: int = 0  # trajectories per reference VJP for the stored returns (0 = reward.micro_batch)
+    # what the policy's forward residual d regresses on (recipe "returns"): "flow" = sg(r' + g'), the flow's estimate
+    # of ∇log h(x'); "return" = the Monte-Carlo gradient return G_{k+1} itself (the flow's own regression target, so
+    # the policy's regression does the conditional expectation; no flow is used or trained). Both have the same
+    # fixed point; "return" needs the stored Monte-Carlo returns (return_kappa 1, return_steps 0)
+    policy_target: str = "flow"  # flow | return
 
 
 @dataclass
@@ -142,6 +147,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # per parameter group; 0 = off
     optimizer: str = "adamw"  # adamw | adamw8bit | lion8bit
     gradient_checkpointing: bool = False
+    # torch.compile the backbone's networks in place (Backbone.compiled_networks: UNet, reference copy, flow net,
+    # VAE); parameter names and checkpoints are unchanged. The first steps pay the compilation; measure it with
+    # benchmarks/bench_step.py before turning it on
+    compile: bool = False
     max_bad_steps: int = 10
     deepspeed: Optional[str] = None  # path of a DeepSpeed JSON config
     collective_timeout_s: float = 1800.0  # a collective waiting longer than this fails (a dead or hung rank)
@@ -481,7 +490,7 @@ def validate(cfg: Config) -> None:
         else:
             check(k <= sa.num_steps - 1, "gfn.timestep_fraction", "draws more transitions than there are")
     choice("gfn.recipe", g.recipe, ["returns", "paper"])
-    _resolve_recipe(g, check)
+    _resolve_recipe(g, check, choice)
     choice("gfn.policy_weighting", g.policy_weighting, ["sigma2", "none"])
     for key in ("reverse_scale", "trust_region_scale", "terminal_scale"):
         check(getattr(g, key) >= 0, f"gfn.{key}", "must be ≥ 0")
@@ -546,7 +555,7 @@ RECIPE_DEFAULTS = {
 }
 
 
-def _resolve_recipe(g: GFNConfig, check) -> None:
+def _resolve_recipe(g: GFNConfig, check, choice) -> None:
     """Fill the recipe's defaults into the unset keys and refuse the combinations a recipe does not define."""
     for key, v in RECIPE_DEFAULTS[g.recipe].items():
         if getattr(g, key) is None:
@@ -559,11 +568,17 @@ def _resolve_recipe(g: GFNConfig, check) -> None:
         check(0.0 <= g.return_kappa <= 1.0, "gfn.return_kappa", f"{g.return_kappa} must lie in [0, 1] (1 = Monte Carlo)")
         check(g.return_steps >= 0, "gfn.return_steps", f"{g.return_steps} must be ≥ 0 (0 = no truncation)")
         check(g.return_micro_batch >= 0, "gfn.return_micro_batch", f"{g.return_micro_batch} must be ≥ 0")
+        choice("gfn.policy_target", g.policy_target, ["flow", "return"])
+        check(g.policy_target == "flow" or (g.return_kappa == 1.0 and g.return_steps == 0), "gfn.policy_target",
+              f"'return' regresses the policy on the stored Monte-Carlo returns, but gfn.return_kappa={g.return_kappa}"
+              f" and gfn.return_steps={g.return_steps} ask for returns bootstrapped with a flow; set return_kappa=1.0 "
+              "and return_steps=0, or gfn.policy_target=flow")
         check(g.pretrained_strength == 1.0, "gfn.pretrained_strength",
               f"{g.pretrained_strength}: the gradient returns of gfn.recipe=returns carry the pretrained model's "
               "flow, which needs λ = 1; set gfn.pretrained_strength=1.0 or gfn.recipe=paper")
     else:
-        for key, default in (("return_kappa", 1.0), ("return_steps", 0), ("return_micro_batch", 0)):
+        for key, default in (("return_kappa", 1.0), ("return_steps", 0), ("return_micro_batch", 0),
+                             ("policy_target", "flow")):
             check(getattr(g, key) == default, f"gfn.{key}",
                   f"{getattr(g, key)} configures the gradient returns of gfn.recipe=returns; drop it or set "
                   "gfn.recipe=returns")

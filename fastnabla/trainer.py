@@ -81,6 +81,8 @@ def build_trainer(cfg: Config, *, backbone=None, reward_fn=None, engine=None, me
 
         backbone = build_backbone(cfg, reward=reward_fn)
     backbone = backbone.to(device)
+    if cfg.train.compile:
+        backbone.compile_networks()
     coeffs = step_coefficients(backbone)
     if bool((coeffs.std <= 0).any()):
         k = int((coeffs.std <= 0).nonzero()[0])

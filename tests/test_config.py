@@ -46,6 +46,10 @@ def test_exponent_without_dot_is_a_number():
     ("gfn.return_kappa=1.5", "gfn.return_kappa: 1.5 must lie in"),
     ("gfn.return_steps=-1", "gfn.return_steps: -1 must be ≥ 0"),
     ("gfn.recipe=paper gfn.return_kappa=0.5", "gfn.return_kappa: 0.5 configures the gradient returns"),
+    ("gfn.policy_target=flows", "gfn.policy_target='flows': must be one of flow, return"),
+    ("gfn.policy_target=return gfn.return_kappa=0.5", "gfn.policy_target: 'return' regresses the policy on the "
+                                                        "stored Monte-Carlo returns"),
+    ("gfn.recipe=paper gfn.policy_target=return", "gfn.policy_target: return configures the gradient returns"),
     ("method.name=dpo", "method.name='dpo' is not a method; valid: .*nabla_gfn"),
     ("gfn.pretrained_strength=0.5", "gfn.pretrained_strength: 0.5: the gradient returns"),
     ("gfn.policy_weighting=snr", "gfn.policy_weighting='snr': must be one of sigma2, none"),

@@ -48,6 +48,8 @@ class Backbone(nn.Module):
     benchmark: Optional[str] = None
     #: the final evaluation draws at least this many samples
     min_final_samples: int = 0
+    #: attribute paths ("vae.decoder") of the networks ``compile_networks`` compiles (absent or None ones are skipped)
+    compiled_networks: tuple = ()
 
     @property
     def device(self) -> torch.device:
@@ -107,6 +109,20 @@ class Backbone(nn.Module):
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def compile_networks(self, **options) -> list[str]:
+        """``torch.compile`` each network of ``compiled_networks`` in place (``nn.Module.compile``: parameter names,
+        state dicts and checkpoints stay as they are; ``train.compile``). Returns the names compiled."""
+        def resolve(path):
+            m = self
+            for part in path.split("."):
+                m = getattr(m, part, None)
+            return m
+
+        names = [n for n in self.compiled_networks if isinstance(resolve(n), nn.Module)]
+        for n in names:
+            resolve(n).compile(**options)
+        return names
 
     # --- parameters and saving ----------------------------------------------------------------------------------
     def policy_parameters(self) -> Iterable[nn.Parameter]:

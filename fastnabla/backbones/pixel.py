@@ -105,6 +105,7 @@ def _tuner_layers(module: nn.Module):
 
 
 class PixelBackbone(Backbone):
+    compiled_networks = ("unet", "ref_unet", "flow_net")
     benchmark = "digits"  # fastnabla.metrics evaluates its runs against the importance-sampled digits target
 
     def __init__(self, unet, scheduler, *, lora_rank: int = 8, lora_alpha: Optional[float] = None,

@@ -121,6 +121,7 @@ def _checkpoint_decoder_layers(decoder) -> None:
 
 
 class SDBackbone(Backbone):
+    compiled_networks = ("unet", "ref_unet", "flow_net", "vae.decoder")
     conditional = True
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, dtype: torch.dtype = torch.float32,

@@ -84,6 +84,7 @@ class TimeMLP(nn.Module):
 
 
 class Toy2DBackbone(Backbone):
+    compiled_networks = ("residual", "flow_net")
     sample_shape = (2,)
     conditional = False
 

@@ -42,12 +42,17 @@ class NablaGFN(Method):
 
     # --- the seam -------------------------------------------------------------------------------------------------
     @property
+    def targets_returns(self) -> bool:
+        """``gfn.policy_target: return``: the policy regresses on G_{k+1} itself; no flow is read or trained."""
+        return self.gfn.recipe == "returns" and self.gfn.policy_target == "return"
+
+    @property
     def trains_flow(self) -> bool:
-        return not self.gfn.no_flow
+        return not self.gfn.no_flow and not self.targets_returns
 
     @property
     def uses_returns(self) -> bool:
-        return self.gfn.recipe == "returns" and not self.gfn.no_flow
+        return self.gfn.recipe == "returns" and (not self.gfn.no_flow or self.targets_returns)
 
     @property
     def stores_returns(self) -> bool:
@@ -107,11 +112,13 @@ class NablaGFN(Method):
         (grad,) = torch.autograd.grad(x0, x, grad_outputs=torch.cat(g_x0), retain_graph=True)
         return grad.detach(), torch.cat(logs)
 
-    def reward_grad(self, x: torch.Tensor, j: torch.Tensor, cond, prompts, out: Optional[torch.Tensor] = None):
+    def reward_grad(self, x: torch.Tensor, j: torch.Tensor, cond, prompts, out: Optional[torch.Tensor] = None,
+                    rows: Optional[torch.Tensor] = None):
         """Forward-looking reward gradient r = β·γ·∇_x log R(x̂0_θ(x)) at states x with indices j (detached).
 
         ``out`` (with a graph to ``x``, which must require grad) reuses an existing policy forward at x (then
-        ``reward.micro_batch`` chunks the decode and reward only: ``_reward_grad``). With the
+        ``reward.micro_batch`` chunks the decode and reward only: ``_reward_grad``); ``rows`` then limits the decode
+        and the reward to those rows (the others get r = 0; log R is returned for ``rows`` only). With the
         forward-looking term off (γ = 0 before the clean sample) only the clean rows are decoded and scored; the other
         rows get r = 0 and log R = NaN.
         """
@@ -139,6 +146,9 @@ class NablaGFN(Method):
                 if not self.gfn.reward_grad_through_model:
                     out = out.detach()
                 x0 = self.c[jj].pred_x0(x, out)
+                if rows is not None:
+                    x0 = x0[rows]
+                    prompts = None if prompts is None else [prompts[i] for i in rows.tolist()]
             else:  # the network runs only on non-terminal rows: at the clean sample x̂0 = x_N
                 rows = (j < self.N).nonzero(as_tuple=True)[0]
                 x0 = x
@@ -268,7 +278,8 @@ class NablaGFN(Method):
             score_rev = coef.reverse_score(x, coef.mean(x, out), b.x_next, retain_graph=True)
             if lam != 0:
                 score_rev_ref = coef.mean_vjp(coef.reverse_cotangent(b.x, out_ref, b.x_next), ref_vjp)
-            r_cur, _ = self.reward_grad(x, k, b.cond, b.prompts, out=out)
+            # L_R is (1 − terminal)·…: the terminal rows' reward gradient at x is never read, so it is not computed
+            r_cur, _ = self.reward_grad(x, k, b.cond, b.prompts, out=out, rows=(~terminal).nonzero(as_tuple=True)[0])
 
         return residual_db_loss(
             out, out_ref, coef_out=coef.coef_out, inv_var=coef.inv_var, reward_grad_next=r_next,
@@ -284,6 +295,7 @@ class NablaGFN(Method):
     def _returns_objective(self, b: TransitionBatch, return_stats: bool):
         """ALGORITHM §5b: loss_b = w_k·mean_S (d − sg(r' + g'))² + trust_region + L_A, with
         L_A = (1 − terminal)·mean_S (g(x') + r' − sg(G_{k+1}))² training the flow on the next state x' only.
+        With ``gfn.policy_target: return``: loss_b = w_k·mean_S (d − G_{k+1})² + trust_region, no flow.
 
         All of it is one ``residual_db_loss`` call: ``policy_weight`` = w_k and ``return_next`` = G_{k+1} switch the
         loss to these terms (the flow is data in the policy's residual and learns from L_A alone).
@@ -293,13 +305,21 @@ class NablaGFN(Method):
         t = self.timesteps[k]
         terminal = k == self.N - 1
         coef = c[k]
-        if b.returns is None and not gfn.no_flow:
+        if b.returns is None and self.uses_returns:
             raise ValueError("gfn.recipe=returns needs the gradient returns of the sampled trajectories "
-                             "(Objective.gradient_returns), stored with them")
-        r_next, _ = self.reward_grad(b.x_next, k + 1, b.cond, b.prompts)
+                             "(NablaGFN.gradient_returns), stored with them")
+        w = coef.std.square() if gfn.policy_weighting == "sigma2" else None
         out = bb.policy(b.x, t, b.cond).to(b.x.dtype)
         with torch.no_grad():
             out_ref = bb.reference(b.x, t, b.cond).to(b.x.dtype)
+        if self.targets_returns:  # w_k·mean_S (d − G_{k+1})²: at the clean sample G_N = β∇log R(x_N) = r'
+            return residual_db_loss(
+                out, out_ref, coef_out=coef.coef_out, inv_var=coef.inv_var, reward_grad_next=b.returns,
+                terminal=terminal, policy_weight=w,
+                out_old=b.out_old if gfn.trust_region_scale > 0 else None, trust_region_scale=gfn.trust_region_scale,
+                backend=self.backend, return_stats=return_stats, check_values=False, expected_grad=self.item_grad,
+            )
+        r_next, _ = self.reward_grad(b.x_next, k + 1, b.cond, b.prompts)
         g_next = None
         if not gfn.no_flow:
             # g' at the non-terminal rows only: at a clean x_N the flow is never read (g' := 0, no L_A)
@@ -309,7 +329,6 @@ class NablaGFN(Method):
                 g_rows = bb.flow(b.x_next[rows], self.timesteps[k[rows] + 1],
                                  None if b.cond is None else b.cond[rows]).to(b.x.dtype)
                 g_next = g_next.index_copy(0, rows, g_rows)
-        w = coef.std.square() if gfn.policy_weighting == "sigma2" else None
         return residual_db_loss(
             out, out_ref, coef_out=coef.coef_out, inv_var=coef.inv_var, reward_grad_next=r_next,
             flow_next=g_next, terminal=terminal, policy_weight=w,

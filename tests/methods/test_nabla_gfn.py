@@ -178,10 +178,13 @@ def test_gradient_returns_match_a_hand_unrolled_jacobian_chain(micro_batch):
     {"gfn.reward_adaptive_mode": "off", "gfn.trust_region_scale": 3.0},
     {"gfn.policy_weighting": "none", "gfn.reward_grad_through_model": "true", "gfn.reward_scale": 2.0},
     {"gfn.no_flow": "true"},
+    {"gfn.policy_target": "return", "gfn.trust_region_scale": 2.0},
+    {"gfn.policy_target": "return", "gfn.policy_weighting": "none"},
 ])
 def test_returns_objective_matches_an_independent_computation(over):
     """loss_b = w_k·mean(d − sg(r' + g'))² + trust·mean(out − out_old)² + (1 − terminal)·mean(g' + r' − G_{k+1})²,
-    with the policy's gradient from the first two terms only and the flow's from the last only."""
+    with the policy's gradient from the first two terms only and the flow's from the last only. With
+    ``gfn.policy_target: return``: w_k·mean(d − G_{k+1})² + trust·mean(out − out_old)², and no flow gradient."""
     cfg, bb, reward, c = _setup(**over)
     g, N, ts = cfg.gfn, c.coef_x.numel(), bb.scheduler.timesteps
     tr = sample_trajectories(bb, 6, torch.Generator().manual_seed(3), c)
@@ -215,15 +218,16 @@ def test_returns_objective_matches_an_independent_computation(over):
             r = g.reward_scale * gamma[g.reward_adaptive_mode](float(c.alpha_prod[kk + 1])) * r
             g_next = torch.zeros(2, dtype=torch.float64) if g.no_flow else bb.flow(xn[None], ts[kk + 1 : kk + 2])[0]
         w = sig2 if g.policy_weighting == "sigma2" else 1.0
-        expect_pol = expect_pol + w * ((d - (r + g_next).detach()) ** 2).mean() \
+        target = returns[n] if g.policy_target == "return" else (r + g_next).detach()
+        expect_pol = expect_pol + w * ((d - target) ** 2).mean() \
             + g.trust_region_scale * ((out - b.out_old[n]) ** 2).mean()
-        if not term and not g.no_flow:
+        if not term and not g.no_flow and g.policy_target == "flow":
             expect_flow = expect_flow + ((g_next + r.detach() - returns[n]) ** 2).mean()
     torch.testing.assert_close(loss_b.sum(), (expect_pol + expect_flow).detach(), rtol=1e-9, atol=1e-12)
     want = torch.autograd.grad(expect_pol, pol, allow_unused=True)
     for a, e in zip(got[: len(pol)], want):
         torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-12)
-    if g.no_flow:
+    if g.no_flow or g.policy_target == "return":
         assert all(a is None for a in got[len(pol):])
     else:
         for a, e in zip(got[len(pol):], torch.autograd.grad(expect_flow, flow)):
@@ -233,6 +237,7 @@ def test_returns_objective_matches_an_independent_computation(over):
 @pytest.mark.parametrize("over", [
     {"train.backend": "triton"},
     {"train.backend": "triton", "gfn.policy_weighting": "none", "gfn.trust_region_scale": 3.0},
+    {"train.backend": "triton", "gfn.policy_target": "return"},
 ])
 def test_returns_objective_through_the_fused_kernel(over):
     """The same independent computation, with the returns terms (policy_weight, return_next) on the fused Triton
@@ -331,17 +336,20 @@ def test_reverse_path_honours_reward_micro_batch():
     tr = sample_trajectories(bb, 6, torch.Generator().manual_seed(3), c)
     idx = torch.stack([torch.arange(6), torch.tensor([0, 7, 25, 48, 49, 49])], 1)
     b = TransitionBatch.gather(tr, idx, "cpu")
-    whole, _ = NablaGFN(bb, reward, c, cfg)(b)
     seen = []
-    cfg.reward.micro_batch = 2
 
     def spy(images, prompts, meta):
         seen.append(images.shape[0])
         return reward(images, prompts, meta)
 
+    whole, _ = NablaGFN(bb, spy, c, cfg)(b)
+    # r' at all 6 next states; r at x only on the 4 non-terminal transitions (L_R is 0 on the terminal ones)
+    assert seen == [6, 4]
+    seen.clear()
+    cfg.reward.micro_batch = 2
     chunked, _ = NablaGFN(bb, spy, c, cfg)(b)
     torch.testing.assert_close(chunked, whole, rtol=1e-10, atol=1e-12)
-    assert max(seen) <= 2
+    assert max(seen) <= 2 and sum(seen) == 10
 
 
 @pytest.mark.parametrize("recipe", ["paper", "returns"])

@@ -17,8 +17,10 @@ reward gradient, two separate VAE decodes and fp32 reward backward passes (at x 
 with an input gradient for its reverse score, no checkpointing, and the eager PyTorch loss. fastnabla's rows run
 the library's own ``Trainer.update`` for the paper's recipe and for the returns recipe (the SD configs' default:
 forward-looking term off), with each memory/speed flag alone and combined: ``train.gradient_checkpointing``,
-``reward.vae_checkpointing``, ``train.optimizer=adamw8bit`` (when bitsandbytes imports), ``train.compile`` (torch.compile of the UNet,
-flow net and VAE decoder; ``warmup_s`` holds the first sampling, returns and update, where the compilation is paid).
+``reward.vae_checkpointing``, ``train.optimizer=adamw8bit`` (when bitsandbytes imports), ``train.compile``
+(torch.compile of the UNet, flow net and VAE decoder; ``warmup_s`` holds the first sampling, returns and update,
+where the compilation is paid). ``fastnabla_returns_target`` is the returns recipe with ``gfn.policy_target:
+return`` (the policy regresses on the stored returns; no flow net runs).
 The fused Triton loss runs only on a GPU (on a CPU it would be the interpreter): not measured here rather than
 guessed.
 
@@ -54,6 +56,7 @@ BASE = [
 ]
 PAPER = ["gfn.recipe=paper", "gfn.trust_region_scale=1000.0"]  # the paper's objective as the SD configs had it
 RETURNS = ["gfn.recipe=returns", "gfn.reward_adaptive_mode=off", "gfn.trust_region_scale=0.0"]  # the SD default
+RETURNS_TARGET = [*RETURNS, "gfn.policy_target=return"]  # the policy regresses on the stored returns: no flow
 FLAGS = {"unet_ckpt": ["train.gradient_checkpointing=true"], "vae_ckpt": ["reward.vae_checkpointing=true"],
          "8bit": ["train.optimizer=adamw8bit"], "compile": ["train.compile=true"]}
 
@@ -65,6 +68,7 @@ def _rows():
         for flag, f_over in FLAGS.items():
             rows[f"fastnabla_{recipe}+{flag}"] = ("fastnabla", over + f_over)
         rows[f"fastnabla_{recipe}+all"] = ("fastnabla", over + sum(FLAGS.values(), []))
+    rows["fastnabla_returns_target"] = ("fastnabla", RETURNS_TARGET)
     return rows
 
 

@@ -54,6 +54,14 @@ VARIANTS = {
     "td1": ["gfn.return_steps=1"],  # flow target J_refᵀ·(g + r)(x_{k+1}): one-step bootstrapped returns
     "kappa05_n5": ["gfn.return_kappa=0.5", "gfn.return_steps=5"],  # κ-returns truncated after 5 steps
     "target_return": ["gfn.policy_target=return"],  # the policy regresses on G_{k+1}; no flow
+    "target_return_lr3e-3": ["gfn.policy_target=return", "train.lr=3e-3"],
+    "target_return_tf05": ["gfn.policy_target=return", "gfn.timestep_fraction=0.5"],
+    "target_return_cos_ema": ["gfn.policy_target=return", *COS_EMA],
+    "target_return_lr3e-3_cos_ema": ["gfn.policy_target=return", "train.lr=3e-3", *COS_EMA],
+    "target_return_lr1e-2": ["gfn.policy_target=return", "train.lr=1e-2"],
+    "target_return_lr3e-3_cos": ["gfn.policy_target=return", "train.lr=3e-3", "train.lr_schedule=cosine"],
+    "target_return_lr3e-3_tf05": ["gfn.policy_target=return", "train.lr=3e-3", "gfn.timestep_fraction=0.5"],
+    "target_return_lr3e-3_tf1": ["gfn.policy_target=return", "train.lr=3e-3", "gfn.timestep_fraction=1.0"],
     "tf1": ["gfn.timestep_fraction=1.0"],
     "tf1_cos_ema": ["gfn.timestep_fraction=1.0", *COS_EMA],
     "tf1_samples128_cos_ema": ["gfn.timestep_fraction=1.0", "sampling.batch_size=128", *COS_EMA],

@@ -279,7 +279,9 @@ class NablaGFN(Method):
             if lam != 0:
                 score_rev_ref = coef.mean_vjp(coef.reverse_cotangent(b.x, out_ref, b.x_next), ref_vjp)
             # L_R is (1 − terminal)·…: the terminal rows' reward gradient at x is never read, so it is not computed
-            r_cur, _ = self.reward_grad(x, k, b.cond, b.prompts, out=out, rows=(~terminal).nonzero(as_tuple=True)[0])
+            inner = (~terminal).nonzero(as_tuple=True)[0]
+            r_cur = self.reward_grad(x, k, b.cond, b.prompts, out=out, rows=inner)[0] if inner.numel() \
+                else torch.zeros_like(x)
 
         return residual_db_loss(
             out, out_ref, coef_out=coef.coef_out, inv_var=coef.inv_var, reward_grad_next=r_next,

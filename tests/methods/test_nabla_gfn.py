@@ -350,6 +350,9 @@ def test_reverse_path_honours_reward_micro_batch():
     chunked, _ = NablaGFN(bb, spy, c, cfg)(b)
     torch.testing.assert_close(chunked, whole, rtol=1e-10, atol=1e-12)
     assert max(seen) <= 2 and sum(seen) == 10
+    seen.clear()  # a micro-batch of terminal transitions only: nothing is scored at x
+    loss_t, stats_t = NablaGFN(bb, spy, c, cfg)(TransitionBatch.gather(tr, idx[4:], "cpu"))
+    assert seen == [2] and torch.isfinite(loss_t).all() and bool((stats_t["loss_reverse"] == 0).all())
 
 
 @pytest.mark.parametrize("recipe", ["paper", "returns"])

@@ -283,9 +283,11 @@ def main(argv=None):
                             "--repeats", str(repeats)] + (["--sd15"] if args.sd15 else []),
                            env=env, capture_output=True, text=True, cwd=ROOT)
         line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if p.returncode or line is None:
+        if p.returncode or line is None:  # reported in the results (and here), the other rows still run
             print(p.stdout[-2000:], p.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(f"bench_step: row {name} failed (exit {p.returncode})")
+            last = (p.stderr.strip().splitlines() or ["?"])[-1][:300]
+            rows.append({"row": name, "skipped": f"failed (exit {p.returncode}): {last}"})
+            continue
         rows.append(json.loads(line[7:]))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
@@ -295,6 +297,8 @@ def main(argv=None):
             "model": "SD1.5-shaped, random weights, 512×512, 50 steps, CFG 5, bf16" if args.sd15 else
             "tiny SD (tests/helpers/tiny_sd.py), 64×64, 20 steps, CFG 5"}
     ref = next(r for r in rows if r["row"] == "reference_structure")
+    if "skipped" in ref:
+        raise SystemExit(f"bench_step: the reference_structure row failed, so no ratio can be taken: {ref['skipped']}")
     for r in rows:
         if "skipped" not in r:
             r["speedup_vs_reference"] = round(r["transitions_per_s"] / ref["transitions_per_s"], 3)

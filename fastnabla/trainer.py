@@ -81,8 +81,6 @@ def build_trainer(cfg: Config, *, backbone=None, reward_fn=None, engine=None, me
 
         backbone = build_backbone(cfg, reward=reward_fn)
     backbone = backbone.to(device)
-    if cfg.train.compile:
-        backbone.compile_networks()
     coeffs = step_coefficients(backbone)
     if bool((coeffs.std <= 0).any()):
         k = int((coeffs.std <= 0).nonzero()[0])
@@ -93,6 +91,14 @@ def build_trainer(cfg: Config, *, backbone=None, reward_fn=None, engine=None, me
         from fastnabla.methods import build_method
 
         method = build_method(cfg, backbone, reward_fn, coeffs)
+    if cfg.train.compile:
+        if method.reuses_policy_forward:
+            # one compiled forward then serves several backward passes (retain_graph), which AOTAutograd's donated
+            # buffers forbid
+            import torch._functorch.config as functorch_config
+
+            functorch_config.donated_buffer = False
+        backbone.compile_networks()
     if engine is None:
         from fastnabla.engine import build_engine
 

@@ -209,11 +209,12 @@ def test_policy_ema_is_the_running_average_and_is_what_evaluation_samples(tmp_pa
     assert torch.equal(ema_samples, by_hand)
 
 
-def test_compile_trains_like_eager(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("gfn.recipe=paper",)])  # paper: one forward, several backward passes
+def test_compile_trains_like_eager(tmp_path, extra):
     """train.compile compiles the backbone's networks in place (same parameter names, so checkpoints are unchanged)
     and an epoch trains to the same parameters as eager execution."""
-    a = build_trainer(_cfg(tmp_path / "a", "train.epochs=1", "eval.num_samples=64"))
-    b = build_trainer(_cfg(tmp_path / "b", "train.epochs=1", "eval.num_samples=64", "train.compile=true"))
+    a = build_trainer(_cfg(tmp_path / "a", "train.epochs=1", "eval.num_samples=64", *extra))
+    b = build_trainer(_cfg(tmp_path / "b", "train.epochs=1", "eval.num_samples=64", "train.compile=true", *extra))
     assert all(getattr(m, "_compiled_call_impl", None) is not None for m in (b.backbone.residual, b.backbone.flow_net))
     assert all(getattr(m, "_compiled_call_impl", None) is None for m in (a.backbone.residual, a.backbone.flow_net))
     assert list(a.backbone.trainable_state_dict()) == list(b.backbone.trainable_state_dict())

@@ -7,7 +7,9 @@ trajectories with the run's sampler, and compares, at each state x_k, the Monte-
 regression target with κ = 1, ALGORITHM §5b; computed here whatever returns the run trained on) with what predicts it: g(x_k) + r(x_k) (flow + forward-looking reward gradient),
 and r(x_k) alone. Reported per state: the mean norms of G, r and g, the norm of G's and of the prediction's batch
 mean and the cosine between the two means, and the explained fraction 1 − E‖G − pred‖² /
-Σ Var(G) (1 = G predicted exactly, 0 = no better than G's mean, < 0 worse). Rows go to
+Σ Var(G) (1 = G predicted exactly, 0 = no better than G's mean, < 0 worse). The same figures for the policy's
+residual d(x_{k−1}) = coef_out·(out − out_ref)/σ² of the transition into x_k against G_k (``policy_*`` columns):
+what ``gfn.policy_target: return`` regresses, and whether the policy has caught up with its target. Rows go to
 ``benchmarks/results/digits_returns_snr_<name>.csv``.
 """
 from __future__ import annotations
@@ -72,7 +74,16 @@ def main(argv=None) -> int:
         r, _ = obj.reward_grad(x, torch.full((x.shape[0],), j, dtype=torch.long), None, None)
         with torch.no_grad():
             g = bb.flow(x, obj.timesteps[j], None).to(x.dtype) if j < N else torch.zeros_like(x)
-        rows.append(dict(state=j, **state_stats(G, r, g)))
+        k = j - 1  # the transition x_{k} → x_j: the policy's residual at x_k regresses on G_j
+        tk = obj.timesteps[k].expand(x.shape[0])
+        with torch.no_grad():
+            ck = obj.c[torch.full((x.shape[0],), k, dtype=torch.long)]
+            d = ck.coef_out.view(-1, *[1] * (x.dim() - 1)) * (bb.policy(xs[:, k], tk, None) - bb.reference(
+                xs[:, k], tk, None)) * ck.inv_var.view(-1, *[1] * (x.dim() - 1))
+        pol = state_stats(G, d, torch.zeros_like(d))
+        rows.append(dict(state=j, **state_stats(G, r, g), policy_norm_d=pol["norm_r"],
+                         policy_norm_mean_d=pol["norm_mean_pred"], policy_explained=pol["explained_flow_plus_r"],
+                         policy_cos_mean=pol["cos_mean"]))
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()))
     name = a.name or os.path.basename(os.path.normpath(a.run)) + ("_init" if a.init else "")
     path = os.path.join(ROOT, "benchmarks", "results", f"digits_returns_snr_{name}.csv")

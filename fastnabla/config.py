@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -163,6 +164,10 @@ class EvalConfig:
     every: int = 10  # epochs; 0 = only at the end
     num_samples: int = 4096
     ground_truth_samples: int = 50000  # pixel: p_ref samples for the importance-sampled target (0 = none)
+    # sd: image features for diversity and prior preservation (FID/KID vs the pretrained model's samples at the
+    # same prompts and seeds): none | clip (a local transformers CLIP directory) | dreamsim (`pip install dreamsim`)
+    features: str = "none"
+    feature_model: Optional[str] = None  # a local path: the CLIP directory, or the directory of DreamSim's weights
 
 
 @dataclass
@@ -515,9 +520,36 @@ def validate(cfg: Config) -> None:
     choice("train.device", t.device, ["auto", "cpu", "cuda"])
     check(cfg.eval.every >= 0 and cfg.eval.num_samples >= 1, "eval.every", "every ≥ 0 and num_samples ≥ 1")
     check(cfg.eval.ground_truth_samples >= 0, "eval.ground_truth_samples", "must be ≥ 0 (0 = no ground truth)")
+    _validate_eval_features(cfg, check, choice)
     check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be ≥ 0")
     check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be ≥ 1")
     _validate_baselines(cfg, check)
+
+
+def _validate_eval_features(cfg: Config, check, choice) -> None:
+    """eval.features / eval.feature_model: a known extractor, for an SD run, with a local path that exists (checked
+    here, before training, rather than at the first evaluation)."""
+    e = cfg.eval
+    choice("eval.features", e.features, ["none", "clip", "dreamsim"])
+    if e.features == "none":
+        return
+    check(cfg.model.backbone == "sd", "eval.features",
+          f"{e.features!r} measures SD images; model.backbone={cfg.model.backbone} has its own evaluation, set "
+          "eval.features=none")
+    what = ("a local transformers CLIP directory (CLIPModel or CLIPVisionModelWithProjection, saved with "
+            "save_pretrained)" if e.features == "clip" else "the local directory of DreamSim's weights (its cache_dir)")
+    check(e.feature_model is not None, "eval.feature_model", f"must be set for eval.features={e.features}: {what}")
+    path = os.path.expanduser(str(e.feature_model))
+    check(os.path.isdir(path), "eval.feature_model", f"{e.feature_model!r} is not a directory; set it to {what}")
+    if e.features == "clip":
+        check(os.path.isfile(os.path.join(path, "config.json")), "eval.feature_model",
+              f"{e.feature_model!r} has no config.json; set it to {what}")
+    else:
+        import importlib.util
+
+        check(importlib.util.find_spec("dreamsim") is not None, "eval.features",
+              "dreamsim is not installed: pip install dreamsim, and set eval.feature_model to the local directory "
+              "of its weights")
 
 
 def _fraction_range(key: str, v: list, check) -> None:

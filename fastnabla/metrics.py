@@ -11,6 +11,10 @@ For the pixel (digits) backbone, features come from the digit classifier's penul
 importance sampling (``fastnabla.digits``): class histogram and its TV to the target, mean log R, diversity,
 FID/KID against the pretrained model's samples at the same seeds, a sample grid and the class histogram plot.
 
+For SD with ``eval.features`` (clip | dreamsim), features are image embeddings of the decoded samples
+(``image_features``): within-prompt diversity, and FID/KID against the pretrained model's samples at the same seeds
+and prompts, pooled and per prompt (prior preservation), for the finetuned and, once per run, the pretrained model.
+
 The sample-and-feature metrics (``importance_weights``, ``class_histogram``, ``histogram_tv``, ``diversity``,
 ``fid``, ``kid``) take tensors only, so any backbone can use them.
 """
@@ -25,8 +29,8 @@ import numpy as np
 import torch
 
 __all__ = ["EvalContext", "epoch_metrics", "evaluate", "plot_curves", "importance_weights", "class_histogram",
-           "histogram_tv", "diversity", "fid", "kid", "prior_preservation", "plot_digit_grid",
-           "plot_class_histogram"]
+           "histogram_tv", "diversity", "prompt_diversity", "fid", "kid", "prior_preservation", "image_features",
+           "ClipImageFeatures", "DreamSimFeatures", "plot_digit_grid", "plot_class_histogram"]
 
 TORCHMETRICS_ERROR = "FID/KID need torchmetrics: pip install 'fastnabla[digits]'"
 
@@ -88,6 +92,16 @@ def diversity(features: torch.Tensor, groups: torch.Tensor | None = None, weight
             if idx.numel() >= 2:
                 out["per_group"][int(c)] = sub(idx)
     return out
+
+
+def prompt_diversity(features: torch.Tensor, prompts) -> dict:
+    """``diversity`` within each prompt (row i of ``features`` was drawn for ``prompts[i]``) and its mean over the
+    prompts with at least 2 samples (nan when none has). Returns {"mean": float, "per_prompt": {prompt: float}}."""
+    names = sorted(set(prompts))
+    index = {p: i for i, p in enumerate(names)}
+    per = diversity(features, torch.tensor([index[p] for p in prompts]))["per_group"]
+    per = {names[i]: v for i, v in per.items()}
+    return {"mean": float(np.mean(list(per.values()))) if per else float("nan"), "per_prompt": per}
 
 
 def prior_preservation(feats_pre: torch.Tensor, feats_ft: torch.Tensor, groups=None, kid_subsets: int = 50) -> dict:
@@ -157,6 +171,88 @@ def kid(feats_a: torch.Tensor, feats_b: torch.Tensor, subsets: int = 50, subset_
     return float(mean), float(std)
 
 
+# --- image features (the SD evaluation's φ) -----------------------------------------------------------------------
+
+CLIP_FEATURES_HOW = ("set eval.feature_model to a local transformers CLIP directory (CLIPModel or "
+                     "CLIPVisionModelWithProjection, saved with save_pretrained)")
+DREAMSIM_ERROR = ("eval.features=dreamsim needs the dreamsim package: pip install dreamsim, and set "
+                  "eval.feature_model to the local directory of its weights")
+
+
+def _why(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
+
+class ClipImageFeatures(torch.nn.Module):
+    """φ(x) = CLIP's projected image embedding (the projection output, not normalised) of images (B, 3, H, W) in
+    [0, 1], fp32, after CLIP's own resize / center-crop / normalise written in torch (the rewards' ``ImagePreprocess``,
+    read from the directory's preprocessor_config.json when there is one)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        import json
+
+        from transformers import CLIPModel, CLIPVisionModelWithProjection
+
+        from fastnabla.rewards.clip_common import image_preprocess_from
+
+        path = os.path.expanduser(str(path))
+        try:
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+                kind = json.load(f).get("model_type")
+            cls = {"clip": CLIPModel, "clip_vision_model": CLIPVisionModelWithProjection}.get(kind)
+            if cls is None:
+                raise ValueError(f"its config.json says model_type={kind!r}, not clip or clip_vision_model")
+            model = cls.from_pretrained(path)
+        except Exception as e:  # noqa: BLE001 - any loading failure gets the same actionable message
+            raise ValueError(f"eval.feature_model={path!r}: cannot load a CLIP model from it ({_why(e)}); "
+                             f"{CLIP_FEATURES_HOW}") from None
+        self.model = model.float().eval().requires_grad_(False)
+        vision = getattr(model.config, "vision_config", model.config)
+        self.preprocess = image_preprocess_from(path, vision.image_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from fastnabla.rewards.clip_common import clip_image_embeds
+
+        return clip_image_embeds(self.model, self.preprocess(images.float()))
+
+
+class DreamSimFeatures(torch.nn.Module):
+    """φ(x) = DreamSim's embedding (its default ensemble) of images (B, 3, H, W) in [0, 1] resized to 224×224
+    (bicubic, antialiased, in torch; for SD's square images that is DreamSim's own ``Resize((224, 224))``). Weights
+    from ``path`` (DreamSim's ``cache_dir``). Not exercised by the tests (dreamsim is not installed there)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        try:
+            from dreamsim import dreamsim
+        except ImportError:
+            raise ImportError(DREAMSIM_ERROR) from None
+        from fastnabla.rewards.clip_common import ImagePreprocess
+
+        path = os.path.expanduser(str(path))
+        try:
+            self.model, _ = dreamsim(pretrained=True, cache_dir=path, device="cpu")
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"eval.feature_model={path!r}: cannot load DreamSim's weights from it ({_why(e)}); set "
+                             "it to the directory DreamSim downloaded its weights into (dreamsim(cache_dir=...))") \
+                from None
+        self.model.eval().requires_grad_(False)
+        self.preprocess = ImagePreprocess(size=224, crop_size=(224, 224), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(self.preprocess(images.float()))
+
+
+def image_features(kind: str, path: str) -> torch.nn.Module:
+    """The ``eval.features`` extractor: images (B, 3, H, W) in [0, 1] → features (B, F), on the CPU until moved."""
+    if kind == "clip":
+        return ClipImageFeatures(path)
+    if kind == "dreamsim":
+        return DreamSimFeatures(path)
+    raise ValueError(f"eval.features={kind!r}: must be one of none, clip, dreamsim")
+
+
 @dataclass
 class EvalContext:
     """What evaluation needs of a run: its config and parts, where to write, and how to draw samples.
@@ -190,7 +286,7 @@ def evaluate(ctx: EvalContext, final: bool) -> dict:
     """Precise metrics on ``eval.num_samples`` samples; at the end also samples on disk and plots."""
     cfg, bb = ctx.cfg, ctx.backbone
     n = max(cfg.eval.num_samples, bb.min_final_samples) if final else cfg.eval.num_samples
-    samples, prompts = ctx.sample_final(n, seed=cfg.seed + 7919)
+    samples, prompts = ctx.sample_final(n, seed=_eval_seed(cfg))
     out = {}
     lr = _scores(ctx, samples, prompts)
     out["eval_reward_mean"] = float(lr.mean())
@@ -198,6 +294,8 @@ def evaluate(ctx: EvalContext, final: bool) -> dict:
     if bb.benchmark == "digits":
         out.update(_digits_eval(ctx, samples, prompts, lr, final))
         return out
+    if cfg.eval.features != "none":  # SD: diversity and prior preservation in image-feature space
+        out.update(_image_eval(ctx, samples, prompts))
     exact = _target_metrics(ctx, samples, final)
     out.update(exact)
     if final and exact:
@@ -216,6 +314,23 @@ def evaluate(ctx: EvalContext, final: bool) -> dict:
     return out
 
 
+def _eval_seed(cfg) -> int:
+    """The noise seed of every evaluation draw: the policy's and the pretrained model's samples share it."""
+    return cfg.seed + 7919
+
+
+def _pretrained_samples(ctx: EvalContext, n: int) -> tuple:
+    """(samples, prompts): the pretrained model's n evaluation samples, drawn by the run's own sampler inside
+    ``reference_sampling()`` at the evaluation's seed and prompts. The reference never changes, so they are drawn once
+    per run and size and kept in ``ctx.cache`` (the latest size only)."""
+    cached = ctx.cache.get("pretrained_samples")
+    if cached is None or cached[0] != n:
+        with ctx.backbone.reference_sampling():
+            cached = (n,) + tuple(ctx.sample_final(n, seed=_eval_seed(ctx.cfg)))
+        ctx.cache["pretrained_samples"] = cached
+    return cached[1], cached[2]
+
+
 def _scores(ctx: EvalContext, samples: torch.Tensor, prompts) -> torch.Tensor:
     """log R of samples (n, *S), decoded and scored in micro-batches of sampling.batch_size (a 512×512 decode of
     every sample at once OOMs); (n,) float32 on the CPU."""
@@ -227,6 +342,57 @@ def _scores(ctx: EvalContext, samples: torch.Tensor, prompts) -> torch.Tensor:
                                       None if prompts is None else prompts[s:s + mb], None)
             scores.append(lr.float().cpu())
     return torch.cat(scores)
+
+
+# --- image features (SD): diversity and prior preservation -------------------------------------------------------
+
+def _features_of(ctx: EvalContext, extractor: torch.nn.Module, samples: torch.Tensor) -> torch.Tensor:
+    """φ(decode(x)) of samples (n, *S), in micro-batches of sampling.batch_size; (n, F) float32 on the CPU. The
+    extractor sits on the device only while it runs, so it holds no device memory through training."""
+    mb = ctx.cfg.sampling.batch_size
+    extractor.to(ctx.device)
+    try:
+        with torch.no_grad():
+            return torch.cat([extractor(ctx.backbone.decode(samples[s:s + mb].to(ctx.device))).float().cpu()
+                              for s in range(0, samples.shape[0], mb)])
+    finally:
+        extractor.to("cpu")
+
+
+def _image_state(ctx: EvalContext, n: int) -> dict:
+    """What an SD run with ``eval.features`` computes once and keeps: the extractor, and the features and reward of
+    the pretrained model's n samples."""
+    st = ctx.cache.get("image_eval")
+    if st is None:
+        st = ctx.cache["image_eval"] = {"extractor": image_features(ctx.cfg.eval.features, ctx.cfg.eval.feature_model)}
+    if st.get("pretrained_n") != n:
+        ps, pp = _pretrained_samples(ctx, n)
+        p_feats = _features_of(ctx, st["extractor"], ps)
+        st.update(pretrained_n=n, pretrained_prompts=pp, pretrained_features=p_feats,
+                  pretrained_reward=_scores(ctx, ps, pp))
+    return st
+
+
+def _image_eval(ctx: EvalContext, samples: torch.Tensor, prompts) -> dict:
+    """Within-prompt diversity of the policy's and the pretrained model's samples, and FID/KID between the two, pooled
+    and per prompt then averaged (prior preservation: the pretrained model drew its samples at the same seeds and
+    prompts)."""
+    n = samples.shape[0]
+    st = _image_state(ctx, n)
+    if st["pretrained_prompts"] != prompts:
+        raise RuntimeError("the pretrained samples were drawn for other prompts than the evaluation's")
+    p_feats = st["pretrained_features"]
+    feats = _features_of(ctx, st["extractor"], samples)
+    div, p_div = prompt_diversity(feats, prompts), prompt_diversity(p_feats, prompts)
+    pp = prior_preservation(p_feats, feats, prompts)
+    kid_m, kid_s = kid(p_feats, feats)
+    return {"diversity": div["mean"], "diversity_per_prompt": div["per_prompt"],
+            "fid_pretrained": fid(p_feats, feats), "kid_pretrained": kid_m, "kid_pretrained_std": kid_s,
+            "fid_pretrained_per_prompt": pp["fid"], "kid_pretrained_per_prompt": pp["kid"],
+            "prior_preservation_per_prompt": pp["per_group"],
+            "pretrained": {"diversity": p_div["mean"], "diversity_per_prompt": p_div["per_prompt"],
+                           "reward_mean": float(st["pretrained_reward"].mean())},
+            "num_samples": n}
 
 
 # --- the digits benchmark ---------------------------------------------------------------------------------------
@@ -281,8 +447,7 @@ def _digits_eval(ctx: EvalContext, samples: torch.Tensor, prompts, log_r: torch.
     n = samples.shape[0]
     key = ("pretrained", n)
     if st.get("pretrained_key") != key:  # the reference never changes: its samples are drawn once per size
-        with bb.reference_sampling():
-            ps, pp = ctx.sample_final(n, seed=cfg.seed + 7919)
+        ps, pp = _pretrained_samples(ctx, n)
         st["pretrained"] = (ps, pp, _scores(ctx, ps, pp)) + tuple(_digits_features(st, bb, ps))
         st["pretrained_key"] = key
     ps, _, p_lr, p_logits, p_feats = st["pretrained"]

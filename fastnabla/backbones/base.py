@@ -7,6 +7,9 @@ The trainer never touches a UNet, a VAE or a text encoder directly: it asks the 
 - ``policy(x, t, cond)``: the finetuned network's output at (x, t), classifier-free guidance applied when the
   backbone is conditional; differentiable w.r.t. x and the policy parameters;
 - ``reference(x, t, cond)``: the pretrained network's output at (x, t) (guidance applied), without gradients;
+- ``reference_sampling()``: a context inside which ``policy`` returns ``reference``'s output, so the trainer's own
+  sampler draws from p_ref (the pretrained samples of the evaluation); each ``policy`` checks
+  ``self._reference_sampling`` first;
 - ``reference_vjp(x, t, cond, cotangent)``: the reference's output and its input-VJP (∂out_ref/∂x)ᵀ·w with
   w = cotangent(out_ref), forward and backward in one context (a LoRA backbone keeps its adapters off through the
   backward, where checkpointed blocks recompute);
@@ -50,6 +53,8 @@ class Backbone(nn.Module):
     min_final_samples: int = 0
     #: attribute paths ("vae.decoder") of the networks ``compile_networks`` compiles (absent or None ones are skipped)
     compiled_networks: tuple = ()
+    #: set inside ``reference_sampling()``: ``policy`` then returns the reference's output
+    _reference_sampling: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -73,6 +78,16 @@ class Backbone(nn.Module):
 
     def flow(self, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def reference_sampling(self):
+        """Inside this context ``policy`` returns the reference's output: the sampler then draws from p_ref (what
+        the importance-sampled ground truth and the pretrained-sample metrics need, with the training sampler)."""
+        old, self._reference_sampling = self._reference_sampling, True
+        try:
+            yield
+        finally:
+            self._reference_sampling = old
 
     def reference_scope(self):
         """The context the reference runs in, forward and backward. A backbone whose reference is the policy's

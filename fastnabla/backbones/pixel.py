@@ -147,7 +147,6 @@ class PixelBackbone(Backbone):
             unet.requires_grad_(True)
         self.unet = unet.eval()
         self.flow_net = build_pixel_flow_net(s, flow_channels, c)
-        self._reference_sampling = False
 
     @classmethod
     def from_config(cls, cfg) -> "PixelBackbone":
@@ -186,16 +185,6 @@ class PixelBackbone(Backbone):
     def reference_scope(self):
         return contextlib.nullcontext() if self.ref_unet is not None else self.adapters_off()
 
-    @contextlib.contextmanager
-    def reference_sampling(self):
-        """Inside this context ``policy`` returns the reference's output: the sampler then draws from p_ref (what
-        the importance-sampled ground truth and the pretrained-sample metrics need, with the training sampler)."""
-        old, self._reference_sampling = self._reference_sampling, True
-        try:
-            yield
-        finally:
-            self._reference_sampling = old
-
     def _call(self, unet, x: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
         """ε(x, t) (B, C, S, S), with CFG out_u + w·(out_c − out_u) when the model is class-conditional."""
         B = x.shape[0]
@@ -213,7 +202,7 @@ class PixelBackbone(Backbone):
         return out_u + w * (out_c - out_u)
 
     def policy(self, x, t, cond=None):
-        if self._reference_sampling:
+        if self._reference_sampling:  # inside reference_sampling() (Backbone)
             return self.reference(x, t, cond)
         return self._call(self.unet, x, t, cond)
 

@@ -270,6 +270,8 @@ class SDBackbone(Backbone):
         return out_u + w * (out_c - out_u)
 
     def policy(self, x, t, cond):
+        if self._reference_sampling:  # inside reference_sampling() (Backbone)
+            return self.reference(x, t, cond)
         return self._cfg_call(self.unet, x, t, cond)
 
     def reference(self, x, t, cond):

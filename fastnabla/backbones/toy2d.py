@@ -123,6 +123,8 @@ class Toy2DBackbone(Backbone):
         return -(1 - a.view(-1, 1)).sqrt() * score
 
     def policy(self, x, t, cond=None):
+        if self._reference_sampling:  # inside reference_sampling() (Backbone)
+            return self.reference(x, t, cond)
         return self.exact_eps(x, t) + self.residual(x, t)
 
     def reference(self, x, t, cond=None):

@@ -60,6 +60,7 @@ VARIANTS = {
     "target_return_lr3e-3_cos_ema": ["gfn.policy_target=return", "train.lr=3e-3", *COS_EMA],
     "target_return_lr1e-2": ["gfn.policy_target=return", "train.lr=1e-2"],
     "target_return_lr3e-3_cos": ["gfn.policy_target=return", "train.lr=3e-3", "train.lr_schedule=cosine"],
+    "target_return_lr3e-3_output": ["gfn.policy_target=return", "train.lr=3e-3", "gfn.policy_weighting=output"],
     "target_return_lr3e-3_tf05": ["gfn.policy_target=return", "train.lr=3e-3", "gfn.timestep_fraction=0.5"],
     "target_return_lr3e-3_tf1": ["gfn.policy_target=return", "train.lr=3e-3", "gfn.timestep_fraction=1.0"],
     "tf1": ["gfn.timestep_fraction=1.0"],

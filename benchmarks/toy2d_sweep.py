@@ -35,6 +35,8 @@ RETURNS_VARIANTS = {
     "returns_unweighted": ["gfn.policy_weighting=none"],
     "returns_no_flow": ["gfn.no_flow=true"],
     "returns_target_return": ["gfn.policy_target=return"],  # the policy regresses on G_{k+1}; no flow
+    "returns_target_return_output": ["gfn.policy_target=return", "gfn.policy_weighting=output"],
+    "returns_output": ["gfn.policy_weighting=output"],
     "returns_sample_lag_0": ["gfn.sample_lag=0"],
 }
 

@@ -103,7 +103,9 @@ class GFNConfig:
     # sg(r' + g'), weighted per transition (policy_weighting), and the flow regressed on gradient κ-returns of the
     # frozen reference (L_A); no reverse or terminal-flow term. "paper": §4 exactly as the reference implementation.
     recipe: str = "returns"  # returns | paper
-    # w_k on the policy's share of L_F: sigma2 (σ_k²) | none. Unset keys below take the recipe's default
+    # w_k on the policy's share of L_F: sigma2 (σ_k², the path KL's own weight) | output (σ_k⁴/coef_out_k²: the same
+    # weight on every transition's error in the network output, d = coef_out·Δout/σ²) | none. Unset keys below take
+    # the recipe's default
     # (RECIPE_DEFAULTS: paper = reverse 1, terminal 1, FL through the model, no weighting; returns = no reverse or
     # terminal term, FL with the network held constant, σ²-weighting)
     policy_weighting: Optional[str] = None
@@ -496,7 +498,7 @@ def validate(cfg: Config) -> None:
             check(k <= sa.num_steps - 1, "gfn.timestep_fraction", "draws more transitions than there are")
     choice("gfn.recipe", g.recipe, ["returns", "paper"])
     _resolve_recipe(g, check, choice)
-    choice("gfn.policy_weighting", g.policy_weighting, ["sigma2", "none"])
+    choice("gfn.policy_weighting", g.policy_weighting, ["sigma2", "output", "none"])
     for key in ("reverse_scale", "trust_region_scale", "terminal_scale"):
         check(getattr(g, key) >= 0, f"gfn.{key}", "must be ≥ 0")
     choice("gfn.reward_adaptive_mode", g.reward_adaptive_mode, ["squared", "sqrt", "none", "off"])

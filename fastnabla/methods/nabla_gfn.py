@@ -39,6 +39,9 @@ class NablaGFN(Method):
         self.gfn = cfg.gfn
         self.backend = cfg.train.backend
         self.micro_batch = cfg.reward.micro_batch
+        if self.gfn.policy_weighting == "output" and bool((coeffs.coef_out == 0).any()):
+            raise ValueError("gfn.policy_weighting=output weights by σ⁴/coef_out², but a sampling step has coef_out = 0 "
+                             "(the network output does not move its mean); use gfn.policy_weighting=sigma2")
 
     # --- the seam -------------------------------------------------------------------------------------------------
     @property
@@ -163,6 +166,17 @@ class NablaGFN(Method):
                     x0 = x.index_copy(0, rows, x0_rows)
             g, lr = self._reward_grad(x, x0, prompts)
         return beta * _col(self.gamma(j), g) * g, lr
+
+    def policy_weight(self, coef: TransitionCoefficients) -> Optional[torch.Tensor]:
+        """w_k on the policy's forward residual (``gfn.policy_weighting``): σ_k² ("sigma2"), σ_k⁴/coef_out_k²
+        ("output": d = coef_out·Δout/σ², so w·(d − target)² = (Δout − σ²·target/coef_out)², every transition's
+        error in the network output weighted alike), or None (1)."""
+        mode = self.gfn.policy_weighting
+        if mode == "sigma2":
+            return coef.std.square()
+        if mode == "output":
+            return coef.std.pow(4) / coef.coef_out.square()
+        return None
 
     # --- gradient returns (recipe "returns", ALGORITHM §5b) -------------------------------------------------------
     def gradient_returns(self, xs: torch.Tensor, cond, prompts) -> torch.Tensor:
@@ -310,7 +324,7 @@ class NablaGFN(Method):
         if b.returns is None and self.uses_returns:
             raise ValueError("gfn.recipe=returns needs the gradient returns of the sampled trajectories "
                              "(NablaGFN.gradient_returns), stored with them")
-        w = coef.std.square() if gfn.policy_weighting == "sigma2" else None
+        w = self.policy_weight(coef)
         out = bb.policy(b.x, t, b.cond).to(b.x.dtype)
         with torch.no_grad():
             out_ref = bb.reference(b.x, t, b.cond).to(b.x.dtype)

@@ -180,6 +180,8 @@ def test_gradient_returns_match_a_hand_unrolled_jacobian_chain(micro_batch):
     {"gfn.no_flow": "true"},
     {"gfn.policy_target": "return", "gfn.trust_region_scale": 2.0},
     {"gfn.policy_target": "return", "gfn.policy_weighting": "none"},
+    {"gfn.policy_target": "return", "gfn.policy_weighting": "output"},
+    {"gfn.policy_weighting": "output"},
 ])
 def test_returns_objective_matches_an_independent_computation(over):
     """loss_b = w_k·mean(d − sg(r' + g'))² + trust·mean(out − out_old)² + (1 − terminal)·mean(g' + r' − G_{k+1})²,
@@ -217,7 +219,7 @@ def test_returns_objective_matches_an_independent_computation(over):
                                               None)[0][0], xr)
             r = g.reward_scale * gamma[g.reward_adaptive_mode](float(c.alpha_prod[kk + 1])) * r
             g_next = torch.zeros(2, dtype=torch.float64) if g.no_flow else bb.flow(xn[None], ts[kk + 1 : kk + 2])[0]
-        w = sig2 if g.policy_weighting == "sigma2" else 1.0
+        w = {"sigma2": sig2, "output": sig2**2 / float(c.coef_out[kk]) ** 2, "none": 1.0}[g.policy_weighting]
         target = returns[n] if g.policy_target == "return" else (r + g_next).detach()
         expect_pol = expect_pol + w * ((d - target) ** 2).mean() \
             + g.trust_region_scale * ((out - b.out_old[n]) ** 2).mean()

@@ -277,9 +277,12 @@ def _weights_digest(state: dict) -> str:
 
 
 def _reference_digest(backbone) -> str:
-    """A digest of the weights the reference computes with (the UNet without its adapter, or the frozen copy)."""
+    """A digest of the weights the reference computes with (the UNet without its adapter, or the frozen copy of a
+    full finetune), under the pretrained model's own parameter names: the same weights give the same digest with
+    or without a LoRA wrapped around them (peft renames a wrapped layer's weight to ``….base_layer.weight``)."""
     net = backbone.ref_unet if backbone.ref_unet is not None else backbone.unet
-    return _weights_digest({k: v for k, v in net.state_dict().items() if "lora_" not in k})
+    return _weights_digest({k.replace(".base_layer.", "."): v for k, v in net.state_dict().items()
+                            if "lora_" not in k})
 
 
 @torch.no_grad()

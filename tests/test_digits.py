@@ -62,6 +62,12 @@ def test_reference_samples_are_cached_and_keyed_by_the_sampler(tmp_path):
     bb2, _ = _tiny(eta=0.5)
     reference_samples(bb2, clf, 40, seed=1, batch=16, cache_dir=str(tmp_path), progress=False)
     assert len(os.listdir(tmp_path)) == 2
+    # a full finetune of the same pretrained weights (frozen copy, no adapter) has the same reference: same entry
+    torch.manual_seed(0)
+    unet = build_unet(8, [8, 16])
+    full = PixelBackbone(unet, bb.scheduler, lora_rank=0, flow_channels=[8, 16], eta=1.0)
+    d = reference_samples(full, clf, 40, seed=1, batch=16, cache_dir=str(tmp_path), progress=False)
+    assert len(os.listdir(tmp_path)) == 2 and torch.equal(a["images"], d["images"])
 
 
 def test_two_epoch_digits_run_writes_every_output(tmp_path):

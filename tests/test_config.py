@@ -52,7 +52,7 @@ def test_exponent_without_dot_is_a_number():
     ("gfn.recipe=paper gfn.policy_target=return", "gfn.policy_target: return configures the gradient returns"),
     ("method.name=dpo", "method.name='dpo' is not a method; valid: .*nabla_gfn"),
     ("gfn.pretrained_strength=0.5", "gfn.pretrained_strength: 0.5: the gradient returns"),
-    ("gfn.policy_weighting=snr", "gfn.policy_weighting='snr': must be one of sigma2, none"),
+    ("gfn.policy_weighting=snr", "gfn.policy_weighting='snr': must be one of sigma2, output, none"),
     ("train.lr_schedule=linear", "train.lr_schedule='linear': must be one of constant, cosine"),
     ("train.lr_min_ratio=2", "train.lr_min_ratio: 2.0 must be in"),
 ])

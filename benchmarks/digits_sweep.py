@@ -4,7 +4,8 @@
     python benchmarks/digits_sweep.py c3b05 --only shipped
     python benchmarks/digits_sweep.py c358 --collect --only a,b     # re-read finished runs, run nothing
 
-Each variant is ``configs/digits.yaml`` plus the task's overrides (the reward and β) plus the variant's, run in a
+Each variant is ``configs/digits.yaml`` (as it is at the CSV's ``git_sha``: the file changed its defaults since the
+early variants were recorded) plus the task's overrides (the reward and β) plus the variant's, run in a
 subprocess, one at a time (2 shared cores). Every evaluation (``eval.every`` epochs, ``eval.num_samples`` samples of
 the policy's EMA) reports the class-histogram TV to the importance-sampled target, the mean log R gap and the
 within-class diversity relative to the target's. The sweep writes ``benchmarks/results/digits_sweep_<task><tag>.csv``
@@ -68,6 +69,15 @@ VARIANTS = {
                                              "train.lr_schedule=cosine", "gfn.policy_weighting=output"],
     "target_return_rank32_lr3e-3_cos_output": ["gfn.policy_target=return", "model.lora_rank=32", "train.lr=3e-3",
                                                "train.lr_schedule=cosine", "gfn.policy_weighting=output"],
+    "target_return_rank32_lr3e-3_cos_output_lag0": ["gfn.policy_target=return", "model.lora_rank=32", "train.lr=3e-3",
+                                                    "train.lr_schedule=cosine", "gfn.policy_weighting=output",
+                                                    "gfn.sample_lag=0"],
+    "target_return_rank32_lr3e-3_cos_output_ema095": ["gfn.policy_target=return", "model.lora_rank=32",
+                                                      "train.lr=3e-3", "train.lr_schedule=cosine",
+                                                      "gfn.policy_weighting=output", "train.ema_decay=0.95"],
+    "target_return_full_lr3e-4_cos_output_lag0": ["gfn.policy_target=return", "model.lora_rank=0", "train.lr=3e-4",
+                                                  "train.lr_schedule=cosine", "gfn.policy_weighting=output",
+                                                  "gfn.sample_lag=0"],
     "target_return_lr3e-3_tf05": ["gfn.policy_target=return", "train.lr=3e-3", "gfn.timestep_fraction=0.5"],
     "target_return_lr3e-3_tf1": ["gfn.policy_target=return", "train.lr=3e-3", "gfn.timestep_fraction=1.0"],
     "tf1": ["gfn.timestep_fraction=1.0"],

@@ -78,6 +78,9 @@ VARIANTS = {
     "target_return_full_lr3e-4_cos_output_lag0": ["gfn.policy_target=return", "model.lora_rank=0", "train.lr=3e-4",
                                                   "train.lr_schedule=cosine", "gfn.policy_weighting=output",
                                                   "gfn.sample_lag=0"],
+    # on top of configs/digits.yaml as it ships (full finetune, lr 3e-4 cosine, policy_target return, output weighting)
+    "shipped_lr1e-4": ["train.lr=1e-4"],
+    "shipped_batch256": ["sampling.batch_size=128", "train.batch_size=256"],
     "target_return_lr3e-3_tf05": ["gfn.policy_target=return", "train.lr=3e-3", "gfn.timestep_fraction=0.5"],
     "target_return_lr3e-3_tf1": ["gfn.policy_target=return", "train.lr=3e-3", "gfn.timestep_fraction=1.0"],
     "tf1": ["gfn.timestep_fraction=1.0"],

@@ -328,27 +328,23 @@ class NablaGFN(Method):
         out = bb.policy(b.x, t, b.cond).to(b.x.dtype)
         with torch.no_grad():
             out_ref = bb.reference(b.x, t, b.cond).to(b.x.dtype)
+        g_next = return_next = None
         if self.targets_returns:  # w_k·mean_S (d − G_{k+1})²: at the clean sample G_N = β∇log R(x_N) = r'
-            return residual_db_loss(
-                out, out_ref, coef_out=coef.coef_out, inv_var=coef.inv_var, reward_grad_next=b.returns,
-                terminal=terminal, policy_weight=w,
-                out_old=b.out_old if gfn.trust_region_scale > 0 else None, trust_region_scale=gfn.trust_region_scale,
-                backend=self.backend, return_stats=return_stats, check_values=False, expected_grad=self.item_grad,
-            )
-        r_next, _ = self.reward_grad(b.x_next, k + 1, b.cond, b.prompts)
-        g_next = None
-        if not gfn.no_flow:
-            # g' at the non-terminal rows only: at a clean x_N the flow is never read (g' := 0, no L_A)
-            rows = (~terminal).nonzero(as_tuple=True)[0]
-            g_next = torch.zeros_like(b.x_next)
-            if rows.numel():
-                g_rows = bb.flow(b.x_next[rows], self.timesteps[k[rows] + 1],
-                                 None if b.cond is None else b.cond[rows]).to(b.x.dtype)
-                g_next = g_next.index_copy(0, rows, g_rows)
+            target_next = b.returns
+        else:
+            target_next, _ = self.reward_grad(b.x_next, k + 1, b.cond, b.prompts)
+            if not gfn.no_flow:
+                # g' at the non-terminal rows only: at a clean x_N the flow is never read (g' := 0, no L_A)
+                rows = (~terminal).nonzero(as_tuple=True)[0]
+                g_next = torch.zeros_like(b.x_next)
+                if rows.numel():
+                    g_rows = bb.flow(b.x_next[rows], self.timesteps[k[rows] + 1],
+                                     None if b.cond is None else b.cond[rows]).to(b.x.dtype)
+                    g_next = g_next.index_copy(0, rows, g_rows)
+                return_next = b.returns
         return residual_db_loss(
-            out, out_ref, coef_out=coef.coef_out, inv_var=coef.inv_var, reward_grad_next=r_next,
-            flow_next=g_next, terminal=terminal, policy_weight=w,
-            return_next=None if gfn.no_flow else b.returns,
+            out, out_ref, coef_out=coef.coef_out, inv_var=coef.inv_var, reward_grad_next=target_next,
+            flow_next=g_next, terminal=terminal, policy_weight=w, return_next=return_next,
             out_old=b.out_old if gfn.trust_region_scale > 0 else None, trust_region_scale=gfn.trust_region_scale,
             backend=self.backend, return_stats=return_stats, check_values=False, expected_grad=self.item_grad,
         )

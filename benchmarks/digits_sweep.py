@@ -86,6 +86,11 @@ VARIANTS = {
     "tf1": ["gfn.timestep_fraction=1.0"],
     "tf1_cos_ema": ["gfn.timestep_fraction=1.0", *COS_EMA],
     "tf1_samples128_cos_ema": ["gfn.timestep_fraction=1.0", "sampling.batch_size=128", *COS_EMA],
+    # a finer sampler (its own importance-sampled target): does the leak into other classes come from steps too
+    # coarse for a mean-shifted Gaussian to follow the tilt? The same 5 trained transitions per trajectory
+    "shipped_steps40": ["sampling.num_steps=40", "gfn.timestep_fraction=0.125"],
+    "shipped_lr1e-3": ["train.lr=1e-3"],
+    "shipped_lr1e-3_ema095": ["train.lr=1e-3", "train.ema_decay=0.95"],
 }
 
 #: updates over which the fresh-batch curves are averaged

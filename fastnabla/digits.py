@@ -332,11 +332,14 @@ def reference_samples(backbone, classifier, n: int, seed: int = 0, batch: int = 
 
 @torch.no_grad()
 def ground_truth(ref: dict, log_r: torch.Tensor, beta: float, num_classes: int = 10,
-                 diversity_max: int = 4000) -> dict:
+                 diversity_max: int = 4000, real_labels: Optional[torch.Tensor] = None) -> dict:
     """The target p_ref·R^β by self-normalised importance sampling over the reference samples.
 
     w_i ∝ exp(β·log R_i) (Σ w = 1), ESS = 1/Σ w_i². Class histogram Σ_i w_i·[argmax logits_i = c]; mean log R
     Σ_i w_i log R_i; diversity the importance-weighted mean pairwise feature distance, overall and per class.
+    ``reference``: the unweighted draw's class histogram (p_ref itself, from all the samples), and with
+    ``real_labels`` its TV to the real data's: the pretrained model's class balance, measured without the
+    finite-sample bias of a small quality draw.
     """
     from fastnabla import metrics
 
@@ -344,9 +347,14 @@ def ground_truth(ref: dict, log_r: torch.Tensor, beta: float, num_classes: int =
     pred = ref["logits"].argmax(1)
     hist = metrics.class_histogram(pred, num_classes, w)
     div = metrics.diversity(ref["features"], pred, w, max_per_group=diversity_max)
+    ref_hist = metrics.class_histogram(pred, num_classes)
+    reference = dict(class_histogram=[float(v) for v in ref_hist])
+    if real_labels is not None:
+        reference["class_tv_to_real"] = metrics.histogram_tv(ref_hist, metrics.class_histogram(real_labels,
+                                                                                                num_classes))
     return dict(class_histogram=[float(v) for v in hist], mean_log_r=float((w * log_r.double()).sum()),
                 diversity=div["overall"], diversity_per_class=div["per_group"], ess=ess, num_samples=len(log_r),
-                beta=float(beta))
+                beta=float(beta), reference=reference)
 
 
 # --- the pretrained model's own quality ---------------------------------------------------------------------------

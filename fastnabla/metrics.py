@@ -417,7 +417,9 @@ def _digits_state(ctx: EvalContext) -> dict:
                                        batch=max(cfg.sampling.batch_size, 1024), cache_dir=cfg.model.cache_dir,
                                        progress=cfg.logging.progress and ctx.is_main)
         log_r = _scores(ctx, ref["images"], None)
-        st["target"] = digits.ground_truth(ref, log_r, cfg.gfn.reward_scale, clf.head.out_features)
+        C = clf.head.out_features
+        st["target"] = digits.ground_truth(ref, log_r, cfg.gfn.reward_scale, C,
+                                           real_labels=digits.load_digit_data()[1] if C == 10 else None)
     ctx.cache["digits"] = st
     return st
 

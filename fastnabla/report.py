@@ -170,6 +170,11 @@ def write_report(out_dir: str, history: list, summary: dict, config: Optional[di
                  f"{_fmt(q.get('kid_heldout'), 1)} ± {_fmt(q.get('kid_heldout_std'), 1)}; real against real (held-out "
                  f"against train) FID {_fmt(q.get('fid_real_vs_real'), 1)}, KID {_fmt(q.get('kid_real_vs_real'), 1)}"
                  f" (from pretrained.json).</p>")
+    ref_tv = (tgt.get("reference") or {}).get("class_tv_to_real")
+    if ref_tv is not None:
+        prior = (prior or "<h2>The pretrained model against real digits</h2>") + (
+            f"<p>The {_fmt(tgt.get('num_samples'))} pretrained samples behind the target: class-histogram TV to the "
+            f"real data's {ref_tv:.4f} (bar: ≤ 0.05).</p>")
     updates = history[-1]["updates_total"] if history else 0
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}

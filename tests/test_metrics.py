@@ -121,6 +121,11 @@ def test_digits_ground_truth_by_hand():
     assert gt["mean_log_r"] == pytest.approx(float((w * log_r.double()).sum()))
     assert gt["ess"] == pytest.approx(1 / float((w**2).sum()))
     assert gt["diversity_per_class"] == {1: pytest.approx(3.0)}  # the one class with two samples: ‖(3, 0)‖
+    # the unweighted draw against real labels [0, 0, 1, 2]: (1/4, 2/4, 1/4) against (2/4, 1/4, 1/4)
+    gt = ground_truth({"logits": logits, "features": feats}, log_r, beta=1.0, num_classes=3,
+                      real_labels=torch.tensor([0, 0, 1, 2]))
+    assert gt["reference"]["class_histogram"] == pytest.approx([0.25, 0.5, 0.25])
+    assert gt["reference"]["class_tv_to_real"] == pytest.approx(0.25)
 
 
 def test_prior_preservation_is_the_per_group_mean():

@@ -65,6 +65,13 @@ def test_report_cli_rebuilds_from_a_run_directory(tmp_path, capsys):
                                                                       "num_samples": 2000}}))
     assert report.main([str(tmp_path)]) == 0
     assert "TV to the real data's 0.0421" in (tmp_path / "report.html").read_text()
+    assert "pretrained samples behind the target" not in (tmp_path / "report.html").read_text()
+    s = _summary(tv=0.2)
+    s["target"]["reference"] = {"class_histogram": [0.1] * 10, "class_tv_to_real": 0.0486}
+    (tmp_path / "summary.json").write_text(json.dumps(s))
+    assert report.main([str(tmp_path)]) == 0
+    assert "The 5000 pretrained samples behind the target: class-histogram TV to the real data's 0.0486" in \
+        (tmp_path / "report.html").read_text()
     assert "not met: class-histogram TV 0.200 (bar: ≤ 0.05)" in (tmp_path / "report.html").read_text()
     assert report.main([str(tmp_path / "missing")]) == 2
     assert "not a finished run directory" in capsys.readouterr().err

@@ -91,6 +91,8 @@ VARIANTS = {
     "shipped_steps40": ["sampling.num_steps=40", "gfn.timestep_fraction=0.125"],
     "shipped_lr1e-3": ["train.lr=1e-3"],
     "shipped_lr1e-3_ema095": ["train.lr=1e-3", "train.ema_decay=0.95"],
+    "shipped_lr2e-3_ema095": ["train.lr=2e-3", "train.ema_decay=0.95"],
+    "shipped_lr1e-3_ema095_400": ["train.lr=1e-3", "train.ema_decay=0.95"],  # run with --epochs 133
 }
 
 #: updates over which the fresh-batch curves are averaged

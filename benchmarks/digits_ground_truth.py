@@ -32,7 +32,7 @@ def main() -> int:
     bb = PixelBackbone.from_config(cfg)
     clf, meta = digits.ensure_classifier(cfg.model.image_size, cfg.model.cache_dir, False)
     t0 = time.time()
-    ref = digits.reference_samples(bb, clf, cfg.eval.ground_truth_samples, seed=cfg.seed + 104729,
+    ref = digits.reference_samples(bb, clf, cfg.eval.ground_truth_samples,
                                    batch=max(cfg.sampling.batch_size, 1024), cache_dir=cfg.model.cache_dir,
                                    progress=True)
     sample_s = time.time() - t0

@@ -285,8 +285,13 @@ def _reference_digest(backbone) -> str:
                             if "lora_" not in k})
 
 
+#: the seed of the p_ref draw behind the importance-sampled target. The target belongs to the pretrained model and
+#: its sampler, not to a training run, so runs with different ``seed`` share one cached draw.
+GROUND_TRUTH_SEED = 104729
+
+
 @torch.no_grad()
-def reference_samples(backbone, classifier, n: int, seed: int = 0, batch: int = 1024,
+def reference_samples(backbone, classifier, n: int, seed: int = GROUND_TRUTH_SEED, batch: int = 1024,
                       cache_dir: Optional[str] = None, progress: bool = True) -> dict:
     """n samples of the pretrained model drawn with the backbone's own sampler (the one training uses), cached.
 

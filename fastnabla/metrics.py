@@ -413,7 +413,7 @@ def _digits_state(ctx: EvalContext) -> dict:
     st = {"classifier": clf, "classifier_test_accuracy": meta.get("test_accuracy"), "target": None}
     n_gt = cfg.eval.ground_truth_samples
     if n_gt and not ctx.backbone.conditional:
-        ref = digits.reference_samples(ctx.backbone, clf, n_gt, seed=cfg.seed + 104729,
+        ref = digits.reference_samples(ctx.backbone, clf, n_gt,
                                        batch=max(cfg.sampling.batch_size, 1024), cache_dir=cfg.model.cache_dir,
                                        progress=cfg.logging.progress and ctx.is_main)
         log_r = _scores(ctx, ref["images"], None)

@@ -75,11 +75,12 @@ def test_two_epoch_digits_run_writes_every_output(tmp_path):
     from fastnabla.trainer import build_trainer
 
     bb, clf = _tiny()
-    cfg = load_config(None, [
+    cfg_overrides = [
         "model.backbone=pixel", "model.flow_channels=[8,16]", "sampling.num_steps=4", "sampling.batch_size=8",
         "sampling.guidance_scale=1.0", "gfn.timestep_fraction=0.5", "train.epochs=2", "eval.every=1",
         "eval.num_samples=48", "eval.ground_truth_samples=96", "logging.progress=false", "checkpoint.every=0",
-        f"model.cache_dir={tmp_path / 'cache'}"], output_dir=str(tmp_path / "run"))
+        f"model.cache_dir={tmp_path / 'cache'}"]
+    cfg = load_config(None, cfg_overrides, output_dir=str(tmp_path / "run"))
     tr = build_trainer(cfg, backbone=bb, reward_fn=DigitClassReward([3, 5, 8], classifier=clf))
     res = tr.run()
     out = tmp_path / "run"
@@ -105,6 +106,13 @@ def test_two_epoch_digits_run_writes_every_output(tmp_path):
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and "class_tv_batch" in lines[0] and "fid_pretrained" in lines[0]
     assert res["eval_reward_mean"] == pytest.approx(summary["mean_log_r"])
+    # the target belongs to p_ref and its sampler: a run with another seed reuses the cached draw, same target
+    draws = sorted((tmp_path / "cache").glob("refsamples-*.npz"))
+    assert len(draws) == 1
+    cfg2 = load_config(None, [*cfg_overrides, "seed=1", "train.epochs=1"], output_dir=str(tmp_path / "run1"))
+    build_trainer(cfg2, backbone=bb, reward_fn=DigitClassReward([3, 5, 8], classifier=clf)).run()
+    assert sorted((tmp_path / "cache").glob("refsamples-*.npz")) == draws
+    assert json.loads((tmp_path / "run1" / "summary.json").read_text())["target"] == tgt
 
 
 def test_class_conditional_run_uses_digit_prompts(tmp_path):

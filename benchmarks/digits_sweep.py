@@ -3,6 +3,7 @@
     python benchmarks/digits_sweep.py c358 --only lr3e-3_cos_ema --epochs 200 --eval-every 50
     python benchmarks/digits_sweep.py c3b05 --only shipped
     python benchmarks/digits_sweep.py c358 --collect --only a,b     # re-read finished runs, run nothing
+    python benchmarks/digits_sweep.py c358 --only shipped --seeds 0,1   # each variant once per training seed
 
 Each variant is ``configs/digits.yaml`` (as it is at the CSV's ``git_sha``: the file changed its defaults since the
 early variants were recorded) plus the task's overrides (the reward and β) plus the variant's, run in a
@@ -92,7 +93,8 @@ VARIANTS = {
     "shipped_lr1e-3": ["train.lr=1e-3"],
     "shipped_lr1e-3_ema095": ["train.lr=1e-3", "train.ema_decay=0.95"],
     "shipped_lr2e-3_ema095": ["train.lr=2e-3", "train.ema_decay=0.95"],
-    "shipped_lr1e-3_ema095_400": ["train.lr=1e-3", "train.ema_decay=0.95"],  # run with --epochs 133
+    # twice the trajectories and transitions per update: does the class mix swing less at lr 1e-3?
+    "shipped_batch256_lr1e-3": ["sampling.batch_size=128", "train.batch_size=256", "train.lr=1e-3"],
 }
 
 #: updates over which the fresh-batch curves are averaged
@@ -106,10 +108,15 @@ def run_dir(out_root: str, task: str, name: str) -> str:
     return os.path.join(out_root, f"{task}_{name}")
 
 
+def label(name: str, seed: int) -> str:
+    """A variant's row and run-directory name for one training seed (seed 0 keeps the bare name)."""
+    return name if seed == 0 else f"{name}_seed{seed}"
+
+
 def run_one(task: str, name: str, out_root: str, epochs: int, eval_every: int, extra: list[str],
-            collect_only: bool) -> dict:
-    out = run_dir(out_root, task, name)
-    overrides = [*TASKS[task], *VARIANTS[name]]
+            collect_only: bool, seed: int = 0) -> dict:
+    out = run_dir(out_root, task, label(name, seed))
+    overrides = [*TASKS[task], *VARIANTS[name], *([f"seed={seed}"] if seed else [])]
     t0 = time.time()
     if not collect_only:
         cmd = [sys.executable, "-m", "fastnabla.train", "--config", os.path.join(ROOT, "configs", "digits.yaml"),
@@ -121,9 +128,9 @@ def run_one(task: str, name: str, out_root: str, epochs: int, eval_every: int, e
             os.remove(os.path.join(out, "metrics.jsonl"))
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if r.returncode != 0:
-            return {"name": name, "error": (r.stderr or r.stdout).strip().splitlines()[-1:],
+            return {"name": label(name, seed), "error": (r.stderr or r.stdout).strip().splitlines()[-1:],
                     "seconds": time.time() - t0}
-    return collect(out, name, overrides + list(extra), None if collect_only else time.time() - t0)
+    return collect(out, label(name, seed), overrides + list(extra), None if collect_only else time.time() - t0)
 
 
 def _row(updates: int, rec: dict) -> tuple:
@@ -151,6 +158,17 @@ def collect(out: str, name: str, overrides: list[str], seconds) -> dict:
     train_s = sum(h.get("seconds", 0.0) for h in hist)
     return {"name": name, "overrides": overrides, "curve": curve, "batch": batch, "finished": finished,
             "train_seconds": train_s, "seconds": seconds if seconds is not None else float("nan")}
+
+
+def seed_means(results: list[dict]) -> dict:
+    """{variant: (seeds, mean final class TV, mean final gap, mean final smallest diversity ratio)} over the
+    finished runs of each variant's seeds (rows named by ``label``)."""
+    groups: dict = {}
+    for r in results:
+        if r.get("finished") and r.get("curve"):
+            base = r["name"].rsplit("_seed", 1)[0] if "_seed" in r["name"] else r["name"]
+            groups.setdefault(base, []).append(r["curve"][-1])
+    return {k: (len(v), *(sum(c[i] for c in v) / len(v) for i in (1, 2, 3))) for k, v in groups.items()}
 
 
 def verdict(r: dict) -> str:
@@ -228,7 +246,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "digits_sweep"))
     p.add_argument("--tag", default="", help="results file suffix")
     p.add_argument("--collect", action="store_true", help="only re-read finished run directories")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds, each variant run once per seed "
+                   "(run directories and rows NAME, NAME_seed1, …; the target's draw is shared)")
     a = p.parse_args(argv)
+    try:
+        seeds = [int(v) for v in a.seeds.split(",") if v.strip()]
+    except ValueError:
+        print(f"digits_sweep: --seeds {a.seeds!r} must be comma-separated integers, e.g. 0,1", file=sys.stderr)
+        return 2
     names = [n for n in (a.only.split(",") if a.only else VARIANTS) if n]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -236,14 +261,18 @@ def main(argv=None) -> int:
         return 2
     results = []
     for n in names:
-        r = run_one(a.task, n, a.out, a.epochs, a.eval_every, a.set, a.collect)
-        if "error" in r:
-            print(f"{n}: FAILED {r['error']}", flush=True)
-            continue
-        r["verdict"] = verdict(r)
-        results.append(r)
-        print(f"{n}: {r['verdict']} (train {r['train_seconds']:.0f} s; batch class TV over the last 30 updates "
-              f"{r['batch'][-1][1] if r['batch'] else float('nan'):.3f})", flush=True)
+        for seed in seeds:
+            r = run_one(a.task, n, a.out, a.epochs, a.eval_every, a.set, a.collect, seed)
+            if "error" in r:
+                print(f"{r['name']}: FAILED {r['error']}", flush=True)
+                continue
+            r["verdict"] = verdict(r)
+            results.append(r)
+            print(f"{r['name']}: {r['verdict']} (train {r['train_seconds']:.0f} s; batch class TV over the last 30 "
+                  f"updates {r['batch'][-1][1] if r['batch'] else float('nan'):.3f})", flush=True)
+    if len(seeds) > 1:
+        for n, (k, tv, gap, div) in seed_means(results).items():
+            print(f"{n}: mean over {k} seeds: class TV {tv:.3f}, gap {gap:.3f}, min diversity ratio {div:.3f}")
     if results:
         stem = write(results, a.task, a.tag, a.set)
         print(f"wrote {stem}.csv and {stem}.png")

@@ -50,6 +50,22 @@ def test_unfinished_and_missing_runs(sweep, tmp_path):
     assert sweep.main(["c358", "--only", "no_such_variant"]) == 2
 
 
+def test_seeds_label_runs_and_average_finals(sweep, tmp_path):
+    assert sweep.label("shipped", 0) == "shipped" and sweep.label("shipped", 1) == "shipped_seed1"
+    hist = [{"epoch": 0, "updates_total": 3, "class_tv_batch": 0.5, "reward_mean": -1.0}]
+    finals = {0: (0.06, -0.3, 0.9), 1: (0.16, -0.2, 0.8)}
+    results = []
+    for seed, (tv, gap, div) in finals.items():
+        d = tmp_path / f"c358_{sweep.label('shipped', seed)}"
+        _write(d, hist, {"class_tv": tv, "mean_log_r_gap": gap, "diversity_ratio_per_class": {"3": div}})
+        results.append(sweep.collect(str(d), sweep.label("shipped", seed), [], None))
+    _write(tmp_path / "stopped", hist)  # an unfinished run does not enter the mean
+    results.append(sweep.collect(str(tmp_path / "stopped"), "shipped_seed2", [], None))
+    k, tv, gap, div = sweep.seed_means(results)["shipped"]
+    assert k == 2 and (tv, gap, div) == pytest.approx((0.11, -0.25, 0.85))
+    assert sweep.main(["c358", "--only", "shipped", "--seeds", "0,x"]) == 2
+
+
 def test_returns_snr_state_stats_by_hand():
     import torch
 

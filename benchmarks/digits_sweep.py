@@ -95,6 +95,9 @@ VARIANTS = {
     "shipped_lr2e-3_ema095": ["train.lr=2e-3", "train.ema_decay=0.95"],
     # twice the trajectories and transitions per update: does the class mix swing less at lr 1e-3?
     "shipped_batch256_lr1e-3": ["sampling.batch_size=128", "train.batch_size=256", "train.lr=1e-3"],
+    # on-policy: the returns come from the policy being updated, not the one an epoch behind (a delayed feedback
+    # loop can oscillate)
+    "shipped_lag0": ["gfn.sample_lag=0"],
 }
 
 #: updates over which the fresh-batch curves are averaged

@@ -98,6 +98,7 @@ VARIANTS = {
     # on-policy: the returns come from the policy being updated, not the one an epoch behind (a delayed feedback
     # loop can oscillate)
     "shipped_lag0": ["gfn.sample_lag=0"],
+    "shipped_const": ["train.lr_schedule=constant"],
 }
 
 #: updates over which the fresh-batch curves are averaged

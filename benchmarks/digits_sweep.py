@@ -99,6 +99,7 @@ VARIANTS = {
     # loop can oscillate)
     "shipped_lag0": ["gfn.sample_lag=0"],
     "shipped_const": ["train.lr_schedule=constant"],
+    "shipped_floor001": ["train.lr_min_ratio=0.01"],  # cosine down to 1e-5 instead of 1e-4
 }
 
 #: updates over which the fresh-batch curves are averaged

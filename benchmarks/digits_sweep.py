@@ -135,7 +135,8 @@ def run_one(task: str, name: str, out_root: str, epochs: int, eval_every: int, e
         if r.returncode != 0:
             return {"name": label(name, seed), "error": (r.stderr or r.stdout).strip().splitlines()[-1:],
                     "seconds": time.time() - t0}
-    return collect(out, label(name, seed), overrides + list(extra), None if collect_only else time.time() - t0)
+    return dict(collect(out, label(name, seed), overrides + list(extra), None if collect_only else time.time() - t0),
+                variant=name, seed=seed)
 
 
 def _row(updates: int, rec: dict) -> tuple:
@@ -167,12 +168,11 @@ def collect(out: str, name: str, overrides: list[str], seconds) -> dict:
 
 def seed_means(results: list[dict]) -> dict:
     """{variant: (seeds, mean final class TV, mean final gap, mean final smallest diversity ratio)} over the
-    finished runs of each variant's seeds (rows named by ``label``)."""
+    finished runs of each variant's seeds (``run_one`` records the variant of each run)."""
     groups: dict = {}
     for r in results:
         if r.get("finished") and r.get("curve"):
-            base = r["name"].rsplit("_seed", 1)[0] if "_seed" in r["name"] else r["name"]
-            groups.setdefault(base, []).append(r["curve"][-1])
+            groups.setdefault(r["variant"], []).append(r["curve"][-1])
     return {k: (len(v), *(sum(c[i] for c in v) / len(v) for i in (1, 2, 3))) for k, v in groups.items()}
 
 

@@ -58,9 +58,9 @@ def test_seeds_label_runs_and_average_finals(sweep, tmp_path):
     for seed, (tv, gap, div) in finals.items():
         d = tmp_path / f"c358_{sweep.label('shipped', seed)}"
         _write(d, hist, {"class_tv": tv, "mean_log_r_gap": gap, "diversity_ratio_per_class": {"3": div}})
-        results.append(sweep.collect(str(d), sweep.label("shipped", seed), [], None))
+        results.append(dict(sweep.collect(str(d), sweep.label("shipped", seed), [], None), variant="shipped"))
     _write(tmp_path / "stopped", hist)  # an unfinished run does not enter the mean
-    results.append(sweep.collect(str(tmp_path / "stopped"), "shipped_seed2", [], None))
+    results.append(dict(sweep.collect(str(tmp_path / "stopped"), "shipped_seed2", [], None), variant="shipped"))
     k, tv, gap, div = sweep.seed_means(results)["shipped"]
     assert k == 2 and (tv, gap, div) == pytest.approx((0.11, -0.25, 0.85))
     assert sweep.main(["c358", "--only", "shipped", "--seeds", "0,x"]) == 2

@@ -117,7 +117,7 @@ def train_classifier(image_size: int = 8, steps: int = 1500, batch_size: int = 1
         sched.step()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     if bar is not None:
         bar.close()
     model.eval()

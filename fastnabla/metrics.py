@@ -30,7 +30,8 @@ import torch
 
 __all__ = ["EvalContext", "epoch_metrics", "evaluate", "plot_curves", "importance_weights", "class_histogram",
            "histogram_tv", "diversity", "prompt_diversity", "fid", "kid", "prior_preservation", "image_features",
-           "ClipImageFeatures", "DreamSimFeatures", "plot_digit_grid", "plot_class_histogram"]
+           "ClipImageFeatures", "DreamSimFeatures", "plot_digit_grid", "plot_class_histogram", "class_transitions",
+           "plot_class_transitions"]
 
 TORCHMETRICS_ERROR = "FID/KID need torchmetrics: pip install 'fastnabla[digits]'"
 
@@ -50,6 +51,17 @@ def class_histogram(labels: torch.Tensor, num_classes: int, weights: torch.Tenso
     w = torch.ones(labels.numel(), dtype=torch.float64) if weights is None else weights.double().flatten().cpu()
     h = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, w)
     return h / h.sum()
+
+
+def class_transitions(labels_from: torch.Tensor, labels_to: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, C) counts of paired samples: row = the class of sample i under one model, column = the class of sample i
+    under the other. With the pretrained and finetuned samples drawn at the same seeds it shows where the finetuning
+    moved each pretrained class."""
+    if labels_from.shape != labels_to.shape:
+        raise ValueError(f"class_transitions pairs samples one to one; got {tuple(labels_from.shape)} and "
+                         f"{tuple(labels_to.shape)} labels")
+    idx = labels_from.long().reshape(-1) * num_classes + labels_to.long().reshape(-1)
+    return torch.bincount(idx.cpu(), minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def histogram_tv(p, q) -> float:
@@ -470,6 +482,8 @@ def _digits_eval(ctx: EvalContext, samples: torch.Tensor, prompts, log_r: torch.
         "pretrained": {"class_histogram": [round(float(v), 4) for v in p_hist], "mean_log_r": float(p_lr.mean()),
                        "diversity": p_div["overall"], "diversity_per_class": p_div["per_group"]},
         "classifier_test_accuracy": st["classifier_test_accuracy"], "num_samples": n})
+    if final:  # rows: a pretrained sample's class; columns: the class of the finetuned sample at the same seed
+        out["class_transitions"] = class_transitions(p_pred, pred, C).tolist()
     tgt = st["target"]
     if tgt is not None:
         out["class_tv"] = histogram_tv(hist, tgt["class_histogram"])
@@ -492,7 +506,9 @@ def _digits_eval(ctx: EvalContext, samples: torch.Tensor, prompts, log_r: torch.
             out["plots"] = [
                 plot_digit_grid(os.path.join(ctx.out_dir, "samples_grid.png"), bb.decode(ps), bb.decode(samples)),
                 plot_class_histogram(os.path.join(ctx.out_dir, "class_histogram.png"), hist, p_hist,
-                                     None if tgt is None else tgt["class_histogram"])]
+                                     None if tgt is None else tgt["class_histogram"]),
+                plot_class_transitions(os.path.join(ctx.out_dir, "class_transitions.png"),
+                                       out["class_transitions"])]
             curves = plot_curves(ctx.out_dir, ctx.history)
             if curves:
                 out["plots"].append(curves)
@@ -552,6 +568,36 @@ def plot_class_histogram(path: str, model, pretrained, target=None) -> str:
         title += f": TV(finetuned, target) = {histogram_tv(model, target):.3f}"
     ax.set_title(title)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_class_transitions(path: str, counts) -> str:
+    """Heat map of ``class_transitions``: each row (a pretrained class) as fractions of its samples, with the counts
+    behind each row on the axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(counts, dtype=float)
+    rows = m.sum(1, keepdims=True)
+    frac = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
+    C = m.shape[0]
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    for i in range(C):
+        for j in range(C):
+            if frac[i, j] >= 0.005:
+                ax.text(j, i, f"{frac[i, j]:.2f}"[1:] if frac[i, j] < 1 else "1", ha="center", va="center",
+                        fontsize=7, color="white" if frac[i, j] > 0.6 else "black")
+    ax.set_xticks(range(C))
+    ax.set_yticks(range(C), [f"{i} ({int(rows[i, 0])})" for i in range(C)])
+    ax.set_xlabel("class of the finetuned sample at the same seed")
+    ax.set_ylabel("class of the pretrained sample (count)")
+    ax.set_title("where finetuning moved each pretrained class (row fractions)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

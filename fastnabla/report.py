@@ -6,6 +6,8 @@ The page holds the issue's three pictures and the numbers behind them:
   (the pretrained model's value at update 0), the target's value (or bar) dashed;
 - the pretrained and finetuned samples at the same seeds (``samples_grid.png``, drawn by ``metrics``);
 - the class histogram against the target (``class_histogram.png``, drawn by ``metrics``);
+- where each pretrained class went: the class of the finetuned sample at the same seed, row by row
+  (``class_transitions.png``, drawn by ``metrics``);
 - a table of target / pretrained / finetuned figures and the issue's three checks (``check_targets``).
 
 Images are embedded (base64), so the page is one self-contained file. ``python -m fastnabla.report RUN_DIR``
@@ -188,6 +190,9 @@ pretrained samples.</p>
 <h2>Curves</h2>{_img(curves, 'curves')}
 <h2>Samples: pretrained against finetuned, same seeds</h2>{_img(os.path.join(out_dir, 'samples_grid.png'), 'grid')}
 <h2>Class histogram against the target</h2>{_img(os.path.join(out_dir, 'class_histogram.png'), 'histogram')}
+<h2>Where each pretrained class went</h2><p>Row: the class of a pretrained sample; column: the class of the finetuned
+sample drawn from the same noise. The target p_ref·R^β only reweights the pretrained classes; the finetuned sampler
+gets there by changing its drift, and this table shows into which classes that drift moved each pretrained class.</p>{_img(os.path.join(out_dir, 'class_transitions.png'), 'class transitions')}
 <h2>Figures</h2><table><tr><th></th><th>target (IS)</th><th>pretrained</th><th>finetuned</th></tr>{table}</table>
 {prior}
 </body></html>

@@ -98,9 +98,14 @@ def test_two_epoch_digits_run_writes_every_output(tmp_path):
     with bb.reference_sampling():
         again, _ = tr.sample_final(48, seed=cfg.seed + 7919)
     np.testing.assert_allclose(pre, again.clamp(-1, 1).numpy(), atol=1e-6)
-    for png in ("samples_grid.png", "class_histogram.png", "curves.png", "report_curves.png"):
+    # the pretrained → finetuned class table pairs the two same-seed draws: its margins are their histograms
+    moves = np.array(summary["class_transitions"])
+    np.testing.assert_allclose(moves.sum(1) / 48, summary["pretrained"]["class_histogram"], atol=1e-4)
+    np.testing.assert_allclose(moves.sum(0) / 48, summary["class_histogram"], atol=1e-4)
+    for png in ("samples_grid.png", "class_histogram.png", "class_transitions.png", "curves.png", "report_curves.png"):
         assert (out / png).stat().st_size > 1000
-    assert "class-histogram TV" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "class-histogram TV" in page and "Where each pretrained class went" in page
     met = summary["targets_met"]
     assert met["class_tv"] == summary["class_tv"] and met["class_tv_ok"] == (summary["class_tv"] <= 0.05)
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]

@@ -47,6 +47,17 @@ def test_class_histogram_and_tv_by_hand():
     assert metrics.histogram_tv(h, hw) == pytest.approx(0.5 * (0.125 + 0.125 + 0.25))
 
 
+def test_class_transitions_by_hand():
+    before, after = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([0, 2, 1, 1, 2, 2])
+    m = metrics.class_transitions(before, after, 3)
+    assert m.tolist() == [[1, 0, 1], [0, 1, 0], [0, 1, 2]]
+    # its margins are the two class histograms
+    torch.testing.assert_close(m.sum(1).double() / 6, metrics.class_histogram(before, 3))
+    torch.testing.assert_close(m.sum(0).double() / 6, metrics.class_histogram(after, 3))
+    with pytest.raises(ValueError, match="one to one"):
+        metrics.class_transitions(before, after[:5], 3)
+
+
 def test_diversity_by_hand():
     f = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 4.0], [10.0, 10.0], [10.0, 12.0]])
     groups = torch.tensor([0, 0, 0, 1, 1])

@@ -100,6 +100,9 @@ VARIANTS = {
     "shipped_lag0": ["gfn.sample_lag=0"],
     "shipped_const": ["train.lr_schedule=constant"],
     "shipped_floor001": ["train.lr_min_ratio=0.01"],  # cosine down to 1e-5 instead of 1e-4
+    # the same transitions in twice the updates: the policy's push is the same for every state (README, "digits":
+    # the class-to-class table), and more optimizer steps might make it state-specific
+    "shipped_batch64": ["train.batch_size=64"],
 }
 
 #: updates over which the fresh-batch curves are averaged

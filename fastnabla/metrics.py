@@ -591,8 +591,9 @@ def plot_class_transitions(path: str, counts) -> str:
     for i in range(C):
         for j in range(C):
             if frac[i, j] >= 0.005:
-                ax.text(j, i, f"{frac[i, j]:.2f}"[1:] if frac[i, j] < 1 else "1", ha="center", va="center",
-                        fontsize=7, color="white" if frac[i, j] > 0.6 else "black")
+                txt = f"{frac[i, j]:.2f}"
+                ax.text(j, i, "1" if txt == "1.00" else txt[1:], ha="center", va="center", fontsize=7,
+                        color="white" if frac[i, j] > 0.6 else "black")
     ax.set_xticks(range(C))
     ax.set_yticks(range(C), [f"{i} ({int(rows[i, 0])})" for i in range(C)])
     ax.set_xlabel("class of the finetuned sample at the same seed")

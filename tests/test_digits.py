@@ -102,6 +102,23 @@ def test_two_epoch_digits_run_writes_every_output(tmp_path):
     moves = np.array(summary["class_transitions"])
     np.testing.assert_allclose(moves.sum(1) / 48, summary["pretrained"]["class_histogram"], atol=1e-4)
     np.testing.assert_allclose(moves.sum(0) / 48, summary["class_histogram"], atol=1e-4)
+    # benchmarks/digits_class_transitions.py reads the table back, or recomputes it from the two .npy files (older
+    # runs lack the key): a "finetuned" draw identical to the pretrained one gives a diagonal table
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("digits_class_transitions", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "digits_class_transitions.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    np.testing.assert_array_equal(bench.run_table(str(out))[0], moves)
+    same = tmp_path / "same"
+    same.mkdir()
+    shutil.copy(out / "pretrained_samples.npy", same / "pretrained_samples.npy")
+    shutil.copy(out / "pretrained_samples.npy", same / "final_samples.npy")
+    (same / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "class_transitions"}))
+    diag = bench.run_table(str(same), classifier=clf)[0]
+    assert diag.sum() == 48 and np.count_nonzero(diag - np.diag(np.diag(diag))) == 0
     for png in ("samples_grid.png", "class_histogram.png", "class_transitions.png", "curves.png", "report_curves.png"):
         assert (out / png).stat().st_size > 1000
     page = (out / "report.html").read_text()

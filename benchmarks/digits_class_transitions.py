@@ -5,12 +5,13 @@
 For each run directory it takes the (C, C) table of ``metrics.class_transitions``: row = the classifier's class of
 a pretrained sample, column = the class of the finetuned sample drawn from the same noise. A run that wrote
 ``class_transitions`` to its ``summary.json`` is read as is; an older run is recomputed from its
-``pretrained_samples.npy`` and ``final_samples.npy`` with the run's classifier (the cached default unless the run's
-config names ``reward.model``). The .npy files hold the samples clamped to [−1, 1] while the run classified them
-unclamped, so a recomputed table can differ from the run's own by a few samples in 2,048 (seeds 0 and 1 of the
-shipped file: 3 and 5 finetuned samples change class). The tables are summed, and the pooled row fractions and both margins (the pretrained
-and finetuned class histograms) go to ``benchmarks/results/digits_class_transitions_<name>.{csv,png}``, next to the
-mean target histogram of the runs when they have one.
+``pretrained_samples.npy`` and ``final_samples.npy`` with the run's classifier (``reward.model``, else the cached
+default under the run's ``model.cache_dir``, as the run itself finds it). The .npy files hold the samples clamped to
+[−1, 1] while the run classified them unclamped, so a recomputed table can differ from the run's own by a few
+samples in 2,048 (seeds 0 and 1 of the shipped file: 3 and 5 finetuned samples change class). The tables are summed,
+and the pooled row fractions and both margins (the pretrained and finetuned class histograms) go to
+``benchmarks/results/digits_class_transitions_<name>.{csv,png}``, next to the mean target histogram of the runs when
+they have one.
 """
 from __future__ import annotations
 
@@ -35,19 +36,19 @@ def run_table(run: str, classifier=None) -> tuple[np.ndarray, dict]:
         summary = json.load(f)
     if "class_transitions" in summary and classifier is None:
         return np.asarray(summary["class_transitions"]), summary
-    model_dir, image_size = None, 8
-    if os.path.isfile(os.path.join(run, "config.yaml")):
-        import yaml
+    clf = classifier
+    if clf is None:
+        cfg = {}
+        if os.path.isfile(os.path.join(run, "config.yaml")):
+            import yaml
 
-        with open(os.path.join(run, "config.yaml")) as f:
-            cfg = yaml.safe_load(f)
-        model_dir = (cfg.get("reward") or {}).get("model")
-        image_size = (cfg.get("model") or {}).get("image_size", 8)
-    if classifier is not None:
-        clf = classifier
-    else:
-        clf, _ = digits.load_classifier(model_dir) if model_dir else digits.ensure_classifier(image_size,
-                                                                                             progress=False)
+            with open(os.path.join(run, "config.yaml")) as f:
+                cfg = yaml.safe_load(f)
+        model, reward = cfg.get("model") or {}, cfg.get("reward") or {}
+        if reward.get("model"):
+            clf, _ = digits.load_classifier(reward["model"])
+        else:  # the default the run's own evaluation uses (metrics._digits_state)
+            clf, _ = digits.ensure_classifier(model.get("image_size", 8), model.get("cache_dir"), progress=False)
     labels = []
     for name in ("pretrained_samples.npy", "final_samples.npy"):
         x = torch.from_numpy(np.load(os.path.join(run, name))).float()

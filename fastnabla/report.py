@@ -192,7 +192,8 @@ pretrained samples.</p>
 <h2>Class histogram against the target</h2>{_img(os.path.join(out_dir, 'class_histogram.png'), 'histogram')}
 <h2>Where each pretrained class went</h2><p>Row: the class of a pretrained sample; column: the class of the finetuned
 sample drawn from the same noise. The target p_ref·R^β only reweights the pretrained classes; the finetuned sampler
-gets there by changing its drift, and this table shows into which classes that drift moved each pretrained class.</p>{_img(os.path.join(out_dir, 'class_transitions.png'), 'class transitions')}
+gets there by changing its drift, and this table shows into which classes that drift moved each pretrained class.</p>
+{_img(os.path.join(out_dir, 'class_transitions.png'), 'class transitions')}
 <h2>Figures</h2><table><tr><th></th><th>target (IS)</th><th>pretrained</th><th>finetuned</th></tr>{table}</table>
 {prior}
 </body></html>

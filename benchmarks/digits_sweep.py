@@ -103,6 +103,16 @@ VARIANTS = {
     # the same transitions in twice the updates: the policy's push is the same for every state (README, "digits":
     # the class-to-class table), and more optimizer steps might make it state-specific
     "shipped_batch64": ["train.batch_size=64"],
+    # the policy's mean carries reward guidance on the reference's x̂0 (scale s); the network learns the rest
+    "guide1": ["gfn.reward_guidance=1.0"],
+    "guide05": ["gfn.reward_guidance=0.5"],
+    "guide2": ["gfn.reward_guidance=2.0"],
+    "guide1_lr3e-4": ["gfn.reward_guidance=1.0", "train.lr=3e-4"],
+    # gradient clipping at 1 (the default) was active on most updates of the file (policy gradient norm 1–4.7): it
+    # shrinks exactly the batches whose leaked trajectories carry large returns
+    "shipped_noclip": ["train.max_grad_norm=0"],
+    "shipped_clip10": ["train.max_grad_norm=10"],
+    "guide1_lr1e-4": ["gfn.reward_guidance=1.0", "train.lr=1e-4"],
 }
 
 #: updates over which the fresh-batch curves are averaged

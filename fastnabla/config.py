@@ -129,6 +129,12 @@ class GFNConfig:
     # the policy's regression does the conditional expectation; no flow is used or trained). Both have the same
     # fixed point; "return" needs the stored Monte-Carlo returns (return_kappa 1, return_steps 0)
     policy_target: str = "flow"  # flow | return
+    # the policy's mean carries a fixed, state-specific guess of the tilt (recipe "returns"): μ_θ(x) + σ_k²·s·β·γ_k·
+    # ∇_x log R(x̂0_ref(x)), the forward-looking term (γ of reward_adaptive_mode) on the reference's clean-sample
+    # prediction, with s = reward_guidance (0 = off). The network learns only what the guess misses: its residual
+    # regresses on G_{k+1} − s·β·γ_k·∇log R(x̂0_ref), and the fixed point is the same. Sampling costs one reference
+    # input-VJP and one reward gradient per step
+    reward_guidance: float = 0.0
 
 
 @dataclass
@@ -607,6 +613,10 @@ def _resolve_recipe(g: GFNConfig, check, choice) -> None:
               f"'return' regresses the policy on the stored Monte-Carlo returns, but gfn.return_kappa={g.return_kappa}"
               f" and gfn.return_steps={g.return_steps} ask for returns bootstrapped with a flow; set return_kappa=1.0 "
               "and return_steps=0, or gfn.policy_target=flow")
+        check(g.reward_guidance >= 0, "gfn.reward_guidance", f"{g.reward_guidance} must be ≥ 0 (0 = off), e.g. 1.0")
+        check(g.reward_guidance == 0 or g.reward_adaptive_mode != "off", "gfn.reward_guidance",
+              f"{g.reward_guidance} is attenuated by γ of gfn.reward_adaptive_mode, which is 'off' (γ = 0): the "
+              "guidance would vanish; set gfn.reward_adaptive_mode=squared, or gfn.reward_guidance=0")
         check(g.pretrained_strength == 1.0, "gfn.pretrained_strength",
               f"{g.pretrained_strength}: the gradient returns of gfn.recipe=returns carry the pretrained model's "
               "flow, which needs λ = 1; set gfn.pretrained_strength=1.0 or gfn.recipe=paper")
@@ -616,6 +626,8 @@ def _resolve_recipe(g: GFNConfig, check, choice) -> None:
             check(getattr(g, key) == default, f"gfn.{key}",
                   f"{getattr(g, key)} configures the gradient returns of gfn.recipe=returns; drop it or set "
                   "gfn.recipe=returns")
+        check(g.reward_guidance == 0, "gfn.reward_guidance",
+              f"{g.reward_guidance} guides the policy of gfn.recipe=returns; drop it or set gfn.recipe=returns")
         check(g.policy_weighting == "none", "gfn.policy_weighting",
               f"{g.policy_weighting!r} weights the policy's share of L_F, which the paper's L_F shares with the flow; "
               "use gfn.recipe=returns, or gfn.policy_weighting=none")

@@ -7,7 +7,7 @@ diffusers' ``scheduler.step`` (tested), so training and sampling read the same c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -69,11 +69,14 @@ class Trajectories:
 @torch.no_grad()
 def sample_trajectories(backbone, n: int, generator: torch.Generator, coeffs: TransitionCoefficients,
                         prompts: Optional[list] = None, reward_fn=None, keep_trajectory: bool = True,
-                        progress=None) -> Trajectories:
+                        progress=None, guide: Optional[Callable] = None) -> Trajectories:
     """Run the N-step sampler with the current policy (CFG inside ``backbone.policy``) from fresh noise.
 
     All randomness comes from ``generator`` (CPU), so a run is reproducible across devices. ``reward_fn`` scores
-    the decoded clean samples (log R); without it ``log_reward`` is NaN.
+    the decoded clean samples (log R); without it ``log_reward`` is NaN. ``guide(x, k, cond, prompts)``, when given,
+    returns a detached shift of the policy's output at step k (a method's fixed part of its policy, e.g.
+    ``gfn.reward_guidance``); it is not applied inside ``backbone.reference_sampling()``, which draws from p_ref.
+    The stored outputs ``outs`` include it.
     """
     dev = backbone.device
     timesteps = backbone.scheduler.timesteps.to(dev)
@@ -86,6 +89,8 @@ def sample_trajectories(backbone, n: int, generator: torch.Generator, coeffs: Tr
     for k in range(N):
         t = timesteps[k].expand(n)
         out = backbone.policy(x, t, cond).to(dt)
+        if guide is not None and not backbone._reference_sampling:
+            out = out + guide(x, k, cond, prompts).to(dt)
         z = torch.randn(x.shape, generator=generator, device="cpu").to(dev, dt)
         x = coeffs[k].step(x, out, z)
         if keep_trajectory:

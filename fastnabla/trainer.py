@@ -158,7 +158,7 @@ class Trainer:
             for _ in range(sc.num_batches):
                 prompts = self.prompts.sample(sc.batch_size, g) if self.backbone.conditional else None
                 tr = sample_trajectories(self.backbone, sc.batch_size, g, self.coeffs, prompts, self.reward_fn,
-                                         progress=bar)
+                                         progress=bar, guide=self.method.guide)
                 parts.append(self.method.prepare(tr))
         if bar is not None:
             bar.close()
@@ -179,7 +179,8 @@ class Trainer:
             for s in range(0, n, bs):
                 m = min(bs, n - s)
                 prompts = self.eval_prompts.sample(m, pg) if self.backbone.conditional else None
-                tr = sample_trajectories(self.backbone, m, g, self.coeffs, prompts, None, keep_trajectory=False)
+                tr = sample_trajectories(self.backbone, m, g, self.coeffs, prompts, None, keep_trajectory=False,
+                                         guide=self.method.guide)
                 outs.append(tr.xs[:, -1].cpu())
                 if prompts is not None:
                     prompts_all += prompts

@@ -95,6 +95,10 @@ class Method:
         """Epochs between sampling a batch and training on it: 0 (on-policy) or 1 (``gfn.sample_lag``)."""
         return self.cfg.gfn.sample_lag
 
+    #: a fixed shift of the policy's output that sampling adds at every step (``sampling.sample_trajectories``'s
+    #: ``guide``), or None
+    guide = None
+
     # --- the loop's hooks ----------------------------------------------------------------------------------------
     def prepare(self, tr: Trajectories) -> Trajectories:
         """Per-trajectory work right after sampling (with the sampling-time weights); returns ``tr``."""

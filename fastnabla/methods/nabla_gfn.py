@@ -42,6 +42,11 @@ class NablaGFN(Method):
         if self.gfn.policy_weighting == "output" and bool((coeffs.coef_out == 0).any()):
             raise ValueError("gfn.policy_weighting=output weights by σ⁴/coef_out², but a sampling step has coef_out = 0 "
                              "(the network output does not move its mean); use gfn.policy_weighting=sigma2")
+        if self.gfn.reward_guidance > 0:
+            if bool((coeffs.coef_out == 0).any()):
+                raise ValueError("gfn.reward_guidance shifts the policy's mean through its output, but a sampling step "
+                                 "has coef_out = 0; set gfn.reward_guidance=0")
+            self.guide = self.guidance
 
     # --- the seam -------------------------------------------------------------------------------------------------
     @property
@@ -166,6 +171,25 @@ class NablaGFN(Method):
                     x0 = x.index_copy(0, rows, x0_rows)
             g, lr = self._reward_grad(x, x0, prompts)
         return beta * _col(self.gamma(j), g) * g, lr
+
+    def guidance(self, x: torch.Tensor, k, cond, prompts, with_reference: bool = False):
+        """The policy's fixed part (``gfn.reward_guidance`` = s > 0): the output shift that moves the mean by
+        σ_k²·s·β·γ_k·∇_x log R(x̂0_ref(x)) (shift = that / coef_out_k) at states x of step k (an int or (B,)),
+        detached; γ_k is the forward-looking attenuation (``gfn.reward_adaptive_mode``). With ``with_reference``
+        also the reference's output at x, which it computes on the way.
+
+        This is the forward-looking term r of the flow's parametrisation, moved into the policy with the
+        reference's clean-sample prediction: a state-specific guess of ∇log h_{k+1}. The network learns the rest;
+        the fixed point p_θ = p* is unchanged."""
+        j = torch.full((x.shape[0],), int(k), dtype=torch.long, device=x.device) if not torch.is_tensor(k) else k
+        cj = self.c[j]
+        with torch.enable_grad(), self.backbone.reference_scope():
+            xx = x.detach().requires_grad_(True)
+            out_ref = self.backbone.reference(xx, self.timesteps[j], cond).to(x.dtype)
+            grad, _ = self._reward_grad(xx, cj.pred_x0(xx, out_ref), prompts)
+        scale = self.gfn.reward_guidance * self.gfn.reward_scale * self.gamma(j) * cj.std.square() / cj.coef_out
+        shift = _col(scale, grad) * grad.to(x.dtype)
+        return (shift, out_ref.detach()) if with_reference else shift
 
     def policy_weight(self, coef: TransitionCoefficients) -> Optional[torch.Tensor]:
         """w_k on the policy's forward residual (``gfn.policy_weighting``): σ_k² ("sigma2"), σ_k⁴/coef_out_k²
@@ -326,8 +350,16 @@ class NablaGFN(Method):
                              "(NablaGFN.gradient_returns), stored with them")
         w = self.policy_weight(coef)
         out = bb.policy(b.x, t, b.cond).to(b.x.dtype)
-        with torch.no_grad():
-            out_ref = bb.reference(b.x, t, b.cond).to(b.x.dtype)
+        out_old = b.out_old if gfn.trust_region_scale > 0 else None
+        if self.guide is not None:
+            # the guided policy's output is out + shift; shifting the reference's by −shift instead gives the loss the
+            # same residual d = coef_out·(out + shift − out_ref)/σ² (and the stored sampling-time outputs include it)
+            shift, out_ref = self.guidance(b.x, k, b.cond, b.prompts, with_reference=True)
+            out_ref = out_ref - shift
+            out_old = None if out_old is None else out_old - shift
+        else:
+            with torch.no_grad():
+                out_ref = bb.reference(b.x, t, b.cond).to(b.x.dtype)
         g_next = return_next = None
         if self.targets_returns:  # w_k·mean_S (d − G_{k+1})²: at the clean sample G_N = β∇log R(x_N) = r'
             target_next = b.returns
@@ -345,6 +377,6 @@ class NablaGFN(Method):
         return residual_db_loss(
             out, out_ref, coef_out=coef.coef_out, inv_var=coef.inv_var, reward_grad_next=target_next,
             flow_next=g_next, terminal=terminal, policy_weight=w, return_next=return_next,
-            out_old=b.out_old if gfn.trust_region_scale > 0 else None, trust_region_scale=gfn.trust_region_scale,
+            out_old=out_old, trust_region_scale=gfn.trust_region_scale,
             backend=self.backend, return_stats=return_stats, check_values=False, expected_grad=self.item_grad,
         )

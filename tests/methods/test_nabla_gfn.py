@@ -182,11 +182,17 @@ def test_gradient_returns_match_a_hand_unrolled_jacobian_chain(micro_batch):
     {"gfn.policy_target": "return", "gfn.policy_weighting": "none"},
     {"gfn.policy_target": "return", "gfn.policy_weighting": "output"},
     {"gfn.policy_weighting": "output"},
+    {"gfn.policy_target": "return", "gfn.reward_guidance": 0.7, "gfn.trust_region_scale": 2.0,
+     "gfn.reward_scale": 1.5},
+    {"gfn.policy_target": "return", "gfn.reward_guidance": 2.0, "gfn.reward_adaptive_mode": "sqrt"},
+    {"gfn.reward_guidance": 1.0, "gfn.policy_weighting": "output"},
 ])
 def test_returns_objective_matches_an_independent_computation(over):
     """loss_b = w_k·mean(d − sg(r' + g'))² + trust·mean(out − out_old)² + (1 − terminal)·mean(g' + r' − G_{k+1})²,
     with the policy's gradient from the first two terms only and the flow's from the last only. With
-    ``gfn.policy_target: return``: w_k·mean(d − G_{k+1})² + trust·mean(out − out_old)², and no flow gradient."""
+    ``gfn.policy_target: return``: w_k·mean(d − G_{k+1})² + trust·mean(out − out_old)², and no flow gradient. With
+    ``gfn.reward_guidance`` s the policy's mean gains s·σ²·β·∇_x log R(x̂0_ref(x)), so d gains s·β·∇_x log R(x̂0_ref)
+    and the stored sampling-time output out_old carries the same shift."""
     cfg, bb, reward, c = _setup(**over)
     g, N, ts = cfg.gfn, c.coef_x.numel(), bb.scheduler.timesteps
     tr = sample_trajectories(bb, 6, torch.Generator().manual_seed(3), c)
@@ -208,6 +214,14 @@ def test_returns_objective_matches_an_independent_computation(over):
         out = bb.policy(x[None], ts[kk : kk + 1])[0]
         out_ref = bb.reference(x[None], ts[kk : kk + 1])[0].detach()
         d = c.coef_out[kk] * (out - out_ref) / sig2  # λ = 1: the x and x' terms cancel
+        shift = torch.zeros(2, dtype=torch.float64)
+        if g.reward_guidance:  # per sample: x̂0 of the reference at x, the reward's gradient carried back to x
+            xx = x.clone().requires_grad_(True)
+            x0 = c.x0_coef_x[kk] * xx + c.x0_coef_out[kk] * bb.reference(xx[None], ts[kk : kk + 1])[0]
+            (gx,) = torch.autograd.grad(reward(x0[None], None, None)[0][0], xx)
+            gx = gamma[g.reward_adaptive_mode](float(c.alpha_prod[kk])) * gx
+            d = d + g.reward_guidance * g.reward_scale * gx
+            shift = g.reward_guidance * g.reward_scale * sig2 * gx / c.coef_out[kk]
         xr = xn.clone().requires_grad_(True)
         if term:
             (r,) = torch.autograd.grad(reward(xr[None], None, None)[0][0], xr)
@@ -222,7 +236,7 @@ def test_returns_objective_matches_an_independent_computation(over):
         w = {"sigma2": sig2, "output": sig2**2 / float(c.coef_out[kk]) ** 2, "none": 1.0}[g.policy_weighting]
         target = returns[n] if g.policy_target == "return" else (r + g_next).detach()
         expect_pol = expect_pol + w * ((d - target) ** 2).mean() \
-            + g.trust_region_scale * ((out - b.out_old[n]) ** 2).mean()
+            + g.trust_region_scale * ((out - (b.out_old[n] - shift)) ** 2).mean()
         if not term and not g.no_flow and g.policy_target == "flow":
             expect_flow = expect_flow + ((g_next + r.detach() - returns[n]) ** 2).mean()
     torch.testing.assert_close(loss_b.sum(), (expect_pol + expect_flow).detach(), rtol=1e-9, atol=1e-12)
@@ -240,6 +254,7 @@ def test_returns_objective_matches_an_independent_computation(over):
     {"train.backend": "triton"},
     {"train.backend": "triton", "gfn.policy_weighting": "none", "gfn.trust_region_scale": 3.0},
     {"train.backend": "triton", "gfn.policy_target": "return"},
+    {"train.backend": "triton", "gfn.policy_target": "return", "gfn.reward_guidance": 0.7},
 ])
 def test_returns_objective_through_the_fused_kernel(over):
     """The same independent computation, with the returns terms (policy_weight, return_next) on the fused Triton
@@ -376,3 +391,38 @@ def test_trainer_announced_item_gradient_through_the_kernel(recipe):
         grads[backend] = [p.grad.clone() for p in bb.policy_parameters() + bb.flow_parameters()]
     for a, r in zip(grads["triton"], grads["reference"]):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5 * float(r.abs().max()))
+
+
+def test_guided_sampling_adds_the_guidance_to_every_step_and_stores_it():
+    """``gfn.reward_guidance``: the sampler's step k uses policy(x) + guidance(x, k), the stored outputs include the
+    shift, and inside ``reference_sampling()`` the sampler draws from the unguided reference."""
+    cfg, bb, reward, c = _setup(**{"gfn.reward_guidance": 0.8, "gfn.reward_scale": 1.3})
+    m = NablaGFN(bb, reward, c, cfg)
+    assert m.guide is not None and NablaGFN(bb, reward, c, _setup()[0]).guide is None
+    tr = sample_trajectories(bb, 5, torch.Generator().manual_seed(4), c, guide=m.guide)
+    g = torch.Generator().manual_seed(4)
+    x = bb.sample_noise(5, g).double()
+    ts = bb.scheduler.timesteps
+    for k in range(c.coef_x.numel()):
+        out = bb.policy(x, ts[k].expand(5)).detach()
+        xx = x.clone().requires_grad_(True)  # the guidance by hand: the reward gradient through the reference's x̂0
+        x0 = c.x0_coef_x[k] * xx + c.x0_coef_out[k] * bb.reference(xx, ts[k].expand(5))
+        (gx,) = torch.autograd.grad(reward(x0, None, None)[0].sum(), xx)
+        out = out + 0.8 * 1.3 * c.alpha_prod[k] * gx / c.inv_var[k] / c.coef_out[k]  # γ = ᾱ ("squared")
+        torch.testing.assert_close(tr.outs[:, k], out, rtol=1e-9, atol=1e-12)
+        x = c[k].step(x, out, torch.randn(x.shape, generator=g).double())
+        torch.testing.assert_close(tr.xs[:, k + 1], x, rtol=1e-9, atol=1e-12)
+    with bb.reference_sampling():
+        plain = sample_trajectories(bb, 5, torch.Generator().manual_seed(4), c, guide=m.guide)
+    with bb.reference_sampling():
+        ref = sample_trajectories(bb, 5, torch.Generator().manual_seed(4), c)
+    torch.testing.assert_close(plain.xs, ref.xs, rtol=0, atol=0)
+
+
+def test_reward_guidance_config_errors():
+    with pytest.raises(ValueError, match="gfn.reward_guidance"):
+        load_config(None, ["gfn.reward_guidance=-1"])
+    with pytest.raises(ValueError, match="gfn.reward_guidance"):
+        load_config(None, ["gfn.recipe=paper", "gfn.reward_guidance=1.0"])
+    with pytest.raises(ValueError, match="vanish"):
+        load_config(None, ["gfn.reward_guidance=1.0", "gfn.reward_adaptive_mode=off"])

@@ -103,16 +103,21 @@ VARIANTS = {
     # the same transitions in twice the updates: the policy's push is the same for every state (README, "digits":
     # the class-to-class table), and more optimizer steps might make it state-specific
     "shipped_batch64": ["train.batch_size=64"],
-    # the policy's mean carries reward guidance on the reference's x̂0 (scale s); the network learns the rest
-    "guide1": ["gfn.reward_guidance=1.0"],
-    "guide05": ["gfn.reward_guidance=0.5"],
-    "guide2": ["gfn.reward_guidance=2.0"],
-    "guide1_lr3e-4": ["gfn.reward_guidance=1.0", "train.lr=3e-4"],
     # gradient clipping at 1 (the default) was active on most updates of the file (policy gradient norm 1–4.7): it
     # shrinks exactly the batches whose leaked trajectories carry large returns
     "shipped_noclip": ["train.max_grad_norm=0"],
     "shipped_clip10": ["train.max_grad_norm=10"],
-    "guide1_lr1e-4": ["gfn.reward_guidance=1.0", "train.lr=1e-4"],
+    # the policy's mean carries the forward-looking term on the reference's x̂0 (gfn.reward_guidance = s); the
+    # network learns the rest. guide1 and guide1_lr1e-4 ran before the guidance was attenuated by γ = ᾱ (as
+    # reward_adaptive_mode=none gives it now)
+    "guide1": ["gfn.reward_guidance=1.0", "gfn.reward_adaptive_mode=none"],
+    "guide1_lr1e-4": ["gfn.reward_guidance=1.0", "gfn.reward_adaptive_mode=none", "train.lr=1e-4"],
+    "guide4": ["gfn.reward_guidance=4.0"],
+    "guide8": ["gfn.reward_guidance=8.0"],
+    # two timescales: the trajectories come from the policy EMA, so each epoch moves the sampling policy only part of
+    # the way to the regression's answer (3 updates per epoch: 1 − 0.9³ = 0.27, 1 − 0.95³ = 0.14)
+    "ema_sampling09": ["train.ema_sampling=true", "train.ema_decay=0.9"],
+    "ema_sampling095": ["train.ema_sampling=true", "train.ema_decay=0.95"],
 }
 
 #: updates over which the fresh-batch curves are averaged

@@ -150,8 +150,13 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine (both groups, over the run's epochs, down to lr_min_ratio)
     lr_min_ratio: float = 0.1
     # EMA of the policy's trainables used for evaluation, the final samples and the exported weights (0 = off;
-    # training always samples with the live policy)
+    # training samples with the live policy unless ema_sampling)
     ema_decay: float = 0.0
+    # sample the training trajectories with the policy EMA too (two timescales, ALGORITHM §5b): the live policy
+    # regresses on returns of the slow average, which moves 1 − ema_decay of the way per update. A policy regressed
+    # on its own samples overshoots where the tilt is sharp within one step (benchmarks/gaussian_step_fixed_point.py);
+    # the average damps that iteration. Needs ema_decay > 0
+    ema_sampling: bool = False
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     max_grad_norm: float = 1.0  # per parameter group; 0 = off
     optimizer: str = "adamw"  # adamw | adamw8bit | lion8bit
@@ -518,6 +523,8 @@ def validate(cfg: Config) -> None:
     choice("train.lr_schedule", t.lr_schedule, ["constant", "cosine"])
     check(0 <= t.lr_min_ratio <= 1, "train.lr_min_ratio", f"{t.lr_min_ratio} must be in [0, 1]")
     check(0 <= t.ema_decay < 1, "train.ema_decay", f"{t.ema_decay} must be in [0, 1) (0 = no policy EMA), e.g. 0.99")
+    check(not t.ema_sampling or t.ema_decay > 0, "train.ema_sampling",
+          "samples with the policy EMA, but train.ema_decay=0 keeps none; set train.ema_decay (e.g. 0.9)")
     check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", f"{t.betas} must be two values in [0, 1)")
     check(t.max_grad_norm >= 0, "train.max_grad_norm", "must be ≥ 0 (0 = no clipping)")
     choice("train.optimizer", t.optimizer, ["adamw", "adamw8bit", "lion8bit"])

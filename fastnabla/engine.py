@@ -58,7 +58,8 @@ def set_group_lrs(groups: list[dict], train_cfg, updates: int, progress: float) 
 class PolicyEMA:
     """Exponential moving average of the policy's trainables (``train.ema_decay``), kept in float32.
 
-    Training samples with the live policy; evaluation, the final samples and the exported weights use the average,
+    Training samples with the live policy (with the average under ``train.ema_sampling``); evaluation, the final
+    samples and the exported weights use the average,
     which smooths the update-to-update jitter of the policy (a window of about 1/(1 − decay) updates).
     """
 

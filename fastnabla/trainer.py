@@ -22,6 +22,7 @@ bit on CPU).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -153,13 +154,16 @@ class Trainer:
         bar = _progress(len(self.shards) * sc.num_batches * self.N, f"epoch {epoch} sampling",
                         self.cfg.logging.progress and self.is_main)
         parts = []
-        for shard in self.shards:  # one shard per rank unless sampling.data_shards says otherwise
-            g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch, shard, 1))
-            for _ in range(sc.num_batches):
-                prompts = self.prompts.sample(sc.batch_size, g) if self.backbone.conditional else None
-                tr = sample_trajectories(self.backbone, sc.batch_size, g, self.coeffs, prompts, self.reward_fn,
-                                         progress=bar, guide=self.method.guide)
-                parts.append(self.method.prepare(tr))
+        # train.ema_sampling: the trajectories come from the policy EMA (two timescales), else the live policy
+        average = self.engine.policy_average() if self.cfg.train.ema_sampling else contextlib.nullcontext()
+        with average:
+            for shard in self.shards:  # one shard per rank unless sampling.data_shards says otherwise
+                g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch, shard, 1))
+                for _ in range(sc.num_batches):
+                    prompts = self.prompts.sample(sc.batch_size, g) if self.backbone.conditional else None
+                    tr = sample_trajectories(self.backbone, sc.batch_size, g, self.coeffs, prompts, self.reward_fn,
+                                             progress=bar, guide=self.method.guide)
+                    parts.append(self.method.prepare(tr))
         if bar is not None:
             bar.close()
         return self.method.prepare_epoch(Trajectories.cat(parts))

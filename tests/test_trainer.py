@@ -245,3 +245,25 @@ def test_reward_guidance_reaches_training_and_evaluation_samples(tmp_path):
         ref, _ = tr.sample_final(64, seed=3)
     assert not torch.allclose(ref, samples, atol=1e-3)
     tr.run()  # trains through the guided objective
+
+
+def test_ema_sampling_draws_the_training_trajectories_with_the_average(tmp_path):
+    """``train.ema_sampling``: the epoch's trajectories are the policy EMA's (the same draw as sampling with the EMA
+    weights copied in), and the live weights are back afterwards; without it, the live policy's."""
+    from fastnabla.sampling import sample_trajectories
+
+    tr = build_trainer(_cfg(tmp_path, "train.epochs=1", "train.ema_decay=0.5", "train.ema_sampling=true"))
+    params, ema = tr.engine.policy_params, tr.engine.ema
+    with torch.no_grad():
+        for s in ema.shadow:  # an average that differs from the live weights
+            s.add_(0.05)
+    live = [p.detach().clone() for p in params]
+    traj = tr.sample(0)
+    assert all(torch.equal(p, v) for p, v in zip(params, live))
+    tr.cfg.train.ema_sampling = False  # from here the trainer samples with whatever weights are live
+    with ema.swapped_in():
+        by_hand = tr.sample(0)
+    torch.testing.assert_close(traj.xs, by_hand.xs, rtol=0, atol=0)
+    assert not torch.allclose(tr.sample(0).xs, traj.xs)
+    with pytest.raises(ValueError, match="train.ema_sampling"):
+        _cfg(tmp_path, "train.ema_sampling=true")

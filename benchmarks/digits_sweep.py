@@ -118,6 +118,8 @@ VARIANTS = {
     # the way to the regression's answer (3 updates per epoch: 1 − 0.9³ = 0.27, 1 − 0.95³ = 0.14)
     "ema_sampling09": ["train.ema_sampling=true", "train.ema_decay=0.9"],
     "ema_sampling095": ["train.ema_sampling=true", "train.ema_decay=0.95"],
+    "steps40_ema_sampling09": ["sampling.num_steps=40", "gfn.timestep_fraction=0.125", "train.ema_sampling=true",
+                               "train.ema_decay=0.9"],
 }
 
 #: updates over which the fresh-batch curves are averaged

@@ -34,6 +34,11 @@ TASKS = {
 
 COS_EMA = ["train.lr_schedule=cosine", "train.ema_decay=0.99"]
 
+#: sampling schedules dense in the decision window t ∈ [101, 601] (20 steps: 15 of them there; 30 steps: 24)
+WINDOW20 = [951, 801, 651, 601, 565, 530, 494, 458, 422, 387, 351, 315, 280, 244, 208, 172, 137, 101, 51, 1]
+WINDOW30 = [951, 851, 751, 651, 601, 579, 558, 536, 514, 492, 471, 449, 427, 405, 384, 362, 340, 318, 297, 275,
+            253, 231, 210, 188, 166, 144, 123, 101, 51, 1]
+
 #: levers on top of configs/digits.yaml (the "shipped" row is the file as it is)
 VARIANTS = {
     "shipped": [],
@@ -120,6 +125,18 @@ VARIANTS = {
     "ema_sampling095": ["train.ema_sampling=true", "train.ema_decay=0.95"],
     "steps40_ema_sampling09": ["sampling.num_steps=40", "gfn.timestep_fraction=0.125", "train.ema_sampling=true",
                                "train.ema_decay=0.9"],
+    # a proximal pull towards the sampling-time policy: with output weighting the policy's residual and the trust
+    # region share units, so each epoch's regression settles at (target + T·old)/(1 + T), a relaxation by 1/(1 + T)
+    # of the regress-and-resample map (a map slope s is stable for 1/(1 + T) < 2/(1 − s))
+    "trust1": ["gfn.trust_region_scale=1.0"],
+    "trust3": ["gfn.trust_region_scale=3.0"],
+    "steps40_trust1": ["sampling.num_steps=40", "gfn.timestep_fraction=0.125", "gfn.trust_region_scale=1.0"],
+    "steps40_trust3": ["sampling.num_steps=40", "gfn.timestep_fraction=0.125", "gfn.trust_region_scale=3.0"],
+    # the steps where the pretrained sampler decides the digit (benchmarks/digits_decision.py: a branch from t = 601
+    # keeps the trajectory's class 12 % of the time, from t = 101 96 %) get most of the steps: uniform strides
+    # inside [101, 601], long ones above it (its own importance-sampled target)
+    "window20": ["sampling.timesteps=" + str(WINDOW20)],
+    "window30": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667"],
 }
 
 #: updates over which the fresh-batch curves are averaged

@@ -83,6 +83,9 @@ class PromptsConfig:
 class SamplingConfig:
     scheduler: str = "ddim"  # ddim | ddpm | sde-dpmsolver++
     num_steps: int = 50
+    # an explicit descending timestep list of num_steps entries (ddim or ddpm), e.g. denser where the samples' content
+    # is decided; None = the scheduler's own uniform spacing. p_ref is this sampler's output (ALGORITHM §5b)
+    timesteps: Optional[list] = None
     eta: float = 1.0
     guidance_scale: float = 5.0
     batch_size: int = 256  # trajectories per sampling batch (per device)
@@ -486,6 +489,16 @@ def validate(cfg: Config) -> None:
     check(r.micro_batch >= 0, "reward.micro_batch", "must be ≥ 0 (0 = whole batch)")
     choice("sampling.scheduler", sa.scheduler, ["ddim", "ddpm", "sde-dpmsolver++"])
     check(sa.num_steps >= 1, "sampling.num_steps", "must be ≥ 1")
+    if sa.timesteps is not None:
+        ts = sa.timesteps
+        check(len(ts) > 0 and all(isinstance(v, int) and not isinstance(v, bool) for v in ts), "sampling.timesteps",
+              f"{ts!r} must be a list of ints, e.g. [951, 801, 651, 501, 1]")
+        check(all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] >= 0, "sampling.timesteps",
+              f"{ts!r} must be strictly decreasing and ≥ 0 (the sampler runs from noise to data)")
+        check(len(ts) == sa.num_steps, "sampling.timesteps",
+              f"lists {len(ts)} timesteps but sampling.num_steps={sa.num_steps}; set sampling.num_steps={len(ts)}")
+        check(sa.scheduler in ("ddim", "ddpm"), "sampling.timesteps",
+              f"needs sampling.scheduler=ddim or ddpm, not {sa.scheduler}")
     check(sa.batch_size >= 1 and sa.num_batches >= 1, "sampling.batch_size", "batch_size and num_batches must be ≥ 1")
     check(sa.data_shards >= 0, "sampling.data_shards", f"{sa.data_shards} must be ≥ 0 (0 = one shard per process)")
     check(sa.guidance_scale >= 0, "sampling.guidance_scale", "must be ≥ 0")

@@ -10,20 +10,23 @@ so one set of per-transition scalars describes the sampler and everything downst
 the trainer) is sampler-agnostic. ``transition_coefficients`` reads those scalars off a diffusers scheduler
 after ``set_timesteps``; the tests check that ``μ + std·z`` equals the scheduler's own ``step(...)``.
 
-Supported: ``DDIMScheduler`` (η > 0 for training; η = 0 gives std = 0), ``DDPMScheduler`` (fixed_small,
+Supported: ``DDIMScheduler`` (η > 0 for training; η = 0 gives std = 0; ``ListedDDIMScheduler`` for an explicit
+timestep list), ``DDPMScheduler`` (fixed_small,
 fixed_small_log and fixed_large variances) and first-order ``sde-dpmsolver++``
 (``DPMSolverMultistepScheduler``/``DPMSolverSinglestepScheduler`` with ``solver_order=1``), each with ε-, v- or
 sample-prediction. Everything is computed in float64 and cast at the end.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
 
-__all__ = ["TransitionCoefficients", "transition_coefficients", "make_scheduler", "schedule_coefficients"]
+__all__ = ["TransitionCoefficients", "transition_coefficients", "make_scheduler", "schedule_coefficients",
+           "ListedDDIMScheduler"]
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -105,25 +108,94 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
-def make_scheduler(kind: str, base_config: dict, num_steps: int):
+def check_timestep_list(timesteps, num_train_timesteps: int) -> list[int]:
+    """An explicit sampling schedule as a list of ints: strictly decreasing, within [0, num_train_timesteps)."""
+    ts = list(timesteps)
+    if not ts or not all(isinstance(v, int) and not isinstance(v, bool) for v in ts):
+        raise ValueError(f"sampling.timesteps={ts!r}: must be a non-empty list of ints, e.g. [951, 801, 651, 501, 1]")
+    if any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"sampling.timesteps={ts!r}: must be strictly decreasing (the sampler runs from noise to "
+                         "data)")
+    if ts[0] >= num_train_timesteps or ts[-1] < 0:
+        raise ValueError(f"sampling.timesteps={ts!r}: must lie in [0, {num_train_timesteps - 1}] (the model's "
+                         "num_train_timesteps)")
+    return ts
+
+
+@functools.lru_cache(maxsize=None)
+def _listed_ddim_class():
+    from diffusers import DDIMScheduler
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+
+    class ListedDDIMScheduler(DDIMScheduler):
+        """DDIM between consecutive timesteps of an explicit, possibly non-uniform, descending list.
+
+        diffusers' ``DDIMScheduler.step`` assumes a uniform stride (prev = t − T/N). Here the step from the k-th
+        listed timestep goes to the (k+1)-th, and the step from the last to ``final_alpha_cumprod`` as DDIM's does;
+        with the uniform list it is ``DDIMScheduler``. ``step`` applies ``transition_coefficients``, the one place
+        the affine transition is written; the tests check it against diffusers' DDPM posterior (η = 1) on the same
+        list and against ``DDIMScheduler`` on the uniform one.
+        """
+
+        def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
+            if timesteps is None:
+                return super().set_timesteps(num_inference_steps, device)
+            ts = check_timestep_list(timesteps, self.config.num_train_timesteps)
+            if num_inference_steps is not None and num_inference_steps != len(ts):
+                raise ValueError(f"num_inference_steps={num_inference_steps} but {len(ts)} timesteps are listed")
+            self.num_inference_steps = len(ts)
+            self.timesteps = torch.tensor(ts, dtype=torch.long, device=device)
+
+        def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
+                 generator=None, variance_noise=None, return_dict: bool = True):
+            c = transition_coefficients(self, [int(timestep)], eta=eta, dtype=sample.dtype, device=sample.device)
+            if variance_noise is None:
+                variance_noise = torch.randn(sample.shape, generator=generator, device=sample.device,
+                                             dtype=sample.dtype)
+            prev = c[0].step(sample, model_output, variance_noise)
+            x0 = c[0].pred_x0(sample, model_output)
+            if not return_dict:
+                return prev, x0
+            return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    return ListedDDIMScheduler
+
+
+def __getattr__(name):  # the subclass needs diffusers, which this module otherwise imports lazily
+    if name == "ListedDDIMScheduler":
+        return _listed_ddim_class()
+    raise AttributeError(name)
+
+
+def make_scheduler(kind: str, base_config: dict, num_steps: int, timesteps: Sequence[int] | None = None):
     """A diffusers scheduler of ``kind`` (ddim | ddpm | sde-dpmsolver++) built from a model's scheduler config, with
     the settings fastnabla needs (no clipping/thresholding: the transition stays affine), after
-    ``set_timesteps(num_steps)``."""
+    ``set_timesteps(num_steps)``, or on the explicit descending ``timesteps`` list (``sampling.timesteps``; ddim
+    through ``ListedDDIMScheduler``, ddpm natively)."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     cfg = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
     cfg.update(clip_sample=False, thresholding=False)
+    if timesteps is not None and len(timesteps) != num_steps:
+        raise ValueError(f"sampling.timesteps lists {len(timesteps)} timesteps but sampling.num_steps={num_steps}; "
+                         "set them to agree")
     if kind == "ddim":
-        sched = DDIMScheduler.from_config(cfg)
+        sched = (DDIMScheduler if timesteps is None else _listed_ddim_class()).from_config(cfg)
     elif kind == "ddpm":
         cfg.setdefault("variance_type", "fixed_small")
         sched = DDPMScheduler.from_config(cfg)
     elif kind == "sde-dpmsolver++":
+        if timesteps is not None:
+            raise ValueError("sampling.timesteps is supported with sampling.scheduler=ddim or ddpm, not "
+                             "sde-dpmsolver++; remove it or change the scheduler")
         cfg.update(algorithm_type="sde-dpmsolver++", solver_order=1, lower_order_final=True)
         sched = DPMSolverMultistepScheduler.from_config(cfg)
     else:
         raise ValueError(f"sampling.scheduler={kind!r}: must be ddim, ddpm or sde-dpmsolver++")
-    sched.set_timesteps(num_steps)
+    if timesteps is None:
+        sched.set_timesteps(num_steps)
+    else:
+        sched.set_timesteps(timesteps=check_timestep_list(timesteps, sched.config.num_train_timesteps))
     return sched
 
 
@@ -150,7 +222,7 @@ def _as_timesteps(timesteps) -> torch.Tensor:
 def _check_common(scheduler) -> None:
     cfg = scheduler.config
     name = type(scheduler).__name__
-    if getattr(scheduler, "num_inference_steps", None) is None:
+    if getattr(scheduler, "num_inference_steps", None) is None and not getattr(scheduler, "custom_timesteps", False):
         raise ValueError(f"{name}: set_timesteps was not called; call scheduler.set_timesteps(num_steps) first")
     if cfg.get("clip_sample", False):
         raise ValueError(
@@ -205,7 +277,14 @@ def _ddim(scheduler, t: torch.Tensor, eta: float):
     ac = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
     if bool(((t < 0) | (t >= ac.numel())).any()):
         raise ValueError(f"timesteps must lie in [0, {ac.numel() - 1}]")
-    prev = t - cfg.num_train_timesteps // scheduler.num_inference_steps
+    if any(c.__name__ == "ListedDDIMScheduler" for c in type(scheduler).__mro__):
+        # the next listed timestep (−1 after the last one): t must be on the schedule
+        pos = _position(scheduler, t)
+        sched_t = scheduler.timesteps.detach().to("cpu").long()
+        n = sched_t.numel()
+        prev = torch.where(pos < n - 1, sched_t[(pos + 1).clamp(max=n - 1)], torch.full_like(t, -1))
+    else:
+        prev = t - cfg.num_train_timesteps // scheduler.num_inference_steps
     final = float(scheduler.final_alpha_cumprod)
     a_t = ac[t]
     a_p = torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.full_like(a_t, final))

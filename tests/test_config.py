@@ -55,6 +55,12 @@ def test_exponent_without_dot_is_a_number():
     ("gfn.policy_weighting=snr", "gfn.policy_weighting='snr': must be one of sigma2, output, none"),
     ("train.lr_schedule=linear", "train.lr_schedule='linear': must be one of constant, cosine"),
     ("train.lr_min_ratio=2", "train.lr_min_ratio: 2.0 must be in"),
+    ("sampling.timesteps=[901,1]", "sampling.timesteps: lists 2 timesteps but sampling.num_steps=50; set "
+                                   "sampling.num_steps=2"),
+    ("sampling.num_steps=2 sampling.timesteps=[1,901]", "sampling.timesteps: .* must be strictly decreasing"),
+    ("sampling.num_steps=2 sampling.timesteps=[901,0.5]", "sampling.timesteps: .* must be a list of ints"),
+    ("sampling.num_steps=2 sampling.timesteps=[901,1] sampling.scheduler=sde-dpmsolver++",
+     "sampling.timesteps: needs sampling.scheduler=ddim or ddpm"),
 ])
 def test_bad_values_one_line_errors(override, msg):
     with pytest.raises(ConfigError, match=msg) as e:

@@ -57,3 +57,22 @@ def test_zero_init_policy_equals_reference_and_flow_is_zero():
     x, t = torch.randn(7, 2), torch.full((7,), 501)
     assert torch.equal(bb.policy(x, t), bb.reference(x, t))
     assert torch.equal(bb.flow(x, t), torch.zeros(7, 2))
+
+
+def test_sampling_timesteps_list_reaches_the_sampler():
+    """``sampling.timesteps`` builds the backbone's scheduler on that list; its steps are DDPM's posterior there."""
+    from diffusers import DDPMScheduler
+
+    from fastnabla.sampling import step_coefficients
+    from fastnabla.transitions import ListedDDIMScheduler, transition_coefficients
+
+    ts = [961, 700, 420, 300, 90, 1]
+    bb = Toy2DBackbone.from_config(load_config(None, ["sampling.num_steps=6", "sampling.timesteps=[961,700,420,300,90,1]",
+                                                      "gfn.timestep_fraction=0.5"]))
+    assert isinstance(bb.scheduler, ListedDDIMScheduler) and bb.scheduler.timesteps.tolist() == ts
+    c = step_coefficients(bb)
+    p = DDPMScheduler.from_config({**bb.scheduler.config, "variance_type": "fixed_small"})
+    p.set_timesteps(timesteps=ts)
+    ref = transition_coefficients(p, ts[:-1])
+    for name in ("coef_x", "coef_out", "std"):
+        torch.testing.assert_close(getattr(c, name)[:-1], getattr(ref, name), rtol=1e-5, atol=1e-7)

@@ -108,6 +108,73 @@ def test_ddpm_matches_step(pt, vt):
         assert float(c.std[0]) == 0.0
 
 
+@pytest.mark.parametrize("pt", PRED)
+def test_listed_ddim_is_ddpms_posterior_on_a_non_uniform_list(pt):
+    """DDIM at η = 1 between listed timesteps is DDPM's posterior q(x_prev | x_t, x̂0) (fixed_small), which diffusers'
+    DDPMScheduler computes on the same custom list: every step but the last, where DDIM lands on
+    final_alpha_cumprod (σ > 0) and DDPM on ᾱ = 1 (σ = 0)."""
+    from fastnabla.transitions import ListedDDIMScheduler, make_scheduler
+
+    ts = [951, 801, 651, 551, 501, 451, 401, 351, 301, 251, 101, 1]
+    base = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False,
+                steps_offset=1, prediction_type=pt)
+    s = _f64(make_scheduler("ddim", base, len(ts), timesteps=ts))
+    assert isinstance(s, ListedDDIMScheduler) and s.timesteps.tolist() == ts
+    p = _f64(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                           prediction_type=pt, variance_type="fixed_small"))
+    p.one = torch.tensor(1.0, dtype=torch.float64)
+    p.set_timesteps(timesteps=ts)
+    c = transition_coefficients(s, ts, eta=1.0, dtype=torch.float64)
+    for i, t in enumerate(ts[:-1]):
+        x, out, _ = _data(2, seed=t)
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        ref = p.step(out, t, x, generator=torch.Generator().manual_seed(7))
+        assert _rel(c[i].step(x, out, z), ref.prev_sample) <= 1e-5, (t, pt)
+        assert _rel(c[i].pred_x0(x, out), ref.pred_original_sample) <= 1e-5
+        # the scheduler's own step is the same transition
+        mine = s.step(out, t, x, eta=1.0, variance_noise=z)
+        assert _rel(mine.prev_sample, ref.prev_sample) <= 1e-5
+    # the last step: DDIM's closed form towards final_alpha_cumprod = ᾱ_0, with noise
+    a, ap = s.alphas_cumprod[1], s.alphas_cumprod[0]
+    var = (1 - ap) / (1 - a) * (1 - a / ap)
+    assert float(c.std[-1]) > 0 and torch.allclose(c.std[-1], var.sqrt(), rtol=1e-12)
+    with pytest.raises(ValueError, match="not in the scheduler's schedule"):
+        transition_coefficients(s, [900])
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_listed_ddim_on_the_uniform_list_is_ddim(eta):
+    from fastnabla.transitions import make_scheduler
+
+    u = _f64(ddim("v_prediction"))
+    u.set_timesteps(25)
+    s = _f64(make_scheduler("ddim", dict(u.config), 25, timesteps=u.timesteps.tolist()))
+    for t in _pick(u):
+        x, out, z = _data(2, seed=t)
+        ref = u.step(out, t, x, eta=eta, variance_noise=z)
+        mine = s.step(out, t, x, eta=eta, variance_noise=z)
+        assert _rel(mine.prev_sample, ref.prev_sample) <= 1e-10
+        assert _rel(mine.pred_original_sample, ref.pred_original_sample) <= 1e-10
+
+
+def test_timestep_list_errors():
+    from fastnabla.transitions import make_scheduler
+
+    base = dict(ddim("epsilon").config)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        make_scheduler("ddim", base, 3, timesteps=[901, 901, 1])
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        make_scheduler("ddpm", base, 3, timesteps=[1, 501, 901])
+    with pytest.raises(ValueError, match=r"lie in \[0, 999\]"):
+        make_scheduler("ddim", base, 2, timesteps=[1000, 1])
+    with pytest.raises(ValueError, match="ints"):
+        make_scheduler("ddim", base, 2, timesteps=[900.5, 1])
+    with pytest.raises(ValueError, match="lists 2 timesteps but sampling.num_steps=3"):
+        make_scheduler("ddim", base, 3, timesteps=[901, 1])
+    with pytest.raises(ValueError, match="not sde-dpmsolver"):
+        make_scheduler("sde-dpmsolver++", base, 2, timesteps=[901, 1])
+
+
 @pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler])
 @pytest.mark.parametrize("pt", PRED)
 def test_sde_dpmsolver_first_order_matches_step(cls, pt):

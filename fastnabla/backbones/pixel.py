@@ -162,7 +162,8 @@ class PixelBackbone(Backbone):
             path = ensure_pretrained(cfg)
         unet = load_unet(path)
         ref = load_unet(path) if m.lora_rank == 0 else None
-        sched = make_scheduler(cfg.sampling.scheduler, SCHEDULER_CONFIG, cfg.sampling.num_steps)
+        sched = make_scheduler(cfg.sampling.scheduler, SCHEDULER_CONFIG, cfg.sampling.num_steps,
+                               cfg.sampling.timesteps)
         return cls(unet, sched, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
                    lora_target_modules=m.lora_target_modules, guidance_scale=cfg.sampling.guidance_scale,
                    eta=cfg.sampling.eta, flow_channels=m.flow_channels, ref_unet=ref)

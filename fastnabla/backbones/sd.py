@@ -213,7 +213,7 @@ class SDBackbone(Backbone):
         # σ > 0 on every step: the last step must not jump to ᾱ = 1 (SD's own config already says so)
         base["set_alpha_to_one"] = False
         base.setdefault("steps_offset", 1)
-        scheduler = make_scheduler(cfg.sampling.scheduler, base, cfg.sampling.num_steps)
+        scheduler = make_scheduler(cfg.sampling.scheduler, base, cfg.sampling.num_steps, cfg.sampling.timesteps)
         text_cond = m.flow_text_conditioning
         if text_cond is None:
             text_cond = bool(getattr(reward, "needs_prompts", False))

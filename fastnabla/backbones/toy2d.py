@@ -107,7 +107,7 @@ class Toy2DBackbone(Backbone):
         means, stds, w = mixture_from_config(cfg.model.grid, cfg.model.component_std, cfg.model.weights)
         base = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                     steps_offset=1, set_alpha_to_one=False, clip_sample=False, prediction_type="epsilon")
-        sched = make_scheduler(cfg.sampling.scheduler, base, cfg.sampling.num_steps)
+        sched = make_scheduler(cfg.sampling.scheduler, base, cfg.sampling.num_steps, cfg.sampling.timesteps)
         return cls(sched, means, stds, w, cfg.model.hidden, cfg.model.layers, cfg.sampling.eta)
 
     def exact_eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

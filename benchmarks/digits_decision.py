@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     ax.plot(t, [r["same_class"] for r in rows], "o-", label="branch keeps the trajectory's class")
     ax2 = ax.twinx()
     ax2.plot(t, [r["branch_entropy"] for r in rows], "s--", color="C1", label="branch class entropy (nats)")
-    ax.set_xlabel("timestep t of the branch point (noise → data: right to left)")
+    ax.set_xlabel("timestep t of the branch point (noise → data: left to right)")
     ax.invert_xaxis()
     ax.set_ylabel("P(same class)")
     ax2.set_ylabel("entropy (nats)")

@@ -19,7 +19,6 @@ never GPU claims.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -53,6 +52,7 @@ VARIANTS = {
 def worker(name: str, sd_dir: str, repeats: int) -> dict:
     """bench_step's measurement of the library's update for one variant."""
     from benchmarks.bench_step import BASE, measure
+    from benchmarks.common import write_rows
 
     torch.set_num_threads(1)
     family, over = VARIANTS[name]
@@ -139,10 +139,7 @@ def main(argv=None):
         r.update(meta)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "recipes_cpu.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(path, rows)
     plot(rows, os.path.join(args.out, "recipes_cpu.png"))
     cols = ("variant", "sample_s_per_traj", "returns_s_per_traj", "update_s", "returns_peak_mib", "update_peak_mib")
     print(" | ".join(cols))

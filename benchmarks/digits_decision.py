@@ -15,10 +15,8 @@ Writes ``benchmarks/results/digits_decision<tag>.csv`` (one row per step) and a 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, ROOT)
     import torch
 
+    from benchmarks.common import git_sha, write_rows
     from fastnabla.backbones.pixel import PixelBackbone
     from fastnabla.config import load_config
     from fastnabla.digits import classifier_outputs, ensure_classifier
@@ -78,15 +77,12 @@ def main(argv=None) -> int:
                              branch_entropy=round(entropy, 4)))
             print(f"k={k:3d} t={int(ts[k]):4d} same class {rows[-1]['same_class']:.3f} "
                   f"branch entropy {rows[-1]['branch_entropy']:.3f}", flush=True)
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    sha = git_sha()
     for r in rows:
         r.update(n=a.n, branches=M, overrides=" ".join(a.set), seconds=round(time.time() - t0, 1),
-                 git_sha=sha.strip(), date=datetime.date.today().isoformat())
+                 git_sha=sha, date=datetime.date.today().isoformat())
     path = os.path.join(ROOT, "benchmarks", "results", f"digits_decision{a.tag}.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(path, rows)
     import matplotlib
 
     matplotlib.use("Agg")

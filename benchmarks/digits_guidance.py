@@ -14,10 +14,8 @@ R gap, within-class diversity relative to the target's). Rows go to ``benchmarks
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +25,7 @@ sys.path.insert(0, ROOT)
 
 
 def main(argv=None) -> int:
+    from benchmarks.common import git_sha, write_rows
     from benchmarks.digits_sweep import TASKS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -48,7 +47,7 @@ def main(argv=None) -> int:
     from fastnabla.config import load_config
     from fastnabla.trainer import build_trainer
 
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    sha = git_sha()
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for s in scales:
@@ -71,10 +70,7 @@ def main(argv=None) -> int:
             print(f"scale {s}: class TV {row['class_tv']}, mean log R gap {row['mean_log_r_gap']}, "
                   f"min diversity ratio {row['min_diversity_ratio']}  [{row['class_histogram']}]", flush=True)
     path = os.path.join(ROOT, "benchmarks", "results", f"digits_guidance_{a.task}{a.tag}.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(path, rows)
     print(f"wrote {path}")
     return 0
 

@@ -15,7 +15,6 @@ what ``gfn.policy_target: return`` regresses, and whether the policy has caught 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 
@@ -23,6 +22,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks.common import write_rows  # noqa: E402
 
 
 def state_stats(G: torch.Tensor, r: torch.Tensor, g: torch.Tensor) -> dict:
@@ -87,10 +88,7 @@ def main(argv=None) -> int:
         print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()))
     name = a.name or os.path.basename(os.path.normpath(a.run)) + ("_init" if a.init else "")
     path = os.path.join(ROOT, "benchmarks", "results", f"digits_returns_snr_{name}.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(path, rows)
     print("wrote", path)
     return 0
 

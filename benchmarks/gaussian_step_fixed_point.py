@@ -15,13 +15,16 @@ Rows go to ``benchmarks/results/gaussian_step_fixed_point.csv``.
 """
 from __future__ import annotations
 
-import csv
 import os
 import sys
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks.common import write_rows  # noqa: E402
 
 
 def analyse(a: float, x: torch.Tensor) -> dict:
@@ -55,10 +58,7 @@ def main() -> int:
               f"; the exact kernel leaks {r['exact_leak']} (mean {r['exact_mean_shift']}σ); map slope "
               f"{r['map_slope']}")
     path = os.path.join(ROOT, "benchmarks", "results", "gaussian_step_fixed_point.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(path, rows)
     print(f"wrote {path}")
     return 0
 

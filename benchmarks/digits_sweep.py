@@ -151,6 +151,8 @@ VARIANTS = {
     "steps60_gt20k": ["sampling.num_steps=60", "gfn.timestep_fraction=0.0834", "eval.ground_truth_samples=20000"],
     "window40_gt20k": ["sampling.num_steps=40", "sampling.timesteps=" + str(WINDOW40), "gfn.timestep_fraction=0.125",
                        "eval.ground_truth_samples=20000"],
+    # evaluate on a policy EMA that spans a swing of the class mix (~100 updates): averaging the weights over it
+    "ema099": ["train.ema_decay=0.99"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

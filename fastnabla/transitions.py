@@ -272,17 +272,21 @@ def _position(scheduler, t: torch.Tensor) -> torch.Tensor:
     return match.float().argmax(dim=1)
 
 
+def _next_on_schedule(scheduler, t: torch.Tensor) -> torch.Tensor:
+    """The schedule's timestep after each of t (−1 after the last one); t must be on the schedule."""
+    pos = _position(scheduler, t)
+    sched_t = scheduler.timesteps.detach().to("cpu").long()
+    n = sched_t.numel()
+    return torch.where(pos < n - 1, sched_t[(pos + 1).clamp(max=n - 1)], torch.full_like(t, -1))
+
+
 def _ddim(scheduler, t: torch.Tensor, eta: float):
     cfg = scheduler.config
     ac = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
     if bool(((t < 0) | (t >= ac.numel())).any()):
         raise ValueError(f"timesteps must lie in [0, {ac.numel() - 1}]")
     if any(c.__name__ == "ListedDDIMScheduler" for c in type(scheduler).__mro__):
-        # the next listed timestep (−1 after the last one): t must be on the schedule
-        pos = _position(scheduler, t)
-        sched_t = scheduler.timesteps.detach().to("cpu").long()
-        n = sched_t.numel()
-        prev = torch.where(pos < n - 1, sched_t[(pos + 1).clamp(max=n - 1)], torch.full_like(t, -1))
+        prev = _next_on_schedule(scheduler, t)
     else:
         prev = t - cfg.num_train_timesteps // scheduler.num_inference_steps
     final = float(scheduler.final_alpha_cumprod)
@@ -308,11 +312,8 @@ def _ddpm(scheduler, t: torch.Tensor, eta: float):
     if vt not in ("fixed_small", "fixed_small_log", "fixed_large"):
         raise ValueError(f"DDPMScheduler variance_type={vt!r} is not supported")
     ac = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
-    pos = _position(scheduler, t)
-    sched_t = scheduler.timesteps.detach().to("cpu").long()
-    n = sched_t.numel()
     # diffusers' own convention: the step after the last one lands on ᾱ = 1 (a clean sample, no noise).
-    prev = torch.where(pos < n - 1, sched_t[(pos + 1).clamp(max=n - 1)], torch.full_like(t, -1))
+    prev = _next_on_schedule(scheduler, t)
     a_t = ac[t]
     a_p = torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.ones_like(a_t))
     alpha_cur = a_t / a_p

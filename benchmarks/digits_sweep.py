@@ -153,6 +153,14 @@ VARIANTS = {
                        "eval.ground_truth_samples=20000"],
     # evaluate on a policy EMA that spans a swing of the class mix (~100 updates): averaging the weights over it
     "ema099": ["train.ema_decay=0.99"],
+    # the policy acts only from t = 701 down (gfn.policy_max_timestep): above it the sampler has not started to pick
+    # the digit (digits_decision.py), the exact tilt there is the reference's own step, and a trained policy only fits
+    # the returns' noise. 15 policy steps, 5 trained per trajectory plus the terminal one, as the file trains
+    "from701": ["gfn.policy_max_timestep=701", "gfn.timestep_fraction=0.334"],
+    # window30 with the reference's own steps above t = 651 (4 of the 30): 27 policy steps, 5 trained per trajectory
+    # drawn among the first 26 (27 has no divisor near 5 for the stratified draw) plus the terminal one
+    "window30_from651": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.policy_max_timestep=651",
+                         "gfn.timestep_fraction=0.19", "gfn.low_var_subsampling=false"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

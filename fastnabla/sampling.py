@@ -69,14 +69,15 @@ class Trajectories:
 @torch.no_grad()
 def sample_trajectories(backbone, n: int, generator: torch.Generator, coeffs: TransitionCoefficients,
                         prompts: Optional[list] = None, reward_fn=None, keep_trajectory: bool = True,
-                        progress=None, guide: Optional[Callable] = None) -> Trajectories:
+                        progress=None, guide: Optional[Callable] = None, policy_from: int = 0) -> Trajectories:
     """Run the N-step sampler with the current policy (CFG inside ``backbone.policy``) from fresh noise.
 
     All randomness comes from ``generator`` (CPU), so a run is reproducible across devices. ``reward_fn`` scores
     the decoded clean samples (log R); without it ``log_reward`` is NaN. ``guide(x, k, cond, prompts)``, when given,
     returns a detached shift of the policy's output at step k (a method's fixed part of its policy, e.g.
     ``gfn.reward_guidance``); it is not applied inside ``backbone.reference_sampling()``, which draws from p_ref.
-    The stored outputs ``outs`` include it.
+    The stored outputs ``outs`` include it. Steps k < ``policy_from`` take the reference's output, without the guide
+    (a method's ``policy_from``: ``gfn.policy_max_timestep``).
     """
     dev = backbone.device
     timesteps = backbone.scheduler.timesteps.to(dev)
@@ -88,8 +89,11 @@ def sample_trajectories(backbone, n: int, generator: torch.Generator, coeffs: Tr
     outs = [] if keep_trajectory else None
     for k in range(N):
         t = timesteps[k].expand(n)
-        out = backbone.policy(x, t, cond).to(dt)
-        if guide is not None and not backbone._reference_sampling:
+        if k < policy_from:
+            out = backbone.reference(x, t, cond).to(dt)
+        else:
+            out = backbone.policy(x, t, cond).to(dt)
+        if guide is not None and k >= policy_from and not backbone._reference_sampling:
             out = out + guide(x, k, cond, prompts).to(dt)
         z = torch.randn(x.shape, generator=generator, device="cpu").to(dev, dt)
         x = coeffs[k].step(x, out, z)

@@ -162,7 +162,8 @@ class Trainer:
                 for _ in range(sc.num_batches):
                     prompts = self.prompts.sample(sc.batch_size, g) if self.backbone.conditional else None
                     tr = sample_trajectories(self.backbone, sc.batch_size, g, self.coeffs, prompts, self.reward_fn,
-                                             progress=bar, guide=self.method.guide)
+                                             progress=bar, guide=self.method.guide,
+                                             policy_from=self.method.policy_from)
                     parts.append(self.method.prepare(tr))
         if bar is not None:
             bar.close()
@@ -184,7 +185,7 @@ class Trainer:
                 m = min(bs, n - s)
                 prompts = self.eval_prompts.sample(m, pg) if self.backbone.conditional else None
                 tr = sample_trajectories(self.backbone, m, g, self.coeffs, prompts, None, keep_trajectory=False,
-                                         guide=self.method.guide)
+                                         guide=self.method.guide, policy_from=self.method.policy_from)
                 outs.append(tr.xs[:, -1].cpu())
                 if prompts is not None:
                     prompts_all += prompts

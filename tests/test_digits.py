@@ -119,6 +119,17 @@ def test_two_epoch_digits_run_writes_every_output(tmp_path):
     (same / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "class_transitions"}))
     diag = bench.run_table(str(same), classifier=clf)[0]
     assert diag.sum() == 48 and np.count_nonzero(diag - np.diag(np.diag(diag))) == 0
+    # benchmarks/digits_policy_steps.py: a cut above every timestep is the run's own evaluation; a cut at the last
+    # timestep leaves the policy one step, and the method's own setting comes back afterwards
+    spec = importlib.util.spec_from_file_location("digits_policy_steps", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "digits_policy_steps.py"))
+    steps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(steps)
+    ts = [int(t) for t in bb.scheduler.timesteps]
+    rows = steps.policy_steps(tr, [10_000, ts[-1], ts[-1] - 1])
+    assert [r["policy_steps"] for r in rows] == [4, 1] and tr.method.policy_from == 0
+    assert rows[0]["class_tv"] == pytest.approx(summary["class_tv"], abs=1e-4)
+    assert rows[0]["mean_log_r_gap"] == pytest.approx(summary["mean_log_r_gap"], abs=1e-4)
     for png in ("samples_grid.png", "class_histogram.png", "class_transitions.png", "curves.png", "report_curves.png"):
         assert (out / png).stat().st_size > 1000
     page = (out / "report.html").read_text()

@@ -98,6 +98,9 @@ class Method:
     #: a fixed shift of the policy's output that sampling adds at every step (``sampling.sample_trajectories``'s
     #: ``guide``), or None
     guide = None
+    #: the first sampling step at which the policy acts; the steps before it sample from the reference and are not
+    #: trained (``sampling.sample_trajectories``'s ``policy_from``)
+    policy_from: int = 0
 
     # --- the loop's hooks ----------------------------------------------------------------------------------------
     def prepare(self, tr: Trajectories) -> Trajectories:
@@ -125,9 +128,10 @@ class Method:
     def select(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """The items of each of n trajectories, (n, K) long: the trained steps (``sampling.select_transitions``), or
         a per-trajectory draw for a method whose item is the trajectory (``chain.ChainMethod``). Drawn from the
-        plan's seeded generator, so a resumed run draws the same."""
+        plan's seeded generator, so a resumed run draws the same. Only the policy's steps, k ≥ ``policy_from``."""
         g = self.cfg.gfn
-        return select_transitions(n, self.N, g.timestep_fraction, g.low_var_subsampling, generator)
+        return self.policy_from + select_transitions(n, self.N - self.policy_from, g.timestep_fraction,
+                                                     g.low_var_subsampling, generator)
 
     def __call__(self, batch) -> tuple[torch.Tensor, dict]:
         """Per-item loss (B,) of a ``gather``ed micro-batch (a ``TransitionBatch`` by default) with a graph to the

@@ -47,6 +47,19 @@ class NablaGFN(Method):
                 raise ValueError("gfn.reward_guidance shifts the policy's mean through its output, but a sampling step "
                                  "has coef_out = 0; set gfn.reward_guidance=0")
             self.guide = self.guidance
+        cut = self.gfn.policy_max_timestep
+        if cut is not None:
+            acting = (self.timesteps <= cut).nonzero()
+            if acting.numel() == 0:
+                raise ValueError(f"gfn.policy_max_timestep={cut} is below every sampling timestep (the last is "
+                                 f"{int(self.timesteps[-1])}): the policy would never act; raise it or set it to null")
+            self.policy_from = int(acting[0])
+            try:  # timestep_fraction applies to the policy's steps: refuse a selection that does not fit them now
+                self.select(1, torch.Generator().manual_seed(0))
+            except ValueError as e:
+                raise ValueError(f"gfn.policy_max_timestep={cut} leaves the policy {self.N - self.policy_from} of "
+                                 f"the {self.N} steps, and gfn.timestep_fraction={self.gfn.timestep_fraction} is "
+                                 f"taken of those: {e}; choose a fraction that fits them") from None
 
     # --- the seam -------------------------------------------------------------------------------------------------
     @property
@@ -211,6 +224,7 @@ class NablaGFN(Method):
         target policy its expectation is ∇log h_k(x_k), the residual flow score the flow net regresses on
         (L_A). One reference input-VJP per step; ``gfn.return_micro_batch`` (else ``reward.micro_batch``) bounds the
         trajectories per VJP. With CFG the reference is the guided one, so J_ref is the guided mean map's Jacobian.
+        G_k for k ≤ ``policy_from`` (``gfn.policy_max_timestep``) is not computed: zero.
         """
         n, N = xs.shape[0], self.N
         G = torch.zeros_like(xs)
@@ -222,7 +236,7 @@ class NablaGFN(Method):
             p_s = None if prompts is None else prompts[sl]
             jN = torch.full((xs[sl].shape[0],), N, dtype=torch.long, device=xs.device)
             G[sl, N], _ = self.reward_grad(xs[sl, N], jN, c_s, p_s)  # γ = 1 at the clean sample in every FL mode
-            for k in range(N - 1, -1, -1):
+            for k in range(N - 1, self.policy_from, -1):  # no policy regresses on G_k for k ≤ policy_from
                 G[sl, k] = self._reference_mean_vjp(xs[sl, k], torch.full_like(jN, k), c_s, G[sl, k + 1])
         return G
 

@@ -426,3 +426,49 @@ def test_reward_guidance_config_errors():
         load_config(None, ["gfn.recipe=paper", "gfn.reward_guidance=1.0"])
     with pytest.raises(ValueError, match="vanish"):
         load_config(None, ["gfn.reward_guidance=1.0", "gfn.reward_adaptive_mode=off"])
+
+
+def test_policy_max_timestep_samples_the_reference_above_it_and_trains_only_below():
+    """``gfn.policy_max_timestep``: steps whose timestep is above it take the reference's output (no guidance), the
+    rest the guided policy's; the trained transitions are drawn among the policy's steps only, and the stored returns
+    are those of the full recursion at every state the policy regresses from."""
+    over = {"gfn.reward_guidance": 0.5, "gfn.policy_target": "return", "sampling.num_steps": 8,
+            "gfn.timestep_fraction": 0.5}
+    cfg, bb, reward, c = _setup(**over)
+    ts = bb.scheduler.timesteps
+    cut = int(ts[2])  # steps 0 and 1 are the reference's
+    cfg_cut, _, _, _ = _setup(**over, **{"gfn.policy_max_timestep": cut + 1})  # between two timesteps: the same cut
+    m, m_all = NablaGFN(bb, reward, c, cfg_cut), NablaGFN(bb, reward, c, cfg)
+    assert (m.policy_from, m_all.policy_from) == (2, 0)
+    tr = sample_trajectories(bb, 5, torch.Generator().manual_seed(2), c, guide=m.guide, policy_from=m.policy_from)
+    g = torch.Generator().manual_seed(2)
+    x = bb.sample_noise(5, g).double()
+    for k in range(8):
+        t = ts[k].expand(5)
+        out = bb.reference(x, t).detach() if k < 2 else bb.policy(x, t).detach() + m.guide(x, k, None, None)
+        torch.testing.assert_close(tr.outs[:, k], out, rtol=1e-9, atol=1e-12)
+        x = c[k].step(x, out, torch.randn(x.shape, generator=g).double())
+    assert not torch.allclose(tr.outs[:, 0], bb.policy(tr.xs[:, 0], ts[0].expand(5)))  # policy ≠ reference there
+    # 6 policy steps, fraction 0.5: K = 3 chunks of 2 after the reference's 2 (the last without the terminal step),
+    # plus the terminal step
+    sel = m.select(400, torch.Generator().manual_seed(0))
+    assert sel.shape == (400, 4) and bool((sel[:, -1] == 7).all())
+    assert [set(sel[:, j].tolist()) for j in range(3)] == [{2, 3}, {4, 5}, {6}]
+    G, G_all = (mm.gradient_returns(tr.xs, None, None) for mm in (m, m_all))
+    torch.testing.assert_close(G[:, 3:], G_all[:, 3:], rtol=0, atol=0)  # what the policy regresses on: G_{k+1}, k ≥ 2
+    assert float(G[:, :3].abs().max()) == 0.0 and float(G_all[:, 2].abs().max()) > 0
+
+
+def test_policy_max_timestep_errors():
+    with pytest.raises(ValueError, match="gfn.policy_max_timestep"):
+        load_config(None, ["gfn.policy_max_timestep=-5"])
+    with pytest.raises(ValueError, match="gfn.policy_max_timestep"):
+        load_config(None, ["gfn.recipe=paper", "gfn.policy_max_timestep=500"])
+    cfg, bb, reward, c = _setup(**{"gfn.policy_max_timestep": 0})
+    with pytest.raises(ValueError, match="below every sampling timestep"):
+        NablaGFN(bb, reward, c, cfg)
+    ts = _setup(**{"sampling.num_steps": 8, "gfn.timestep_fraction": 0.5})[1].scheduler.timesteps
+    cfg, bb, reward, c = _setup(**{"gfn.policy_max_timestep": int(ts[1]), "gfn.timestep_fraction": 0.5,
+                                   "sampling.num_steps": 8})
+    with pytest.raises(ValueError, match="leaves the policy 7 of the 8 steps"):  # 7 steps, K = 3: not divisible
+        NablaGFN(bb, reward, c, cfg)

@@ -1,14 +1,15 @@
 """Which sampling steps carry a finished digits run's tilt?
 
     python benchmarks/digits_policy_steps.py runs/digits_sweep/c358_shipped --cuts 2000,851,701,601,501,401,301
-    python benchmarks/digits_policy_steps.py RUN --num-samples 1024 --tag _quick
+    python benchmarks/digits_policy_steps.py RUN --cuts 2000 --late-cuts 60,160,260 --num-samples 1024 --tag _quick
 
 The run's final policy (its last checkpoint) samples at the steps with timestep ≤ cut and the reference above it
 (``gfn.policy_max_timestep`` at evaluation only), at the run's own evaluation seed. For each cut the run's
 evaluation gives the class-histogram TV to the importance-sampled target, the mean log R gap and the smallest
 within-class diversity ratio. A cut above the first timestep is the run's own final evaluation. Where the figures
 do not move as the cut comes down, the policy's steps above it do nothing for the target: the reference's own step
-is as good there, and ``gfn.policy_max_timestep`` can leave them untrained.
+is as good there, and ``gfn.policy_max_timestep`` can leave them untrained. ``--late-cuts`` does the same from the
+other end: the policy acts at t ≥ each late cut and the reference finishes the samples.
 
 Writes ``benchmarks/results/digits_policy_steps_<run name><tag>.csv`` (one row per cut) and a ``.png``.
 """
@@ -23,31 +24,53 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def policy_steps(tr, cuts: list[int]) -> list[dict]:
+def policy_steps(tr, cuts: list[int], late_cuts: list[int] = ()) -> list[dict]:
     """One row per cut: the trainer ``tr``'s evaluation with its policy acting only at timesteps ≤ cut (never at steps
-    its own ``gfn.policy_max_timestep`` leaves to the reference); cuts below every timestep are skipped."""
+    its own ``gfn.policy_max_timestep`` leaves to the reference), then one per late cut with the policy acting only at
+    timesteps ≥ it (the reference below). Cuts that leave the policy no step are skipped."""
     from fastnabla.metrics import evaluate
 
-    ts = [int(t) for t in tr.backbone.scheduler.timesteps]
-    trained_from = tr.method.policy_from
+    bb = tr.backbone
+    ts = [int(t) for t in bb.scheduler.timesteps]
+    trained_from, policy, own = tr.method.policy_from, bb.policy, "policy" in vars(bb)
     rows = []
+
+    def row(first: int, last: int, **where):
+        m = evaluate(tr.eval_ctx, final=False)
+        ratios = m.get("diversity_ratio_per_class") or {}
+        rows.append(dict(**where, policy_steps=last - first + 1, class_tv=round(m["class_tv"], 4),
+                         mean_log_r_gap=round(m["mean_log_r_gap"], 4),
+                         min_diversity_ratio=round(min(ratios.values()), 4) if ratios else float("nan")))
+        print(f"policy at t in [{ts[last]}, {ts[first]}] ({rows[-1]['policy_steps']} steps): class TV "
+              f"{rows[-1]['class_tv']:.3f}, gap {rows[-1]['mean_log_r_gap']:+.3f}, min diversity ratio "
+              f"{rows[-1]['min_diversity_ratio']:.3f}", flush=True)
+
     try:
         for cut in cuts:
-            k = next((i for i, t in enumerate(ts) if t <= cut), len(ts))
+            k = max(next((i for i, t in enumerate(ts) if t <= cut), len(ts)), trained_from)
             if k == len(ts):
                 print(f"cut {cut}: below every timestep (last {ts[-1]}), skipped")
                 continue
-            tr.method.policy_from = max(k, trained_from)
-            m = evaluate(tr.eval_ctx, final=False)
-            ratios = m.get("diversity_ratio_per_class") or {}
-            rows.append(dict(cut=cut, policy_steps=len(ts) - tr.method.policy_from, class_tv=round(m["class_tv"], 4),
-                             mean_log_r_gap=round(m["mean_log_r_gap"], 4),
-                             min_diversity_ratio=round(min(ratios.values()), 4) if ratios else float("nan")))
-            print(f"policy at t ≤ {cut} ({rows[-1]['policy_steps']} steps): class TV {rows[-1]['class_tv']:.3f}, "
-                  f"gap {rows[-1]['mean_log_r_gap']:+.3f}, min diversity ratio {rows[-1]['min_diversity_ratio']:.3f}",
-                  flush=True)
+            tr.method.policy_from = k
+            row(k, len(ts) - 1, cut=cut, late_cut=0)
+        tr.method.policy_from = trained_from
+        for low in late_cuts:
+            last = max((i for i, t in enumerate(ts) if t >= low), default=-1)
+            if last < trained_from:
+                print(f"late cut {low}: leaves the policy no step, skipped")
+                continue
+
+            def early_only(x, t, cond=None, low=low):  # the reference at the steps below the late cut
+                return bb.reference(x, t, cond) if int(t.reshape(-1)[0]) < low else policy(x, t, cond)
+
+            bb.policy = early_only
+            row(trained_from, last, cut=ts[0], late_cut=low)
     finally:
         tr.method.policy_from = trained_from
+        if own:
+            bb.policy = policy
+        else:
+            vars(bb).pop("policy", None)
     return rows
 
 
@@ -56,15 +79,19 @@ def main(argv=None) -> int:
     ap.add_argument("run", help="a finished digits run directory (config.yaml, checkpoints/)")
     ap.add_argument("--cuts", default="2000,851,701,601,501,401,301",
                     help="comma-separated timesteps: the policy acts at t ≤ cut")
+    ap.add_argument("--late-cuts", default="",
+                    help="comma-separated timesteps: then the policy acts at t ≥ each (the reference below)")
     ap.add_argument("--num-samples", type=int, default=0, help="samples per cut (0 = the run's eval.num_samples)")
     ap.add_argument("--tag", default="")
     a = ap.parse_args(argv)
     try:
         cuts = [int(c) for c in a.cuts.split(",") if c.strip()]
+        late = [int(c) for c in a.late_cuts.split(",") if c.strip()]
     except ValueError:
-        ap.error(f"--cuts {a.cuts!r}: must be comma-separated integer timesteps, e.g. 2000,701,501")
-    if not cuts or min(cuts) < 0:
-        ap.error("--cuts needs at least one timestep ≥ 0")
+        ap.error(f"--cuts {a.cuts!r} / --late-cuts {a.late_cuts!r}: must be comma-separated integer timesteps, "
+                 "e.g. 2000,701,501")
+    if not (cuts or late) or min(cuts + late) < 0:
+        ap.error("--cuts and --late-cuts need at least one timestep ≥ 0")
     if a.num_samples < 0:
         ap.error("--num-samples must be ≥ 0")
     cfg_path = os.path.join(a.run, "config.yaml")
@@ -91,7 +118,7 @@ def main(argv=None) -> int:
         if tr.backbone.benchmark != "digits":
             ap.error(f"{a.run}: not a digits run (model.backbone={cfg.model.backbone})")
         tr.load_state_dict(ckpt.load_checkpoint(found[-1]))
-        rows = policy_steps(tr, cuts)
+        rows = policy_steps(tr, cuts, late)
     if not rows:
         ap.error("no cut left a policy step")
     ts = [int(t) for t in tr.backbone.scheduler.timesteps]
@@ -105,17 +132,22 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    x = [min(r["cut"], ts[0]) for r in rows]
-    ax.plot(x, [r["class_tv"] for r in rows], "o-", label="class TV to the target")
-    ax2 = ax.twinx()
-    ax2.plot(x, [r["mean_log_r_gap"] for r in rows], "s--", color="C1", label="mean log R gap (nats)")
-    ax.set_xlabel("the policy acts at t ≤ this (reference above); left = every step")
-    ax.invert_xaxis()
-    ax.set_ylabel("class TV")
-    ax2.set_ylabel("gap")
-    ax.set_title(f"{name}: where the finetuned policy's tilt acts", fontsize=9)
-    fig.legend(loc="lower left", fontsize=8, bbox_to_anchor=(0.12, 0.15))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    early = [r for r in rows if r["late_cut"] == 0]
+    late = [r for r in rows if r["late_cut"] > 0]
+    for ax, key, label in ((axes[0], "class_tv", "class TV to the target"),
+                           (axes[1], "mean_log_r_gap", "mean log R gap (nats)")):
+        if early:
+            ax.plot([min(r["cut"], ts[0]) for r in early], [r[key] for r in early], "o-",
+                    label="policy at t ≤ cut, reference above")
+        if late:
+            ax.plot([r["late_cut"] for r in late], [r[key] for r in late], "s--",
+                    label="policy at t ≥ cut, reference below")
+        ax.set_xlabel("cut timestep")
+        ax.invert_xaxis()
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{name}: which steps carry the finetuned policy's tilt", fontsize=9)
     fig.tight_layout()
     fig.savefig(path[:-4] + ".png", dpi=120)
     print(f"wrote {path}")

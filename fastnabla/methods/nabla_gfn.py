@@ -224,7 +224,7 @@ class NablaGFN(Method):
         target policy its expectation is ∇log h_k(x_k), the residual flow score the flow net regresses on
         (L_A). One reference input-VJP per step; ``gfn.return_micro_batch`` (else ``reward.micro_batch``) bounds the
         trajectories per VJP. With CFG the reference is the guided one, so J_ref is the guided mean map's Jacobian.
-        G_k for k ≤ ``policy_from`` (``gfn.policy_max_timestep``) is not computed: zero.
+        G_k for k < ``policy_from`` (``gfn.policy_max_timestep``) is not computed: zero.
         """
         n, N = xs.shape[0], self.N
         G = torch.zeros_like(xs)
@@ -236,7 +236,7 @@ class NablaGFN(Method):
             p_s = None if prompts is None else prompts[sl]
             jN = torch.full((xs[sl].shape[0],), N, dtype=torch.long, device=xs.device)
             G[sl, N], _ = self.reward_grad(xs[sl, N], jN, c_s, p_s)  # γ = 1 at the clean sample in every FL mode
-            for k in range(N - 1, self.policy_from, -1):  # no policy regresses on G_k for k ≤ policy_from
+            for k in range(N - 1, self.policy_from - 1, -1):  # none regresses on G_k for k < policy_from
                 G[sl, k] = self._reference_mean_vjp(xs[sl, k], torch.full_like(jN, k), c_s, G[sl, k + 1])
         return G
 

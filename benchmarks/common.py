@@ -24,3 +24,23 @@ def write_rows(path: str, rows: list[dict]) -> str:
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def load_finished_run(run: str, overrides: list[str], output_dir: str, error):
+    """The trainer of a finished run directory (its config.yaml and last checkpoint under checkpoints/), built with
+    ``overrides`` and writing to ``output_dir``; returns (trainer, config, checkpoint path). ``error(msg)`` reports
+    what is missing (an argparse parser's ``error`` exits with code 2)."""
+    from fastnabla import checkpoint as ckpt
+    from fastnabla.config import load_config
+    from fastnabla.trainer import build_trainer
+
+    cfg_path = os.path.join(run, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        error(f"{run}: no config.yaml; pass a finished run directory")
+    found = ckpt.list_checkpoints(os.path.join(run, "checkpoints"))
+    if not found:
+        error(f"{run}: no checkpoint under checkpoints/ (a finished run writes one at the end)")
+    cfg = load_config(cfg_path, overrides, output_dir=output_dir)
+    tr = build_trainer(cfg)
+    tr.load_state_dict(ckpt.load_checkpoint(found[-1]))
+    return tr, cfg, found[-1]

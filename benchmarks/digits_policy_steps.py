@@ -94,37 +94,26 @@ def main(argv=None) -> int:
         ap.error("--cuts and --late-cuts need at least one timestep ≥ 0")
     if a.num_samples < 0:
         ap.error("--num-samples must be ≥ 0")
-    cfg_path = os.path.join(a.run, "config.yaml")
-    if not os.path.isfile(cfg_path):
-        ap.error(f"{a.run}: no config.yaml; pass a finished run directory")
     sys.path.insert(0, ROOT)
     import tempfile
 
-    from benchmarks.common import git_sha, write_rows
-    from fastnabla import checkpoint as ckpt
-    from fastnabla.config import load_config
-    from fastnabla.trainer import build_trainer
+    from benchmarks.common import git_sha, load_finished_run, write_rows
 
-    found = ckpt.list_checkpoints(os.path.join(a.run, "checkpoints"))
-    if not found:
-        ap.error(f"{a.run}: no checkpoint under checkpoints/ (a finished run writes one at the end)")
     over = ["logging.progress=false", "logging.plots=false"]
     if a.num_samples:
         over.append(f"eval.num_samples={a.num_samples}")
     t0 = time.time()
     with tempfile.TemporaryDirectory() as scratch:
-        cfg = load_config(cfg_path, over, output_dir=scratch)
-        tr = build_trainer(cfg)
+        tr, cfg, last = load_finished_run(a.run, over, scratch, ap.error)
         if tr.backbone.benchmark != "digits":
             ap.error(f"{a.run}: not a digits run (model.backbone={cfg.model.backbone})")
-        tr.load_state_dict(ckpt.load_checkpoint(found[-1]))
         rows = policy_steps(tr, cuts, late)
     if not rows:
         ap.error("no cut left a policy step")
     ts = [int(t) for t in tr.backbone.scheduler.timesteps]
     sha, name = git_sha(), os.path.basename(os.path.normpath(a.run))
     for r in rows:
-        r.update(run=name, checkpoint=os.path.basename(found[-1]), num_samples=cfg.eval.num_samples,
+        r.update(run=name, checkpoint=os.path.basename(last), num_samples=cfg.eval.num_samples,
                  seconds=round(time.time() - t0, 1), git_sha=sha, date=datetime.date.today().isoformat())
     path = write_rows(os.path.join(ROOT, "benchmarks", "results", f"digits_policy_steps_{name}{a.tag}.csv"), rows)
     import matplotlib

@@ -31,12 +31,38 @@ import torch
 __all__ = ["EvalContext", "epoch_metrics", "evaluate", "plot_curves", "importance_weights", "class_histogram",
            "histogram_tv", "diversity", "prompt_diversity", "fid", "kid", "prior_preservation", "image_features",
            "ClipImageFeatures", "DreamSimFeatures", "plot_digit_grid", "plot_class_histogram", "class_transitions",
-           "plot_class_transitions"]
+           "plot_class_transitions", "tilt_kl", "path_kl"]
 
 TORCHMETRICS_ERROR = "FID/KID need torchmetrics: pip install 'fastnabla[digits]'"
 
 
 # --- sample-and-feature metrics -------------------------------------------------------------------------------------
+
+def tilt_kl(log_r: torch.Tensor, beta: float) -> tuple[float, float]:
+    """(log Z, KL(p*‖p_ref)) of the tilted target p* = p_ref·R^β/Z from samples of p_ref: log Z = log mean exp(β·log R)
+    and KL = β·E_{p*}[log R] − log Z (self-normalised). On paths, P* = P_ref·R(x_N)^β/Z too, so the same KL is the
+    target's path KL to the reference sampler: the least that any sampler of p* must move away from it."""
+    lr = float(beta) * log_r.detach().double().flatten()
+    log_z = float(torch.logsumexp(lr, 0) - math.log(lr.numel()))
+    w = torch.softmax(lr, 0)
+    return log_z, float((w * lr).sum()) - log_z
+
+
+def path_kl(coef_out: torch.Tensor, std: torch.Tensor, outs: torch.Tensor, outs_ref: torch.Tensor) -> torch.Tensor:
+    """Per-trajectory, per-step KL(p_θ(·|x_k) ‖ p_ref(·|x_k)) of Gaussian transitions with a shared σ_k:
+    ‖coef_out_k·(out − out_ref)‖²/(2σ_k²), (n, N) float64. ``outs``/``outs_ref``: (n, N, *S), the policy's and the
+    reference's outputs at the same states x_0…x_{N−1} of trajectories sampled from the policy; ``coef_out``, ``std``:
+    (N,). The mean over trajectories of the sum over steps estimates the path KL(P_θ‖P_ref) without the step noise."""
+    if outs.shape != outs_ref.shape or outs.dim() < 3 or outs.shape[1] != coef_out.numel() \
+            or std.numel() != coef_out.numel():
+        raise ValueError(f"path_kl: outs {tuple(outs.shape)} and outs_ref {tuple(outs_ref.shape)} must both be "
+                         f"(n, N, ...) with N = {coef_out.numel()} steps")
+    if bool((std <= 0).any()):
+        raise ValueError("path_kl: a step with σ = 0 (a deterministic sampler, eta = 0) has no transition density; "
+                         "use eta > 0")
+    sq = (outs.double() - outs_ref.double()).flatten(2).square().sum(2)  # (n, N)
+    return sq * coef_out.double().square() / (2 * std.double().square())
+
 
 def importance_weights(log_r: torch.Tensor, beta: float) -> tuple[torch.Tensor, float]:
     """Self-normalised importance weights of p_ref·R^β given samples of p_ref: w_i = exp(β·log R_i) / Σ_j exp(β·log
@@ -287,10 +313,12 @@ def _target_metrics(ctx: EvalContext, samples: torch.Tensor, final: bool) -> dic
     return ctx.backbone.target_metrics(samples, ctx.cfg.reward, ctx.cfg.gfn.reward_scale, final=final)
 
 
-def epoch_metrics(ctx: EvalContext, finals: torch.Tensor) -> dict:
-    """Metrics of one epoch's fresh clean states ``finals`` (n, *S), every rank's."""
+def epoch_metrics(ctx: EvalContext, finals: torch.Tensor, log_r: torch.Tensor | None = None,
+                  kl_path: float | None = None) -> dict:
+    """Metrics of one epoch's fresh clean states ``finals`` (n, *S), every rank's, with their log R and the mean
+    path KL of their trajectories to the reference sampler when the method measures it."""
     if ctx.backbone.benchmark == "digits":
-        return _digits_epoch(ctx, finals)
+        return _digits_epoch(ctx, finals, log_r, kl_path)
     return {f"{k}_batch": v for k, v in _target_metrics(ctx, finals.cpu(), final=False).items()}
 
 
@@ -442,14 +470,16 @@ def _digits_features(st, backbone, samples: torch.Tensor):
     return classifier_outputs(st["classifier"], backbone.decode(samples))
 
 
-def _digits_epoch(ctx: EvalContext, finals: torch.Tensor) -> dict:
+def _digits_epoch(ctx: EvalContext, finals: torch.Tensor, log_r: torch.Tensor | None, kl_path: float | None) -> dict:
     st = _digits_state(ctx)
     logits, feats = _digits_features(st, ctx.backbone, finals)
     pred = logits.argmax(1)
     out = {"diversity_batch": diversity(feats, max_per_group=1024)["overall"]}
-    if st["target"] is not None:
-        out["class_tv_batch"] = histogram_tv(class_histogram(pred, logits.shape[1]),
-                                             st["target"]["class_histogram"])
+    tgt = st["target"]
+    if tgt is not None:
+        out["class_tv_batch"] = histogram_tv(class_histogram(pred, logits.shape[1]), tgt["class_histogram"])
+        if log_r is not None and kl_path is not None:  # the evidence bound: KL(P_θ‖P*) ≤ this (≥ 0)
+            out["kl_target_bound_batch"] = tgt["log_z"] - ctx.cfg.gfn.reward_scale * float(log_r.mean()) + kl_path
     return out
 
 
@@ -623,6 +653,8 @@ def plot_curves(out_dir: str, history: list) -> str | None:
         panels.append(("class_tv", "class-histogram TV to the IS target"))
     if any("fid_pretrained" in h for h in history):
         panels.append(("fid_pretrained", "FID vs pretrained samples (eval)"))
+    if "kl_path_batch" in history[0]:
+        panels.append(("kl_path_batch", "path KL to the reference (fresh batch, nats)"))
     fig, ax = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
     for a, (key, title) in zip(np.atleast_1d(ax), panels):
         if key in ("diversity", "class_tv"):
@@ -630,6 +662,13 @@ def plot_curves(out_dir: str, history: list) -> str | None:
             ev = [(h["epoch"], h[key]) for h in history if key in h]
             if ev:
                 a.plot(*zip(*ev), "o-", label="eval")
+            a.legend()
+        elif key == "kl_path_batch":
+            a.plot(ep, [h.get(key, np.nan) for h in history], label="KL(P_θ‖P_ref)")
+            if "kl_target_bound_batch" in history[0]:
+                a.plot(ep, [h.get("kl_target_bound_batch", np.nan) for h in history],
+                       label="KL(P_θ‖P*) bound")
+            a.set_yscale("log")
             a.legend()
         elif key == "fid_pretrained":
             a.plot(*zip(*[(h["epoch"], h[key]) for h in history if key in h]), "o-")

@@ -402,7 +402,10 @@ class Trainer:
         finals = self.fresh.xs[:, -1]
         if self.world_size > 1:  # the metrics see every rank's final states
             finals = self.engine.all_gather(finals.contiguous())
-        rec.update(metrics.epoch_metrics(self.eval_ctx, finals))
+        kl = self.fresh.extras.get("path_kl")  # (n, N): the method's per-step KL to the reference, when it has one
+        if kl is not None:
+            rec["kl_path_batch"] = float(self.engine.all_gather(kl.contiguous()).sum(1).mean())
+        rec.update(metrics.epoch_metrics(self.eval_ctx, finals, lr, rec.get("kl_path_batch")))
         is_last = e + 1 >= cfg.train.epochs
         if cfg.eval.every and ((e + 1) % cfg.eval.every == 0) and not is_last:
             rec.update(metrics.evaluate(self.eval_ctx, final=False))

@@ -132,6 +132,15 @@ def test_two_epoch_digits_run_writes_every_output(tmp_path):
     assert "policy" not in vars(tr.backbone)  # the backbone's own policy comes back
     assert rows[0]["class_tv"] == pytest.approx(summary["class_tv"], abs=1e-4)
     assert rows[0]["mean_log_r_gap"] == pytest.approx(summary["mean_log_r_gap"], abs=1e-4)
+    # benchmarks/digits_path_kl.py: the finished policy's per-step KL, and the pretrained model's own bound (its KL is 0)
+    spec = importlib.util.spec_from_file_location("digits_path_kl", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "digits_path_kl.py"))
+    pk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pk)
+    r = pk.path_kl_of(tr, 16)
+    assert [s[0] for s in r["steps"]] == ts and r["kl_path"] == pytest.approx(sum(s[2] for s in r["steps"]))
+    assert r["kl_path"] > 0 and r["log_z"] == tgt["log_z"]
+    assert r["elbo_gap"] == pytest.approx(r["log_z"] - r["beta_log_r"] + r["kl_path"])
     for png in ("samples_grid.png", "class_histogram.png", "class_transitions.png", "curves.png", "report_curves.png"):
         assert (out / png).stat().st_size > 1000
     page = (out / "report.html").read_text()
@@ -140,6 +149,13 @@ def test_two_epoch_digits_run_writes_every_output(tmp_path):
     assert met["class_tv"] == summary["class_tv"] and met["class_tv_ok"] == (summary["class_tv"] <= 0.05)
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and "class_tv_batch" in lines[0] and "fid_pretrained" in lines[0]
+    # each epoch's trajectories: their KL to the reference (the first from the untrained policy, the reference itself)
+    # and the evidence bound log Z − β·mean log R + KL on KL(P_θ‖P*)
+    assert lines[0]["kl_path_batch"] == pytest.approx(0.0, abs=1e-9) and lines[1]["kl_path_batch"] > 1e-6
+    for rec in lines:
+        assert rec["kl_target_bound_batch"] == pytest.approx(
+            tgt["log_z"] - cfg.gfn.reward_scale * rec["reward_mean"] + rec["kl_path_batch"], rel=1e-6)
+    assert tgt["kl_to_reference"] >= 0
     assert res["eval_reward_mean"] == pytest.approx(summary["mean_log_r"])
     # the target belongs to p_ref and its sampler: a run with another seed reuses the cached draw, same target
     draws = sorted((tmp_path / "cache").glob("refsamples-*.npz"))

@@ -39,6 +39,37 @@ def test_importance_weights_and_ess_limits():
     assert ess == pytest.approx(1 / (0.25**2 * 2 + 0.25))
 
 
+def test_tilt_kl_of_a_gaussian_tilt_matches_the_closed_form():
+    # p_ref = N(0, 1), log R = −(x − c)²/(2s²): p* = N(m, v) with 1/v = 1 + β/s², m = v·β·c/s²
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400_000, generator=g, dtype=torch.float64)
+    for c, s, beta in [(1.0, 1.0, 1.0), (-0.5, 0.7, 0.5), (1.5, 1.2, 2.0)]:
+        log_z, kl = metrics.tilt_kl(-(x - c) ** 2 / (2 * s**2), beta)
+        v = 1 / (1 + beta / s**2)
+        m = v * beta * c / s**2
+        assert log_z == pytest.approx(-0.5 * math.log(1 + beta / s**2) - beta * c**2 / (2 * (s**2 + beta)), abs=0.01)
+        assert kl == pytest.approx(0.5 * (v + m**2 - 1 - math.log(v)), abs=0.01)
+    assert metrics.tilt_kl(torch.zeros(10), 2.0) == pytest.approx((0.0, 0.0))  # R constant: p* = p_ref
+
+
+def test_path_kl_matches_torch_gaussian_kl():
+    g = torch.Generator().manual_seed(2)
+    n, N = 5, 4
+    x = torch.randn(n, N, 3, 2, 2, generator=g, dtype=torch.float64)
+    out, out_ref = torch.randn(2, n, N, 3, 2, 2, generator=g, dtype=torch.float64)
+    coef_x, coef_out = torch.rand(N, generator=g, dtype=torch.float64), -torch.rand(N, generator=g, dtype=torch.float64)
+    std = 0.1 + torch.rand(N, generator=g, dtype=torch.float64)
+    b = lambda v: v.view(1, N, 1, 1, 1)  # noqa: E731
+    mu, mu_ref = b(coef_x) * x + b(coef_out) * out, b(coef_x) * x + b(coef_out) * out_ref
+    want = torch.distributions.kl_divergence(torch.distributions.Normal(mu, b(std).expand_as(mu)),
+                                             torch.distributions.Normal(mu_ref, b(std).expand_as(mu)))
+    torch.testing.assert_close(metrics.path_kl(coef_out, std, out, out_ref), want.flatten(2).sum(2))
+    with pytest.raises(ValueError, match="eta > 0"):
+        metrics.path_kl(coef_out, torch.zeros(N, dtype=torch.float64), out, out_ref)
+    with pytest.raises(ValueError, match="N = 4 steps"):
+        metrics.path_kl(coef_out, std, out[:, :3], out_ref[:, :3])
+
+
 def test_class_histogram_and_tv_by_hand():
     h = metrics.class_histogram(torch.tensor([0, 1, 1, 2]), 4)
     torch.testing.assert_close(h, torch.tensor([0.25, 0.5, 0.25, 0.0], dtype=torch.float64))
@@ -131,6 +162,8 @@ def test_digits_ground_truth_by_hand():
     assert gt["class_histogram"] == pytest.approx([1 / 9, 4 / 9, 4 / 9])
     assert gt["mean_log_r"] == pytest.approx(float((w * log_r.double()).sum()))
     assert gt["ess"] == pytest.approx(1 / float((w**2).sum()))
+    assert gt["log_z"] == pytest.approx(math.log(9 / 4))  # mean R = (1 + 2 + 2 + 4)/4
+    assert gt["kl_to_reference"] == pytest.approx(float((w * log_r.double()).sum()) - math.log(9 / 4))
     assert gt["diversity_per_class"] == {1: pytest.approx(3.0)}  # the one class with two samples: ‖(3, 0)‖
     # the unweighted draw against real labels [0, 0, 1, 2]: (1/4, 2/4, 1/4) against (2/4, 1/4, 1/4)
     gt = ground_truth({"logits": logits, "features": feats}, log_r, beta=1.0, num_classes=3,

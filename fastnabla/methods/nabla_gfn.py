@@ -98,7 +98,9 @@ class NablaGFN(Method):
 
     def prepare(self, tr: Trajectories) -> Trajectories:
         if self.stores_returns:  # the flow's regression targets, with the (frozen) reference
-            tr.returns = self.gradient_returns(tr.xs, tr.cond, tr.prompts)
+            tr.returns, kl = self._returns(tr.xs, tr.cond, tr.prompts, tr.outs)
+            if kl is not None:  # free: the returns ran the reference at every policy state
+                tr.extras["path_kl"] = kl
         return tr
 
     def gather(self, tr: Trajectories, idx: torch.Tensor, device) -> TransitionBatch:
@@ -226,8 +228,19 @@ class NablaGFN(Method):
         trajectories per VJP. With CFG the reference is the guided one, so J_ref is the guided mean map's Jacobian.
         G_k for k < ``policy_from`` (``gfn.policy_max_timestep``) is not computed: zero.
         """
+        return self._returns(xs, cond, prompts)[0]
+
+    def _returns(self, xs: torch.Tensor, cond, prompts, outs: Optional[torch.Tensor] = None):
+        """(``gradient_returns``, per-step KL) of sampled trajectories. Given the sampling-time outputs ``outs``
+        (n, N, *S) and a sampler with σ > 0 at every step, the KL (n, N) of each policy step to the reference's
+        (``metrics.path_kl``), read off the reference outputs the VJPs compute anyway (0 at the reference's own
+        steps); else None."""
+        from fastnabla.metrics import path_kl
+
         n, N = xs.shape[0], self.N
         G = torch.zeros_like(xs)
+        with_kl = outs is not None and bool((self.c.std > 0).all())
+        kl = torch.zeros(n, N, dtype=torch.float64, device=xs.device) if with_kl else None
         mb = self.gfn.return_micro_batch or self.micro_batch
         mb = mb if 0 < mb < n else n
         for s in range(0, n, mb):
@@ -237,14 +250,18 @@ class NablaGFN(Method):
             jN = torch.full((xs[sl].shape[0],), N, dtype=torch.long, device=xs.device)
             G[sl, N], _ = self.reward_grad(xs[sl, N], jN, c_s, p_s)  # γ = 1 at the clean sample in every FL mode
             for k in range(N - 1, self.policy_from - 1, -1):  # none regresses on G_k for k < policy_from
-                G[sl, k] = self._reference_mean_vjp(xs[sl, k], torch.full_like(jN, k), c_s, G[sl, k + 1])
-        return G
+                G[sl, k], out_ref = self._reference_mean_vjp(xs[sl, k], torch.full_like(jN, k), c_s, G[sl, k + 1])
+                if with_kl:
+                    kl[sl, k] = path_kl(self.c.coef_out[k:k + 1], self.c.std[k:k + 1], outs[sl, k:k + 1],
+                                        out_ref[:, None])[:, 0]
+        return G, kl
 
-    def _reference_mean_vjp(self, x: torch.Tensor, j: torch.Tensor, cond, v: torch.Tensor) -> torch.Tensor:
-        """J_ref(x)ᵀ·v at states x with step indices j: one input-VJP of the reference's mean map (detached)."""
+    def _reference_mean_vjp(self, x: torch.Tensor, j: torch.Tensor, cond, v: torch.Tensor):
+        """(J_ref(x)ᵀ·v, out_ref(x)) at states x with step indices j: one input-VJP of the reference's mean map
+        (detached)."""
         cj = self.c[j]
-        _, out_vjp = self.backbone.reference_vjp(x, self.timesteps[j], cond, lambda out: cj.out_cotangent(v))
-        return cj.mean_vjp(v, out_vjp)
+        out_ref, out_vjp = self.backbone.reference_vjp(x, self.timesteps[j], cond, lambda out: cj.out_cotangent(v))
+        return cj.mean_vjp(v, out_vjp), out_ref
 
     @torch.no_grad()
     def bootstrapped_returns(self, b: TransitionBatch) -> torch.Tensor:
@@ -283,7 +300,7 @@ class NablaGFN(Method):
             j = stop[act] - t
             v = kappa * G[act] + (1 - kappa) * gr_next[act] if kappa < 1 else G[act]
             cond, _ = sel(act)
-            G[act] = self._reference_mean_vjp(b.states[act, j], j, cond, v)
+            G[act] = self._reference_mean_vjp(b.states[act, j], j, cond, v)[0]
             more = L[act] > t
             if kappa < 1 and bool(more.any()):
                 gr_next[act[more]] = g_plus_r(act[more], j[more])

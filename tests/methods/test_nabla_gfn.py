@@ -459,6 +459,29 @@ def test_policy_max_timestep_samples_the_reference_above_it_and_trains_only_belo
     assert float(G[:, :2].abs().max()) == 0.0 and float(G_all[:, 1].abs().max()) > 0
 
 
+def test_prepare_stores_each_steps_kl_to_the_reference():
+    """The returns run the reference at every policy state; ``prepare`` keeps its outputs' KL per step and trajectory
+    (``metrics.path_kl``, checked against the reference run again here), zero at the reference's own steps; the
+    returns are ``gradient_returns``'."""
+    from fastnabla import metrics
+
+    over = {"gfn.reward_guidance": 0.5, "gfn.policy_target": "return", "sampling.num_steps": 8,
+            "gfn.timestep_fraction": 0.5}
+    cfg, bb, reward, c = _setup(**over)
+    ts = bb.scheduler.timesteps
+    cfg, _, _, _ = _setup(**over, **{"gfn.policy_max_timestep": int(ts[2])})
+    m = NablaGFN(bb, reward, c, cfg)
+    tr = m.prepare(sample_trajectories(bb, 4, torch.Generator().manual_seed(3), c, guide=m.guide,
+                                       policy_from=m.policy_from))
+    with torch.no_grad():
+        ref = torch.stack([bb.reference(tr.xs[:, k], ts[k].expand(4)) for k in range(8)], 1)
+    want = metrics.path_kl(c.coef_out, c.std, tr.outs, ref)
+    kl = tr.extras["path_kl"]
+    assert kl.shape == (4, 8) and float(kl[:, :2].abs().max()) == 0.0 and bool((kl[:, 2:] > 0).all())
+    torch.testing.assert_close(kl[:, 2:], want[:, 2:], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(tr.returns, m.gradient_returns(tr.xs, None, None), rtol=0, atol=0)
+
+
 def test_policy_max_timestep_errors():
     with pytest.raises(ValueError, match="gfn.policy_max_timestep"):
         load_config(None, ["gfn.policy_max_timestep=-5"])

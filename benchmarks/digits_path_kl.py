@@ -43,7 +43,8 @@ def path_kl_of(tr, n: int, seed: int = 20_000) -> dict:
     if target is None:
         raise ValueError("the run has no importance-sampled target (eval.ground_truth_samples = 0)")
     g = torch.Generator().manual_seed(seed)
-    t = sample_trajectories(bb, n, g, tr.coeffs, None, tr.reward_fn, guide=m.guide, policy_from=m.policy_from)
+    t = sample_trajectories(bb, n, g, tr.coeffs, None, tr.reward_fn, guide=m.guide, policy_from=m.policy_from,
+                            policy_to=m.policy_to)
     ts = bb.scheduler.timesteps.to(t.xs.device)
     N = ts.numel()
     outs_ref = torch.stack([bb.reference(t.xs[:, k], ts[k].expand(n), None).to(t.outs.dtype) for k in range(N)], 1)

@@ -25,52 +25,44 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def policy_steps(tr, cuts: list[int], late_cuts: list[int] = ()) -> list[dict]:
-    """One row per cut: the trainer ``tr``'s evaluation with its policy acting only at timesteps ≤ cut (never at steps
-    its own ``gfn.policy_max_timestep`` leaves to the reference), then one per late cut with the policy acting only at
-    timesteps ≥ it (the reference below). Cuts that leave the policy no step are skipped."""
+    """One row per cut: the trainer ``tr``'s evaluation with its policy acting only at timesteps ≤ cut, then one per
+    late cut with the policy acting only at timesteps ≥ it (the reference below); never at steps its own
+    ``gfn.policy_max_timestep`` / ``gfn.policy_min_timestep`` leave to the reference. Cuts that leave the policy no
+    step are skipped."""
     from fastnabla.metrics import evaluate
 
-    bb = tr.backbone
-    ts = [int(t) for t in bb.scheduler.timesteps]
-    trained_from, policy, own = tr.method.policy_from, bb.policy, "policy" in vars(bb)
+    m = tr.method
+    ts = [int(t) for t in tr.backbone.scheduler.timesteps]
+    trained_from, trained_to = m.policy_from, m.policy_to
+    end = len(ts) if trained_to is None else trained_to
     rows = []
 
-    def row(first: int, last: int, **where):
-        m = evaluate(tr.eval_ctx, final=False)
-        ratios = m.get("diversity_ratio_per_class") or {}
-        rows.append(dict(**where, policy_steps=last - first + 1, class_tv=round(m["class_tv"], 4),
-                         mean_log_r_gap=round(m["mean_log_r_gap"], 4),
+    def row(first: int, stop: int, **where):
+        m.policy_from, m.policy_to = first, stop
+        ev = evaluate(tr.eval_ctx, final=False)
+        ratios = ev.get("diversity_ratio_per_class") or {}
+        rows.append(dict(**where, policy_steps=stop - first, class_tv=round(ev["class_tv"], 4),
+                         mean_log_r_gap=round(ev["mean_log_r_gap"], 4),
                          min_diversity_ratio=round(min(ratios.values()), 4) if ratios else float("nan")))
-        print(f"policy at t in [{ts[last]}, {ts[first]}] ({rows[-1]['policy_steps']} steps): class TV "
+        print(f"policy at t in [{ts[stop - 1]}, {ts[first]}] ({rows[-1]['policy_steps']} steps): class TV "
               f"{rows[-1]['class_tv']:.3f}, gap {rows[-1]['mean_log_r_gap']:+.3f}, min diversity ratio "
               f"{rows[-1]['min_diversity_ratio']:.3f}", flush=True)
 
     try:
         for cut in cuts:
             k = max(next((i for i, t in enumerate(ts) if t <= cut), len(ts)), trained_from)
-            if k == len(ts):
-                print(f"cut {cut}: below every timestep (last {ts[-1]}), skipped")
+            if k >= end:
+                print(f"cut {cut}: leaves the policy no step, skipped")
                 continue
-            tr.method.policy_from = k
-            row(k, len(ts) - 1, cut=cut, late_cut=0)
-        tr.method.policy_from = trained_from
+            row(k, end, cut=cut, late_cut=0)
         for low in late_cuts:
-            last = max((i for i, t in enumerate(ts) if t >= low), default=-1)
-            if last < trained_from:
+            stop = min(max((i for i, t in enumerate(ts) if t >= low), default=-1) + 1, end)
+            if stop <= trained_from:
                 print(f"late cut {low}: leaves the policy no step, skipped")
                 continue
-
-            def early_only(x, t, cond=None, low=low):  # the reference at the steps below the late cut
-                return bb.reference(x, t, cond) if int(t.reshape(-1)[0]) < low else policy(x, t, cond)
-
-            bb.policy = early_only
-            row(trained_from, last, cut=ts[0], late_cut=low)
+            row(trained_from, stop, cut=ts[0], late_cut=low)
     finally:
-        tr.method.policy_from = trained_from
-        if own:
-            bb.policy = policy
-        else:
-            vars(bb).pop("policy", None)
+        m.policy_from, m.policy_to = trained_from, trained_to
     return rows
 
 

@@ -161,6 +161,13 @@ VARIANTS = {
     # drawn among the first 26 (27 has no divisor near 5 for the stratified draw) plus the terminal one
     "window30_from651": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.policy_max_timestep=651",
                          "gfn.timestep_fraction=0.19", "gfn.low_var_subsampling=false"],
+    # the reference's own steps at t = 51 and 1 (gfn.policy_min_timestep): the exact tilt's step there is the
+    # reference's to ~1e-4 nats (σ = 0.015 and 0.007), while the file's policy spends 44–125 nats of KL at t = 51
+    # (benchmarks/digits_path_kl.py). 18 policy steps, 5 trained per trajectory (uniform draws: 18 has no divisor 5)
+    # plus the last policy step
+    "late52": ["gfn.policy_min_timestep=52", "gfn.timestep_fraction=0.28", "gfn.low_var_subsampling=false"],
+    "window30_from651_late52": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30),
+                                "gfn.policy_max_timestep=651", "gfn.policy_min_timestep=52", "gfn.timestep_fraction=0.2"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

@@ -69,15 +69,17 @@ class Trajectories:
 @torch.no_grad()
 def sample_trajectories(backbone, n: int, generator: torch.Generator, coeffs: TransitionCoefficients,
                         prompts: Optional[list] = None, reward_fn=None, keep_trajectory: bool = True,
-                        progress=None, guide: Optional[Callable] = None, policy_from: int = 0) -> Trajectories:
+                        progress=None, guide: Optional[Callable] = None, policy_from: int = 0,
+                        policy_to: Optional[int] = None) -> Trajectories:
     """Run the N-step sampler with the current policy (CFG inside ``backbone.policy``) from fresh noise.
 
     All randomness comes from ``generator`` (CPU), so a run is reproducible across devices. ``reward_fn`` scores
     the decoded clean samples (log R); without it ``log_reward`` is NaN. ``guide(x, k, cond, prompts)``, when given,
     returns a detached shift of the policy's output at step k (a method's fixed part of its policy, e.g.
     ``gfn.reward_guidance``); it is not applied inside ``backbone.reference_sampling()``, which draws from p_ref.
-    The stored outputs ``outs`` include it. Steps k < ``policy_from`` take the reference's output, without the guide
-    (a method's ``policy_from``: ``gfn.policy_max_timestep``).
+    The stored outputs ``outs`` include it. Steps k < ``policy_from`` and k ≥ ``policy_to`` (None: N) take the
+    reference's output, without the guide (a method's ``policy_from`` and ``policy_to``: ``gfn.policy_max_timestep``
+    and ``gfn.policy_min_timestep``).
     """
     dev = backbone.device
     timesteps = backbone.scheduler.timesteps.to(dev)
@@ -87,13 +89,15 @@ def sample_trajectories(backbone, n: int, generator: torch.Generator, coeffs: Tr
     x = backbone.sample_noise(n, generator).to(dt)
     xs = [x] if keep_trajectory else None
     outs = [] if keep_trajectory else None
+    policy_to = N if policy_to is None else policy_to
     for k in range(N):
         t = timesteps[k].expand(n)
-        if k < policy_from:
-            out = backbone.reference(x, t, cond).to(dt)
-        else:
+        acts = policy_from <= k < policy_to
+        if acts:
             out = backbone.policy(x, t, cond).to(dt)
-        if guide is not None and k >= policy_from and not backbone._reference_sampling:
+        else:
+            out = backbone.reference(x, t, cond).to(dt)
+        if guide is not None and acts and not backbone._reference_sampling:
             out = out + guide(x, k, cond, prompts).to(dt)
         z = torch.randn(x.shape, generator=generator, device="cpu").to(dev, dt)
         x = coeffs[k].step(x, out, z)

@@ -163,7 +163,8 @@ class Trainer:
                     prompts = self.prompts.sample(sc.batch_size, g) if self.backbone.conditional else None
                     tr = sample_trajectories(self.backbone, sc.batch_size, g, self.coeffs, prompts, self.reward_fn,
                                              progress=bar, guide=self.method.guide,
-                                             policy_from=self.method.policy_from)
+                                             policy_from=self.method.policy_from,
+                                             policy_to=self.method.policy_to)
                     parts.append(self.method.prepare(tr))
         if bar is not None:
             bar.close()
@@ -185,7 +186,8 @@ class Trainer:
                 m = min(bs, n - s)
                 prompts = self.eval_prompts.sample(m, pg) if self.backbone.conditional else None
                 tr = sample_trajectories(self.backbone, m, g, self.coeffs, prompts, None, keep_trajectory=False,
-                                         guide=self.method.guide, policy_from=self.method.policy_from)
+                                         guide=self.method.guide, policy_from=self.method.policy_from,
+                                         policy_to=self.method.policy_to)
                 outs.append(tr.xs[:, -1].cpu())
                 if prompts is not None:
                     prompts_all += prompts

@@ -98,9 +98,10 @@ class Method:
     #: a fixed shift of the policy's output that sampling adds at every step (``sampling.sample_trajectories``'s
     #: ``guide``), or None
     guide = None
-    #: the first sampling step at which the policy acts; the steps before it sample from the reference and are not
-    #: trained (``sampling.sample_trajectories``'s ``policy_from``)
+    #: the first sampling step at which the policy acts and the one after its last (None: N); the steps outside
+    #: sample from the reference and are not trained (``sampling.sample_trajectories``'s ``policy_from``/``policy_to``)
     policy_from: int = 0
+    policy_to: Optional[int] = None
 
     # --- the loop's hooks ----------------------------------------------------------------------------------------
     def prepare(self, tr: Trajectories) -> Trajectories:
@@ -128,9 +129,11 @@ class Method:
     def select(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """The items of each of n trajectories, (n, K) long: the trained steps (``sampling.select_transitions``), or
         a per-trajectory draw for a method whose item is the trajectory (``chain.ChainMethod``). Drawn from the
-        plan's seeded generator, so a resumed run draws the same. Only the policy's steps, k ≥ ``policy_from``."""
+        plan's seeded generator, so a resumed run draws the same. Only the policy's steps, ``policy_from`` ≤ k <
+        ``policy_to``; the last of them plays the terminal step's part (always trained)."""
         g = self.cfg.gfn
-        return self.policy_from + select_transitions(n, self.N - self.policy_from, g.timestep_fraction,
+        end = self.N if self.policy_to is None else self.policy_to
+        return self.policy_from + select_transitions(n, end - self.policy_from, g.timestep_fraction,
                                                      g.low_var_subsampling, generator)
 
     def __call__(self, batch) -> tuple[torch.Tensor, dict]:

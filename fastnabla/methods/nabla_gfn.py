@@ -47,19 +47,24 @@ class NablaGFN(Method):
                 raise ValueError("gfn.reward_guidance shifts the policy's mean through its output, but a sampling step "
                                  "has coef_out = 0; set gfn.reward_guidance=0")
             self.guide = self.guidance
-        cut = self.gfn.policy_max_timestep
-        if cut is not None:
-            acting = (self.timesteps <= cut).nonzero()
+        cut, low = self.gfn.policy_max_timestep, self.gfn.policy_min_timestep
+        if cut is not None or low is not None:
+            acting = ((self.timesteps <= (cut if cut is not None else self.timesteps[0]))
+                      & (self.timesteps >= (low if low is not None else 0))).nonzero()
+            keys = " and ".join(f"gfn.{k}={v}" for k, v in (("policy_max_timestep", cut), ("policy_min_timestep", low))
+                                if v is not None)
             if acting.numel() == 0:
-                raise ValueError(f"gfn.policy_max_timestep={cut} is below every sampling timestep (the last is "
-                                 f"{int(self.timesteps[-1])}): the policy would never act; raise it or set it to null")
-            self.policy_from = int(acting[0])
+                raise ValueError(f"{keys}: no sampling timestep is left to the policy (they run "
+                                 f"{int(self.timesteps[0])} … {int(self.timesteps[-1])}), it would never act; widen "
+                                 "the range or set it to null")
+            self.policy_from, self.policy_to = int(acting[0]), int(acting[-1]) + 1
             try:  # timestep_fraction applies to the policy's steps: refuse a selection that does not fit them now
                 self.select(1, torch.Generator().manual_seed(0))
             except ValueError as e:
-                raise ValueError(f"gfn.policy_max_timestep={cut} leaves the policy {self.N - self.policy_from} of "
-                                 f"the {self.N} steps, and gfn.timestep_fraction={self.gfn.timestep_fraction} is "
-                                 f"taken of those: {e}; choose a fraction that fits them") from None
+                raise ValueError(f"{keys}: the policy acts at {self.policy_to - self.policy_from} of the {self.N} "
+                                 "steps, and "
+                                 f"gfn.timestep_fraction={self.gfn.timestep_fraction} is taken of those: {e}; choose a "
+                                 "fraction that fits them") from None
 
     # --- the seam -------------------------------------------------------------------------------------------------
     @property
@@ -226,7 +231,8 @@ class NablaGFN(Method):
         target policy its expectation is ∇log h_k(x_k), the residual flow score the flow net regresses on
         (L_A). One reference input-VJP per step; ``gfn.return_micro_batch`` (else ``reward.micro_batch``) bounds the
         trajectories per VJP. With CFG the reference is the guided one, so J_ref is the guided mean map's Jacobian.
-        G_k for k < ``policy_from`` (``gfn.policy_max_timestep``) is not computed: zero.
+        G_k for k < ``policy_from`` (``gfn.policy_max_timestep``) is not computed: zero. The reference's own late steps
+        (k ≥ ``policy_to``, ``gfn.policy_min_timestep``) are part of the chain.
         """
         return self._returns(xs, cond, prompts)[0]
 
@@ -251,7 +257,7 @@ class NablaGFN(Method):
             G[sl, N], _ = self.reward_grad(xs[sl, N], jN, c_s, p_s)  # γ = 1 at the clean sample in every FL mode
             for k in range(N - 1, self.policy_from - 1, -1):  # none regresses on G_k for k < policy_from
                 G[sl, k], out_ref = self._reference_mean_vjp(xs[sl, k], torch.full_like(jN, k), c_s, G[sl, k + 1])
-                if with_kl:
+                if with_kl and k < (self.policy_to or N):
                     kl[sl, k] = path_kl(self.c.coef_out[k:k + 1], self.c.std[k:k + 1], outs[sl, k:k + 1],
                                         out_ref[:, None])[:, 0]
         return G, kl

@@ -459,6 +459,41 @@ def test_policy_max_timestep_samples_the_reference_above_it_and_trains_only_belo
     assert float(G[:, :2].abs().max()) == 0.0 and float(G_all[:, 1].abs().max()) > 0
 
 
+def test_policy_min_timestep_leaves_the_last_steps_to_the_reference():
+    """``gfn.policy_min_timestep`` with ``gfn.policy_max_timestep``: the policy (guided) acts at steps 2–5 of 8 only;
+    steps 6 and 7 take the reference's output, the trained transitions are drawn among 2–5 with step 5 in the terminal
+    step's place, the returns are the full chain's (through the reference's late steps), and the late steps' KL is 0."""
+    over = {"gfn.reward_guidance": 0.5, "gfn.policy_target": "return", "sampling.num_steps": 8,
+            "gfn.timestep_fraction": 0.5}
+    cfg, bb, reward, c = _setup(**over)
+    ts = bb.scheduler.timesteps
+    cfg_cut, _, _, _ = _setup(**over, **{"gfn.policy_max_timestep": int(ts[2]), "gfn.policy_min_timestep": int(ts[5])})
+    m, m_all = NablaGFN(bb, reward, c, cfg_cut), NablaGFN(bb, reward, c, cfg)
+    assert (m.policy_from, m.policy_to, m_all.policy_to) == (2, 6, None)
+    tr = m.prepare(sample_trajectories(bb, 5, torch.Generator().manual_seed(2), c, guide=m.guide,
+                                       policy_from=m.policy_from, policy_to=m.policy_to))
+    g = torch.Generator().manual_seed(2)
+    x = bb.sample_noise(5, g).double()
+    for k in range(8):
+        t = ts[k].expand(5)
+        out = bb.policy(x, t).detach() + m.guide(x, k, None, None) if 2 <= k < 6 else bb.reference(x, t).detach()
+        torch.testing.assert_close(tr.outs[:, k], out, rtol=1e-9, atol=1e-12)
+        x = c[k].step(x, out, torch.randn(x.shape, generator=g).double())
+    sel = m.select(400, torch.Generator().manual_seed(0))  # 4 policy steps, fraction 0.5: chunks {2, 3}, {4}, then 5
+    assert sel.shape == (400, 3) and bool((sel[:, -1] == 5).all())
+    assert [set(sel[:, j].tolist()) for j in range(2)] == [{2, 3}, {4}]
+    torch.testing.assert_close(tr.returns[:, 2:], m_all.gradient_returns(tr.xs, None, None)[:, 2:], rtol=0, atol=0)
+    kl = tr.extras["path_kl"]
+    assert float(kl[:, :2].abs().max()) == 0 == float(kl[:, 6:].abs().max()) and bool((kl[:, 2:6] > 0).all())
+    with pytest.raises(ValueError, match="gfn.policy_min_timestep"):
+        load_config(None, ["gfn.policy_min_timestep=-1"])
+    with pytest.raises(ValueError, match="gfn.policy_min_timestep"):
+        load_config(None, ["gfn.recipe=paper", "gfn.policy_min_timestep=10"])
+    cfg_none, _, _, _ = _setup(**over, **{"gfn.policy_max_timestep": int(ts[5]), "gfn.policy_min_timestep": int(ts[2])})
+    with pytest.raises(ValueError, match="policy_max_timestep=.* and gfn.policy_min_timestep=.*: no sampling timestep"):
+        NablaGFN(bb, reward, c, cfg_none)
+
+
 def test_prepare_stores_each_steps_kl_to_the_reference():
     """The returns run the reference at every policy state; ``prepare`` keeps its outputs' KL per step and trajectory
     (``metrics.path_kl``, checked against the reference run again here), zero at the reference's own steps; the
@@ -488,10 +523,10 @@ def test_policy_max_timestep_errors():
     with pytest.raises(ValueError, match="gfn.policy_max_timestep"):
         load_config(None, ["gfn.recipe=paper", "gfn.policy_max_timestep=500"])
     cfg, bb, reward, c = _setup(**{"gfn.policy_max_timestep": 0})
-    with pytest.raises(ValueError, match="below every sampling timestep"):
+    with pytest.raises(ValueError, match="no sampling timestep is left to the policy"):
         NablaGFN(bb, reward, c, cfg)
     ts = _setup(**{"sampling.num_steps": 8, "gfn.timestep_fraction": 0.5})[1].scheduler.timesteps
     cfg, bb, reward, c = _setup(**{"gfn.policy_max_timestep": int(ts[1]), "gfn.timestep_fraction": 0.5,
                                    "sampling.num_steps": 8})
-    with pytest.raises(ValueError, match="leaves the policy 7 of the 8 steps"):  # 7 steps, K = 3: not divisible
+    with pytest.raises(ValueError, match="the policy acts at 7 of the 8 steps"):  # 7 steps, K = 3: not divisible
         NablaGFN(bb, reward, c, cfg)

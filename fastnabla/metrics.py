@@ -16,7 +16,8 @@ For SD with ``eval.features`` (clip | dreamsim), features are image embeddings o
 and prompts, pooled and per prompt (prior preservation), for the finetuned and, once per run, the pretrained model.
 
 The sample-and-feature metrics (``importance_weights``, ``class_histogram``, ``histogram_tv``, ``diversity``,
-``fid``, ``kid``) take tensors only, so any backbone can use them.
+``fid``, ``kid``) and the KL ones (``tilt_kl``: the target's log Z and KL to p_ref; ``path_kl``: a sampler's per-step
+KL to the reference's) take tensors only, so any backbone can use them.
 """
 from __future__ import annotations
 

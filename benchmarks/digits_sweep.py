@@ -164,7 +164,7 @@ VARIANTS = {
     # the reference's own steps at t = 51 and 1 (gfn.policy_min_timestep): the exact tilt's step there is the
     # reference's to ~1e-4 nats (σ = 0.015 and 0.007), while the file's policy spends 44–125 nats of KL at t = 51
     # (benchmarks/digits_path_kl.py). 18 policy steps, 5 trained per trajectory (uniform draws: 18 has no divisor 5)
-    # plus the last policy step
+    # plus the last policy step. configs/digits.yaml uses it since (so "shipped" is the same run from then on)
     "late52": ["gfn.policy_min_timestep=52", "gfn.timestep_fraction=0.28", "gfn.low_var_subsampling=false"],
     "window30_from651_late52": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30),
                                 "gfn.policy_max_timestep=651", "gfn.policy_min_timestep=52", "gfn.timestep_fraction=0.2"],

@@ -147,7 +147,7 @@ class GFNConfig:
     # and only at steps whose timestep is ≥ this (None = down to the last step): the steps below it sample from the
     # reference and are not trained. Where σ_k is tiny, the exact tilt's step differs from the reference's by a KL of
     # σ_k²·|∇log h|²/2 (~1e-4 nats on digits' t 51 → 1), while a shared network's output there drifts with its
-    # neighbours' (44–125 nats measured; benchmarks/digits_path_kl.py)
+    # neighbours' (44–163 nats measured; benchmarks/digits_path_kl.py)
     policy_min_timestep: Optional[int] = None
 
 

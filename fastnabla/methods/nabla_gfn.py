@@ -62,9 +62,8 @@ class NablaGFN(Method):
                 self.select(1, torch.Generator().manual_seed(0))
             except ValueError as e:
                 raise ValueError(f"{keys}: the policy acts at {self.policy_to - self.policy_from} of the {self.N} "
-                                 "steps, and "
-                                 f"gfn.timestep_fraction={self.gfn.timestep_fraction} is taken of those: {e}; choose a "
-                                 "fraction that fits them") from None
+                                 f"steps, and gfn.timestep_fraction={self.gfn.timestep_fraction} is taken of those: "
+                                 f"{e}; choose a fraction that fits them") from None
 
     # --- the seam -------------------------------------------------------------------------------------------------
     @property

@@ -166,6 +166,12 @@ VARIANTS = {
     # (benchmarks/digits_path_kl.py). 18 policy steps, 5 trained per trajectory (uniform draws: 18 has no divisor 5)
     # plus the last policy step. configs/digits.yaml uses it since (so "shipped" is the same run from then on)
     "late52": ["gfn.policy_min_timestep=52", "gfn.timestep_fraction=0.28", "gfn.low_var_subsampling=false"],
+    # late52 with the policy's residual weighted by σ_k², i.e. each trained step's loss is its Gaussian step's KL to
+    # the target's mean shift (σ²/2·|d − G|²). Without the reference's last steps the output-space weights this gives
+    # span 0.6–2.8 over t = 951 … 101 (the t = 51 step's 300 made it unusable before); output weighting gives the
+    # last policy step, t = 101, a weight 36× below the middle's in d units, and its d drifted to 8× its target
+    "late52_sigma2": ["gfn.policy_min_timestep=52", "gfn.timestep_fraction=0.28", "gfn.low_var_subsampling=false",
+                      "gfn.policy_weighting=sigma2"],
     "window30_from651_late52": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30),
                                 "gfn.policy_max_timestep=651", "gfn.policy_min_timestep=52", "gfn.timestep_fraction=0.2"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",

@@ -70,8 +70,10 @@ class Trajectories:
 def sample_trajectories(backbone, n: int, generator: torch.Generator, coeffs: TransitionCoefficients,
                         prompts: Optional[list] = None, reward_fn=None, keep_trajectory: bool = True,
                         progress=None, guide: Optional[Callable] = None, policy_from: int = 0,
-                        policy_to: Optional[int] = None) -> Trajectories:
-    """Run the N-step sampler with the current policy (CFG inside ``backbone.policy``) from fresh noise.
+                        policy_to: Optional[int] = None, start: Optional[tuple] = None) -> Trajectories:
+    """Run the N-step sampler with the current policy (CFG inside ``backbone.policy``) from fresh noise, or from
+    ``start`` = (x, k0): the n states x before step k0, run on from there (the returned trajectories then hold the
+    states x_k0 … x_N and the outputs of steps k0 … N−1; a branch of a trajectory, e.g. for conditional means).
 
     All randomness comes from ``generator`` (CPU), so a run is reproducible across devices. ``reward_fn`` scores
     the decoded clean samples (log R); without it ``log_reward`` is NaN. ``guide(x, k, cond, prompts)``, when given,
@@ -86,11 +88,14 @@ def sample_trajectories(backbone, n: int, generator: torch.Generator, coeffs: Tr
     N = timesteps.numel()
     cond = backbone.encode(prompts) if backbone.conditional else None
     dt = coeffs.coef_x.dtype  # the state dtype (float32 in training; float64 in tests)
-    x = backbone.sample_noise(n, generator).to(dt)
+    k0 = 0 if start is None else int(start[1])
+    if not 0 <= k0 < N:
+        raise ValueError(f"sample_trajectories: start step {k0} is outside the sampler's 0 … {N - 1}")
+    x = backbone.sample_noise(n, generator).to(dt) if start is None else start[0].to(dev, dt)
     xs = [x] if keep_trajectory else None
     outs = [] if keep_trajectory else None
     policy_to = N if policy_to is None else policy_to
-    for k in range(N):
+    for k in range(k0, N):
         t = timesteps[k].expand(n)
         acts = policy_from <= k < policy_to
         if acts:

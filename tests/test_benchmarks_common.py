@@ -1,8 +1,10 @@
 """benchmarks/common.py: the shared CSV writer and commit hash of the benchmark scripts."""
 import csv
+import os
 import re
 
 import pytest
+import torch
 
 from benchmarks.common import git_sha, write_rows
 
@@ -20,3 +22,26 @@ def test_write_rows_round_trip_in_first_row_order(tmp_path):
 
 def test_git_sha_is_a_short_hash_or_empty():
     assert re.fullmatch(r"([0-9a-f]{7,40})?", git_sha())
+
+
+def test_returns_branch_variance_split_against_a_closed_form():
+    """benchmarks/digits_returns_branch.py: G = m_i + noise with known spreads; the split recovers Var(m) and the
+    noise, and a predictor equal to m explains all of Var(m), one equal to the mean push none."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digits_returns_branch", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "digits_returns_branch.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    g = torch.Generator().manual_seed(0)
+    n, M, P = 4000, 6, 3
+    m = 2.0 * torch.randn(n, P, generator=g) + torch.tensor([1.0, 0.0, -1.0])  # Var(m) = 3·4 = 12 over pixels
+    G = m[:, None] + 0.5 * torch.randn(n, M, P, generator=g)  # noise: 3·0.25 = 0.75
+    out = bench.variance_split(G, m)
+    assert out["between"] == pytest.approx(12.0, rel=0.05) and out["within"] == pytest.approx(0.75, rel=0.03)
+    assert out["learnable"] == pytest.approx(12 / 12.75, rel=0.01) and 0 < out["between_se"] < 0.6
+    assert out["explained_by_d"] == pytest.approx(1.0, abs=0.01) and out["cos_mean"] == pytest.approx(1.0, abs=1e-3)
+    flat = bench.variance_split(G, m.mean(0).expand(n, P))
+    assert flat["explained_by_d"] == pytest.approx(0.0, abs=0.02)
+    with pytest.raises(ValueError, match="≥ 2 branches"):
+        bench.variance_split(G[:, :1])

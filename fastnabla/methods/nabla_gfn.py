@@ -235,11 +235,13 @@ class NablaGFN(Method):
         """
         return self._returns(xs, cond, prompts)[0]
 
-    def _returns(self, xs: torch.Tensor, cond, prompts, outs: Optional[torch.Tensor] = None):
+    def _returns(self, xs: torch.Tensor, cond, prompts, outs: Optional[torch.Tensor] = None,
+                 first: Optional[int] = None):
         """(``gradient_returns``, per-step KL) of sampled trajectories. Given the sampling-time outputs ``outs``
         (n, N, *S) and a sampler with σ > 0 at every step, the KL (n, N) of each policy step to the reference's
         (``metrics.path_kl``), read off the reference outputs the VJPs compute anyway (0 at the reference's own
-        steps); else None."""
+        steps); else None. ``first`` (default ``policy_from``): the lowest k whose G_k is computed; the states
+        before it are not read."""
         from fastnabla.metrics import path_kl
 
         n, N = xs.shape[0], self.N
@@ -254,7 +256,8 @@ class NablaGFN(Method):
             p_s = None if prompts is None else prompts[sl]
             jN = torch.full((xs[sl].shape[0],), N, dtype=torch.long, device=xs.device)
             G[sl, N], _ = self.reward_grad(xs[sl, N], jN, c_s, p_s)  # γ = 1 at the clean sample in every FL mode
-            for k in range(N - 1, self.policy_from - 1, -1):  # none regresses on G_k for k < policy_from
+            lowest = self.policy_from if first is None else first  # none regresses on G_k for k < policy_from
+            for k in range(N - 1, lowest - 1, -1):
                 G[sl, k], out_ref = self._reference_mean_vjp(xs[sl, k], torch.full_like(jN, k), c_s, G[sl, k + 1])
                 if with_kl and k < (self.policy_to or N):
                     kl[sl, k] = path_kl(self.c.coef_out[k:k + 1], self.c.std[k:k + 1], outs[sl, k:k + 1],

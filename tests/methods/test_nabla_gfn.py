@@ -173,6 +173,28 @@ def test_gradient_returns_match_a_hand_unrolled_jacobian_chain(micro_batch):
     torch.testing.assert_close(G, _jacobian_chain_returns(cfg, bb, reward, c, tr.xs), rtol=1e-9, atol=1e-12)
 
 
+def test_a_branch_from_a_state_replays_the_tail_and_its_returns():
+    """sample_trajectories(start=(x_k0, k0)) with the noise the full run drew after step k0 gives that run's tail, and
+    _returns(first=k0) on it (earlier states never read) gives the full trajectories' G_k for k ≥ k0."""
+    cfg, bb, reward, c = _setup(**{"gfn.reward_adaptive_mode": "off"})
+    full = sample_trajectories(bb, 3, torch.Generator().manual_seed(7), c)
+    k0, N = 3, c.coef_x.numel()
+    g = torch.Generator().manual_seed(7)
+    bb.sample_noise(3, g)
+    for _ in range(k0):  # the noise of steps 0 … k0−1
+        torch.randn(full.xs[:, 0].shape, generator=g)
+    tail = sample_trajectories(bb, 3, g, c, start=(full.xs[:, k0], k0))
+    torch.testing.assert_close(tail.xs, full.xs[:, k0:], rtol=0, atol=0)
+    torch.testing.assert_close(tail.outs, full.outs[:, k0:], rtol=0, atol=0)
+    m = NablaGFN(bb, reward, c, cfg)
+    padded = torch.cat([torch.full_like(full.xs[:, :k0], float("nan")), tail.xs], 1)
+    G = m._returns(padded, None, None, first=k0)[0]
+    torch.testing.assert_close(G[:, k0:], m.gradient_returns(full.xs, None, None)[:, k0:], rtol=1e-12, atol=0)
+    assert not G[:, :k0].any()
+    with pytest.raises(ValueError, match="start step"):
+        sample_trajectories(bb, 3, g, c, start=(full.xs[:, 0], N))
+
+
 @pytest.mark.parametrize("over", [
     {},
     {"gfn.reward_adaptive_mode": "off", "gfn.trust_region_scale": 3.0},

@@ -12,7 +12,9 @@ regression can learn; unbiased: the spread of the branch means less the noise's 
 state, E Var(G_k | x_{k−1}) (noise no network can learn). Reported per k: both (the first with its bootstrap
 standard error over the states: at the middle steps it is often larger than the estimate), the learnable fraction
 Var(m) / Var(G_k), and how much of Var(m) the policy's d explains, 1 − (E‖m̂ − d‖² − noise/M) / Var(m) (1: d is the
-conditional mean; 0: no better than the mean push; below 0: worse), with the norms of the batch means of G_k and d.
+conditional mean; 0: no better than the mean push; below 0: worse), with the norms of the batch means of G_k and d,
+and how much of Var(m) the best a·f + b explains, for f = ∇_x log R(x̂0_ref(x_{k−1})), the reward gradient through
+the reference's clean-sample prediction (``gfn.reward_guidance``'s direction): noise-free and state-dependent.
 Rows go to ``benchmarks/results/digits_returns_branch_<name>.csv``.
 """
 from __future__ import annotations
@@ -27,8 +29,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def variance_split(G, d=None) -> dict:
-    """G (n, M, *S): M draws of G_k for each of n conditioning states; d (n, *S) a predictor at those states, or None.
+def variance_split(G, d=None, f=None) -> dict:
+    """G (n, M, *S): M draws of G_k for each of n conditioning states; d (n, *S) a predictor at those states, or None;
+    f (n, *S) a feature at those states, or None (``explained_by_f``: the share of ``between`` that a·f + b explains
+    with the least-squares scalar a and vector b, noise-corrected; ``f_scale``: that a).
 
     Sums over pixels. ``within``: E_i of the unbiased within-state variance; ``between``: the variance of the
     conditional mean, unbiased (the branch means' spread, less within/M), with ``between_se``, its standard error
@@ -59,6 +63,13 @@ def variance_split(G, d=None) -> dict:
         out.update(explained_by_d=1.0 - mse / between if between > 0 else float("nan"),
                    norm_mean_d=float(dd.mean(0).norm()),
                    cos_mean=float(torch.nn.functional.cosine_similarity(dd.mean(0), mean_i.mean(0), dim=0)))
+    if f is not None:
+        fc = f.flatten(1).double()
+        fc = fc - fc.mean(0)
+        gc = mean_i - mean_i.mean(0)
+        a = float((gc * fc).sum() / (fc * fc).sum().clamp_min(1e-30))
+        resid = float(((gc - a * fc) ** 2).sum(1).sum().div(n - 2)) - within / M
+        out.update(explained_by_f=1.0 - resid / between if between > 0 else float("nan"), f_scale=a)
     return out
 
 
@@ -110,10 +121,15 @@ def main(argv=None) -> int:
         with torch.no_grad():
             d = ck.coef_out.view(-1, *[1] * (xk.dim() - 1)) * (bb.policy(xk, tk, None) - bb.reference(
                 xk, tk, None)) * ck.inv_var.view(-1, *[1] * (xk.dim() - 1))
+        # the reward gradient through the reference's clean-sample prediction, ∇_x log R(x̂0_ref(x)) at x_{k−1}: the
+        # direction of gfn.reward_guidance, a noise-free state-dependent guess at the conditional mean
+        with torch.enable_grad():
+            xx = xk.detach().requires_grad_(True)
+            f, _ = obj._reward_grad(xx, ck.pred_x0(xx, bb.reference(xx, tk, None).to(xx.dtype)), None)
         acts = obj.policy_from <= k - 1 < (obj.policy_to or N)
         row = dict(run=os.path.basename(os.path.normpath(a.run)), checkpoint=os.path.basename(path), state=k,
                    timestep=int(obj.timesteps[k - 1]), policy_acts=acts, n=a.n, branches=a.branches,
-                   **variance_split(G, d if acts else torch.zeros_like(d)))
+                   **variance_split(G, d if acts else torch.zeros_like(d), f))
         rows.append(row)
         print(" ".join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in row.items()),
               flush=True)

@@ -172,6 +172,15 @@ VARIANTS = {
     # last policy step, t = 101, a weight 36× below the middle's in d units, and its d drifted to 8× its target
     "late52_sigma2": ["gfn.policy_min_timestep=52", "gfn.timestep_fraction=0.28", "gfn.low_var_subsampling=false",
                       "gfn.policy_weighting=sigma2"],
+    # no weight (the raw |d − G|²): in output units the steps weigh coef_out²/σ⁴, 2–3 over t = 951 … 251, 9 at 201,
+    # 22 at 151 and 125 at 101. The last policy steps are where the returns are learnable (their noise is small:
+    # benchmarks/digits_returns_branch.py) and where the tilt is carried (digits_policy_steps.py)
+    "late52_none": ["gfn.policy_min_timestep=52", "gfn.timestep_fraction=0.28", "gfn.low_var_subsampling=false",
+                    "gfn.policy_weighting=none"],
+    # both cuts: the policy acts at t = 701 … 101 (13 steps, 5 drawn per trajectory plus the last), the reference
+    # above (where 2 % or less of the returns' variance is learnable: digits_returns_branch.py) and below
+    "from701_late52": ["gfn.policy_max_timestep=701", "gfn.policy_min_timestep=52", "gfn.timestep_fraction=0.4",
+                       "gfn.low_var_subsampling=false"],
     "window30_from651_late52": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30),
                                 "gfn.policy_max_timestep=651", "gfn.policy_min_timestep=52", "gfn.timestep_fraction=0.2"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",

@@ -43,5 +43,9 @@ def test_returns_branch_variance_split_against_a_closed_form():
     assert out["explained_by_d"] == pytest.approx(1.0, abs=0.01) and out["cos_mean"] == pytest.approx(1.0, abs=1e-3)
     flat = bench.variance_split(G, m.mean(0).expand(n, P))
     assert flat["explained_by_d"] == pytest.approx(0.0, abs=0.02)
+    # a feature a·f + b: the conditional mean itself at another scale explains all of it, an unrelated one nothing
+    feat = bench.variance_split(G, f=2.0 * m + 3.0)
+    assert feat["explained_by_f"] == pytest.approx(1.0, abs=0.01) and feat["f_scale"] == pytest.approx(0.5, rel=0.01)
+    assert bench.variance_split(G, f=torch.randn(n, P, generator=g))["explained_by_f"] == pytest.approx(0.0, abs=0.02)
     with pytest.raises(ValueError, match="≥ 2 branches"):
         bench.variance_split(G[:, :1])

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from fastnabla.backbones.pixel import PixelBackbone
     from fastnabla.config import load_config
     from fastnabla.digits import classifier_outputs, ensure_classifier
-    from fastnabla.sampling import step_coefficients
+    from fastnabla.sampling import sample_trajectories, step_coefficients
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(os.path.join(ROOT, "configs", "digits.yaml"), ["logging.progress=false", *a.set],
@@ -53,10 +53,8 @@ def main(argv=None) -> int:
     N, M = len(ts), a.branches
     g = torch.Generator().manual_seed(a.seed)
 
-    def run(x, k0):
-        for k in range(k0, N):
-            x = co[k].step(x, bb.policy(x, ts[k].expand(x.shape[0]), None), torch.randn(x.shape, generator=g))
-        return x
+    def run(x, k0):  # the clean samples of branches from the states x before step k0
+        return sample_trajectories(bb, x.shape[0], g, co, keep_trajectory=False, start=(x, k0)).xs[:, 0]
 
     def classes(x):
         logits, _ = classifier_outputs(clf, bb.decode(x))
@@ -64,13 +62,10 @@ def main(argv=None) -> int:
 
     rows = []
     with torch.no_grad(), bb.reference_sampling():
-        xs = [bb.sample_noise(a.n, g)]
+        xs = sample_trajectories(bb, a.n, g, co).xs
+        final = classes(xs[:, -1])
         for k in range(N):
-            x = xs[-1]
-            xs.append(co[k].step(x, bb.policy(x, ts[k].expand(a.n), None), torch.randn(x.shape, generator=g)))
-        final = classes(xs[-1])
-        for k in range(N):
-            c = classes(run(xs[k].repeat_interleave(M, 0), k)).view(a.n, M)
+            c = classes(run(xs[:, k].repeat_interleave(M, 0), k)).view(a.n, M)
             p = torch.stack([(c == j).float().mean(1) for j in range(10)], 1)
             entropy = max(0.0, float(-(p * p.clamp_min(1e-12).log()).sum(1).mean()))
             rows.append(dict(k=k, t=int(ts[k]), same_class=round(float((c == final[:, None]).float().mean()), 4),

@@ -313,6 +313,7 @@ class Trainer:
                 import yaml
 
                 yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+            self._trim_metrics_log()
         old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in old:
             signal.signal(s, self._on_signal)
@@ -324,6 +325,20 @@ class Trainer:
             for s, h in old.items():
                 signal.signal(s, h)
         return self.finish()
+
+    def _trim_metrics_log(self):
+        """metrics.jsonl holds this run's epochs only: a fresh run into a used output directory starts it empty, and a
+        resumed one keeps the rows of the epochs before its checkpoint's (rows written after that checkpoint are
+        written again). Rewritten atomically."""
+        path = os.path.join(self.out_dir, "metrics.jsonl")
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("epoch", -1) < self.epoch]
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(line if line.endswith("\n") else line + "\n" for line in keep)
+        os.replace(tmp, path)
 
     def _stop_requested(self) -> bool:
         # collective: a signal that reached one rank stops every rank at the same update (checkpoints are collective)

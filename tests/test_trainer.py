@@ -35,6 +35,9 @@ def test_runs_learns_and_writes_outputs(tmp_path):
     assert s.shape == (4096, 2) and np.isfinite(s).all()
     recs = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert [r["epoch"] for r in recs] == [0, 1, 2]
+    # a fresh run into the same directory starts its log afresh instead of appending to the last run's
+    build_trainer(_cfg(tmp_path, "train.epochs=2")).run()
+    assert [json.loads(l)["epoch"] for l in open(tmp_path / "metrics.jsonl")] == [0, 1]
     for key in ("reward_mean", "reward_std", "loss", "loss_forward", "loss_terminal", "loss_reverse", "norm_d",
                 "norm_reward_grad_next", "grad_norm_policy", "grad_norm_flow", "tv_batch", "off_manifold_batch"):
         assert key in recs[0], key
@@ -106,6 +109,8 @@ def test_bit_reproducible_and_resume_equals_uninterrupted(tmp_path, extra):
     c.update = update
     res = c.run()
     assert res["stopped"] and c.epoch == 2 and c.update_in_epoch == 2
+    with open(tmp_path / "c" / "metrics.jsonl", "a") as f:  # a row written after the checkpoint, before a crash
+        f.write(json.dumps({"epoch": 2, "stale": True}) + "\n")
     d = build_trainer(_cfg(tmp_path / "c", "train.epochs=4", "checkpoint.resume_from=latest", *extra))
     d.run()
     assert torch.equal(_params(a), _params(d))

@@ -329,12 +329,19 @@ class Trainer:
     def _trim_metrics_log(self):
         """metrics.jsonl holds this run's epochs only: a fresh run into a used output directory starts it empty, and a
         resumed one keeps the rows of the epochs before its checkpoint's (rows written after that checkpoint are
-        written again). Rewritten atomically."""
+        written again; a line cut short by a crash is dropped). Rewritten atomically."""
         path = os.path.join(self.out_dir, "metrics.jsonl")
         if not os.path.exists(path):
             return
+
+        def before(line):
+            try:
+                return json.loads(line).get("epoch", -1) < self.epoch
+            except ValueError:
+                return False
+
         with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("epoch", -1) < self.epoch]
+            keep = [line for line in f if line.strip() and before(line)]
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(line if line.endswith("\n") else line + "\n" for line in keep)

@@ -110,7 +110,7 @@ def test_bit_reproducible_and_resume_equals_uninterrupted(tmp_path, extra):
     res = c.run()
     assert res["stopped"] and c.epoch == 2 and c.update_in_epoch == 2
     with open(tmp_path / "c" / "metrics.jsonl", "a") as f:  # a row written after the checkpoint, before a crash
-        f.write(json.dumps({"epoch": 2, "stale": True}) + "\n")
+        f.write(json.dumps({"epoch": 2, "stale": True}) + "\n" + '{"epoch": 3, "cut sho')  # and one cut short
     d = build_trainer(_cfg(tmp_path / "c", "train.epochs=4", "checkpoint.resume_from=latest", *extra))
     d.run()
     assert torch.equal(_params(a), _params(d))

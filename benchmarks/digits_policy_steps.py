@@ -29,6 +29,7 @@ def policy_steps(tr, cuts: list[int], late_cuts: list[int] = ()) -> list[dict]:
     late cut with the policy acting only at timesteps ≥ it (the reference below); never at steps its own
     ``gfn.policy_max_timestep`` / ``gfn.policy_min_timestep`` leave to the reference. Cuts that leave the policy no
     step are skipped."""
+    from fastnabla.methods.base import acting_steps
     from fastnabla.metrics import evaluate
 
     m = tr.method
@@ -50,13 +51,13 @@ def policy_steps(tr, cuts: list[int], late_cuts: list[int] = ()) -> list[dict]:
 
     try:
         for cut in cuts:
-            k = max(next((i for i, t in enumerate(ts) if t <= cut), len(ts)), trained_from)
+            k = max((acting_steps(ts, max_timestep=cut) or (len(ts),))[0], trained_from)
             if k >= end:
                 print(f"cut {cut}: leaves the policy no step, skipped")
                 continue
             row(k, end, cut=cut, late_cut=0)
         for low in late_cuts:
-            stop = min(max((i for i, t in enumerate(ts) if t >= low), default=-1) + 1, end)
+            stop = min((acting_steps(ts, min_timestep=low) or (0, 0))[1], end)
             if stop <= trained_from:
                 print(f"late cut {low}: leaves the policy no step, skipped")
                 continue

@@ -25,6 +25,8 @@ from typing import Sequence
 
 import torch
 
+from fastnabla.config import check_timestep_list
+
 __all__ = ["TransitionCoefficients", "transition_coefficients", "make_scheduler", "schedule_coefficients",
            "ListedDDIMScheduler"]
 
@@ -106,20 +108,6 @@ class TransitionCoefficients:
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A (B,) or 0-d per-transition scalar shaped to broadcast over ``like``'s sample dims, in its dtype."""
     return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
-
-
-def check_timestep_list(timesteps, num_train_timesteps: int) -> list[int]:
-    """An explicit sampling schedule as a list of ints: strictly decreasing, within [0, num_train_timesteps)."""
-    ts = list(timesteps)
-    if not ts or not all(isinstance(v, int) and not isinstance(v, bool) for v in ts):
-        raise ValueError(f"sampling.timesteps={ts!r}: must be a non-empty list of ints, e.g. [951, 801, 651, 501, 1]")
-    if any(a <= b for a, b in zip(ts, ts[1:])):
-        raise ValueError(f"sampling.timesteps={ts!r}: must be strictly decreasing (the sampler runs from noise to "
-                         "data)")
-    if ts[0] >= num_train_timesteps or ts[-1] < 0:
-        raise ValueError(f"sampling.timesteps={ts!r}: must lie in [0, {num_train_timesteps - 1}] (the model's "
-                         "num_train_timesteps)")
-    return ts
 
 
 @functools.lru_cache(maxsize=None)

@@ -58,7 +58,7 @@ def test_exponent_without_dot_is_a_number():
     ("sampling.timesteps=[901,1]", "sampling.timesteps: lists 2 timesteps but sampling.num_steps=50; set "
                                    "sampling.num_steps=2"),
     ("sampling.num_steps=2 sampling.timesteps=[1,901]", "sampling.timesteps: .* must be strictly decreasing"),
-    ("sampling.num_steps=2 sampling.timesteps=[901,0.5]", "sampling.timesteps: .* must be a list of ints"),
+    ("sampling.num_steps=2 sampling.timesteps=[901,0.5]", "sampling.timesteps: .* must be a non-empty list of ints"),
     ("sampling.num_steps=2 sampling.timesteps=[901,1] sampling.scheduler=sde-dpmsolver++",
      "sampling.timesteps: needs sampling.scheduler=ddim or ddpm"),
 ])

@@ -24,7 +24,18 @@ import torch
 from fastnabla.sampling import Trajectories, select_transitions
 from fastnabla.transitions import TransitionCoefficients
 
-__all__ = ["Method", "TransitionBatch"]
+__all__ = ["Method", "TransitionBatch", "acting_steps"]
+
+
+def acting_steps(timesteps, max_timestep: Optional[int] = None, min_timestep: Optional[int] = None):
+    """(first, stop): the sampling steps k with min_timestep ≤ timesteps[k] ≤ max_timestep (None: unbounded) are
+    first ≤ k < stop, or None when no step is in range. The one reading of ``gfn.policy_max_timestep`` and
+    ``gfn.policy_min_timestep`` (the schedule descends, so the steps in range are contiguous)."""
+    ts = [int(t) for t in timesteps]
+    hi = ts[0] if max_timestep is None else max_timestep
+    lo = 0 if min_timestep is None else min_timestep
+    inside = [k for k, t in enumerate(ts) if lo <= t <= hi]
+    return (inside[0], inside[-1] + 1) if inside else None
 
 
 @dataclass

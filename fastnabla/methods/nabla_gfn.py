@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from fastnabla.loss import residual_db_loss
-from fastnabla.methods.base import Method, TransitionBatch
+from fastnabla.methods.base import Method, TransitionBatch, acting_steps
 from fastnabla.sampling import Trajectories
 from fastnabla.transitions import TransitionCoefficients, _bcast as _col
 
@@ -49,15 +49,14 @@ class NablaGFN(Method):
             self.guide = self.guidance
         cut, low = self.gfn.policy_max_timestep, self.gfn.policy_min_timestep
         if cut is not None or low is not None:
-            acting = ((self.timesteps <= (cut if cut is not None else self.timesteps[0]))
-                      & (self.timesteps >= (low if low is not None else 0))).nonzero()
+            acting = acting_steps(self.timesteps, cut, low)
             keys = " and ".join(f"gfn.{k}={v}" for k, v in (("policy_max_timestep", cut), ("policy_min_timestep", low))
                                 if v is not None)
-            if acting.numel() == 0:
+            if acting is None:
                 raise ValueError(f"{keys}: no sampling timestep is left to the policy (they run "
                                  f"{int(self.timesteps[0])} … {int(self.timesteps[-1])}), it would never act; widen "
                                  "the range or set it to null")
-            self.policy_from, self.policy_to = int(acting[0]), int(acting[-1]) + 1
+            self.policy_from, self.policy_to = acting
             try:  # timestep_fraction applies to the policy's steps: refuse a selection that does not fit them now
                 self.select(1, torch.Generator().manual_seed(0))
             except ValueError as e:

@@ -552,3 +552,16 @@ def test_policy_max_timestep_errors():
                                    "sampling.num_steps": 8})
     with pytest.raises(ValueError, match="the policy acts at 7 of the 8 steps"):  # 7 steps, K = 3: not divisible
         NablaGFN(bb, reward, c, cfg)
+
+
+def test_acting_steps_matches_a_step_by_step_reading():
+    """``acting_steps`` (the one reading of the policy's timestep range) against checking every step's timestep, on a
+    uniform and a non-uniform descending schedule, for bounds on, between and outside the timesteps."""
+    from fastnabla.methods.base import acting_steps
+
+    for ts in ([951, 901, 851, 701, 551, 401, 251, 101, 51, 1], [961, 700, 420, 300, 90, 1]):
+        for hi in (None, 2000, 961, 951, 800, 700, 420, 51, 1, 0):
+            for lo in (None, 0, 1, 2, 52, 300, 301, 700, 960, 2000):
+                ks = [k for k, t in enumerate(ts) if (hi is None or t <= hi) and (lo is None or t >= lo)]
+                want = (ks[0], ks[-1] + 1) if ks else None
+                assert acting_steps(ts, hi, lo) == want, (ts, hi, lo)

@@ -181,6 +181,10 @@ VARIANTS = {
     # above (where 2 % or less of the returns' variance is learnable: digits_returns_branch.py) and below
     "from701_late52": ["gfn.policy_max_timestep=701", "gfn.policy_min_timestep=52", "gfn.timestep_fraction=0.4",
                        "gfn.low_var_subsampling=false"],
+    # every one of the 13 policy steps trained on each trajectory (2.2× the regression's draws per epoch), in the same
+    # 3 updates per epoch (larger micro-batches)
+    "from701_late52_all": ["gfn.policy_max_timestep=701", "gfn.policy_min_timestep=52", "gfn.timestep_fraction=1.0",
+                           "gfn.low_var_subsampling=false", "train.batch_size=278"],
     "window30_from651_late52": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30),
                                 "gfn.policy_max_timestep=651", "gfn.policy_min_timestep=52", "gfn.timestep_fraction=0.2"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",

@@ -187,6 +187,11 @@ VARIANTS = {
                            "gfn.low_var_subsampling=false", "train.batch_size=278"],
     "window30_from651_late52": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30),
                                 "gfn.policy_max_timestep=651", "gfn.policy_min_timestep=52", "gfn.timestep_fraction=0.2"],
+    # twice the draws of window30_from651_late52 (10 of its 25 policy steps per trajectory plus the last), in the
+    # same 3 updates per epoch
+    "window30_from651_late52_tf04": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30),
+                                     "gfn.policy_max_timestep=651", "gfn.policy_min_timestep=52",
+                                     "gfn.timestep_fraction=0.4", "train.batch_size=235"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

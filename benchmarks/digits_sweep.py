@@ -192,6 +192,9 @@ VARIANTS = {
     "window30_from651_late52_tf04": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30),
                                      "gfn.policy_max_timestep=651", "gfn.policy_min_timestep=52",
                                      "gfn.timestep_fraction=0.4", "train.batch_size=235"],
+    # configs/digits.yaml before it moved to window30_from651_late52: 20 uniform steps, the policy at t = 701 … 101
+    "steps20_from701_late52": ["sampling.num_steps=20", "sampling.timesteps=null", "gfn.policy_max_timestep=701",
+                               "gfn.timestep_fraction=0.4"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

@@ -431,22 +431,6 @@ def _typed(key: str, value: Any, kind) -> Any:
     return value
 
 
-def check_timestep_list(timesteps, num_train_timesteps: Optional[int] = None) -> list[int]:
-    """``sampling.timesteps`` as a list of ints: strictly decreasing, ≥ 0 and, when the model's
-    ``num_train_timesteps`` is given, below it. The one check of an explicit schedule (the config's and the
-    scheduler's); a ``ConfigError`` names what is wrong."""
-    ts = list(timesteps) if isinstance(timesteps, (list, tuple)) else timesteps
-    if not isinstance(ts, list) or not ts or not all(isinstance(v, int) and not isinstance(v, bool) for v in ts):
-        raise ConfigError(f"sampling.timesteps: {ts!r} must be a non-empty list of ints, e.g. [951, 801, 651, 501, 1]")
-    if any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0:
-        raise ConfigError(f"sampling.timesteps: {ts!r} must be strictly decreasing and ≥ 0 (the sampler runs from "
-                          "noise to data)")
-    if num_train_timesteps is not None and ts[0] >= num_train_timesteps:
-        raise ConfigError(f"sampling.timesteps: {ts!r} must lie in [0, {num_train_timesteps - 1}] (the model's "
-                          "num_train_timesteps)")
-    return ts
-
-
 def validate(cfg: Config) -> None:
     """Coerce types and check every value once; raises ``ConfigError`` naming the first bad key."""
     import typing
@@ -517,7 +501,12 @@ def validate(cfg: Config) -> None:
     choice("sampling.scheduler", sa.scheduler, ["ddim", "ddpm", "sde-dpmsolver++"])
     check(sa.num_steps >= 1, "sampling.num_steps", "must be ≥ 1")
     if sa.timesteps is not None:
-        ts = check_timestep_list(sa.timesteps)
+        from fastnabla.transitions import check_timestep_list
+
+        try:
+            ts = check_timestep_list(sa.timesteps)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         check(len(ts) == sa.num_steps, "sampling.timesteps",
               f"lists {len(ts)} timesteps but sampling.num_steps={sa.num_steps}; set sampling.num_steps={len(ts)}")
         check(sa.scheduler in ("ddim", "ddpm"), "sampling.timesteps",

@@ -21,11 +21,9 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
-
-from fastnabla.config import check_timestep_list
 
 __all__ = ["TransitionCoefficients", "transition_coefficients", "make_scheduler", "schedule_coefficients",
            "ListedDDIMScheduler"]
@@ -108,6 +106,22 @@ class TransitionCoefficients:
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A (B,) or 0-d per-transition scalar shaped to broadcast over ``like``'s sample dims, in its dtype."""
     return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def check_timestep_list(timesteps, num_train_timesteps: Optional[int] = None) -> list[int]:
+    """``sampling.timesteps`` as a list of ints: strictly decreasing, ≥ 0 and, when the model's
+    ``num_train_timesteps`` is given, below it. The one check of an explicit schedule (the config's and the
+    scheduler's); a ValueError names what is wrong."""
+    ts = list(timesteps) if isinstance(timesteps, (list, tuple)) else timesteps
+    if not isinstance(ts, list) or not ts or not all(isinstance(v, int) and not isinstance(v, bool) for v in ts):
+        raise ValueError(f"sampling.timesteps: {ts!r} must be a non-empty list of ints, e.g. [951, 801, 651, 501, 1]")
+    if any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] < 0:
+        raise ValueError(f"sampling.timesteps: {ts!r} must be strictly decreasing and ≥ 0 (the sampler runs from "
+                         "noise to data)")
+    if num_train_timesteps is not None and ts[0] >= num_train_timesteps:
+        raise ValueError(f"sampling.timesteps: {ts!r} must lie in [0, {num_train_timesteps - 1}] (the model's "
+                         "num_train_timesteps)")
+    return ts
 
 
 @functools.lru_cache(maxsize=None)

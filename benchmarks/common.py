@@ -44,3 +44,18 @@ def load_finished_run(run: str, overrides: list[str], output_dir: str, error):
     tr = build_trainer(cfg)
     tr.load_state_dict(ckpt.load_checkpoint(found[-1]))
     return tr, cfg, found[-1]
+
+
+def digits_eval_figures(ev: dict) -> dict:
+    """The issue-12 figures of a digits evaluation (``metrics.evaluate``), rounded for a result row: class-histogram
+    TV to the target, mean log R gap, the lowest within-class diversity ratio, and the class histogram."""
+    div = ev.get("diversity_ratio_per_class") or {}
+    return dict(class_tv=round(ev["class_tv"], 4), mean_log_r_gap=round(ev["mean_log_r_gap"], 4),
+                min_diversity_ratio=round(min(div.values()), 4) if div else "",
+                class_histogram=" ".join(f"{v:.3f}" for v in ev["class_histogram"]))
+
+
+def digits_figures_line(row: dict) -> str:
+    """One line of a row holding ``digits_eval_figures``."""
+    return (f"class TV {row['class_tv']}, mean log R gap {row['mean_log_r_gap']}, min diversity ratio "
+            f"{row['min_diversity_ratio']}  [{row['class_histogram']}]")

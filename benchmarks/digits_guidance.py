@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 
 
 def main(argv=None) -> int:
-    from benchmarks.common import git_sha, write_rows
+    from benchmarks.common import digits_eval_figures, digits_figures_line, git_sha, write_rows
     from benchmarks.digits_sweep import TASKS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -58,17 +58,13 @@ def main(argv=None) -> int:
             tr = build_trainer(cfg)
             torch.manual_seed(cfg.seed)
             ev = metrics.evaluate(tr.eval_ctx, final=False)
-            div = ev.get("diversity_ratio_per_class") or {}
             row = dict(task=a.task, scale=s, reward_adaptive_mode=cfg.gfn.reward_adaptive_mode,
-                       class_tv=round(ev["class_tv"], 4), mean_log_r_gap=round(ev["mean_log_r_gap"], 4),
-                       min_diversity_ratio=round(min(div.values()), 4) if div else "",
-                       class_histogram=" ".join(f"{v:.3f}" for v in ev["class_histogram"]),
+                       **digits_eval_figures(ev),
                        pretrained_class_tv=round(ev["pretrained"]["class_tv"], 4), samples=cfg.eval.num_samples,
                        seconds=round(time.time() - t0, 1), overrides=" ".join(a.set), git_sha=sha,
                        date=datetime.date.today().isoformat())
             rows.append(row)
-            print(f"scale {s}: class TV {row['class_tv']}, mean log R gap {row['mean_log_r_gap']}, "
-                  f"min diversity ratio {row['min_diversity_ratio']}  [{row['class_histogram']}]", flush=True)
+            print(f"scale {s}: {digits_figures_line(row)}", flush=True)
     path = os.path.join(ROOT, "benchmarks", "results", f"digits_guidance_{a.task}{a.tag}.csv")
     write_rows(path, rows)
     print(f"wrote {path}")

@@ -95,3 +95,16 @@ def test_value_probe_guide_moves_the_mean_by_s_sigma2_grad_log_h(one_thread):
             grad = beta * -(mu / 2 + 0.5 - 0.3)
         moved = c.mean(x, out_ref + guide(x, k, None, None)) - mu
         torch.testing.assert_close(moved, s * c.std.square() * grad, rtol=1e-4, atol=1e-6)
+
+
+def test_digits_eval_figures_rounds_and_takes_the_lowest_diversity_ratio():
+    from benchmarks.common import digits_eval_figures, digits_figures_line
+
+    ev = {"class_tv": 0.123456, "mean_log_r_gap": -0.98765, "diversity_ratio_per_class": {3: 0.95, 5: 0.87, 8: 1.02},
+          "class_histogram": [0.5, 0.25, 0.25]}
+    row = digits_eval_figures(ev)
+    assert row == {"class_tv": 0.1235, "mean_log_r_gap": -0.9877, "min_diversity_ratio": 0.87,
+                   "class_histogram": "0.500 0.250 0.250"}
+    assert digits_eval_figures({**ev, "diversity_ratio_per_class": {}})["min_diversity_ratio"] == ""
+    assert digits_figures_line(row) == ("class TV 0.1235, mean log R gap -0.9877, min diversity ratio 0.87  "
+                                        "[0.500 0.250 0.250]")

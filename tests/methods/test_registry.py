@@ -48,3 +48,29 @@ def test_presets_load(backbone, method):
     assert cfg.method.name == method
     base = load_config(os.path.join(root, "configs", f"{backbone}.yaml"))
     assert (cfg.model, cfg.reward, cfg.sampling) == (base.model, base.reward, base.sampling)  # same footing
+
+
+def test_digits_presets_make_as_many_updates_per_epoch_as_the_file(one_thread):
+    """Every digits baseline preset splits an epoch's items into as many optimizer updates as configs/digits.yaml
+    (docs/comparison.md compares them at equal updates): the methods' own selections on the presets' sampler."""
+    import math
+    import os
+
+    import torch
+
+    from fastnabla.backbones.pixel import SCHEDULER_CONFIG, PixelBackbone, build_unet
+    from fastnabla.sampling import step_coefficients
+    from fastnabla.transitions import make_scheduler
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    updates = {}
+    for name in ["digits", "digits_refl", "digits_draft", "digits_alignprop", "digits_ddpo"]:
+        cfg = load_config(os.path.join(root, "configs", f"{name}.yaml"))
+        sc = cfg.sampling
+        bb = PixelBackbone(build_unet(8, [8, 16]), make_scheduler(sc.scheduler, SCHEDULER_CONFIG, sc.num_steps,
+                                                                  sc.timesteps), lora_rank=0, flow_channels=[8, 16])
+        method = build_method(cfg, bb, None, step_coefficients(bb))
+        n = sc.batch_size * sc.num_batches
+        items = n * method.select(n, torch.Generator().manual_seed(0)).shape[1]
+        updates[name] = math.ceil(items / (cfg.train.batch_size * cfg.train.gradient_accumulation_steps))
+    assert set(updates.values()) == {updates["digits"]}, updates

@@ -147,9 +147,12 @@ def main(argv=None) -> int:
         tr = build_trainer(cfg)
         bb, coeffs, beta = tr.backbone, tr.coeffs, cfg.gfn.reward_scale
         ts = bb.scheduler.timesteps
-        # the fitted value is kept, so that more scales cost an evaluation only
-        saved = os.path.join(ROOT, "runs", "digits_value_probe",
-                             f"{a.task}_n{a.trajectories}_steps{a.steps}_seed{a.seed}{a.tag}.pt")
+        # the fitted value is kept (keyed by everything it depends on), so that more scales cost an evaluation only
+        from fastnabla.digits import spec_hash
+
+        key = spec_hash(dict(task=a.task, set=a.set, trajectories=a.trajectories, steps=a.steps, batch=a.batch,
+                             lr=a.lr, seed=a.seed))
+        saved = os.path.join(ROOT, "runs", "digits_value_probe", f"{a.task}-{key}.pt")
         if os.path.isfile(saved):
             from fastnabla.backbones.pixel import build_pixel_flow_net
 

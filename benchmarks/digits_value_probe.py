@@ -50,23 +50,33 @@ def reference_trajectories(bb, coeffs, reward_fn, n: int, beta: float, seed: int
     return torch.cat(xs), torch.cat(ys)
 
 
-def fit_value(xs, ys, timesteps, steps: int, batch: int, lr: float, seed: int):
-    """h_φ(x, t) = sigmoid(mean of a small UNet's output), fitted by BCE to R^β over the states x_0 … x_{N−1}."""
-    import torch
-
+def build_value(sample_shape):
+    """The value net for states of shape (C, S, S): the flow net's UNet (channels 32, 64); see ``value_logit``."""
     from fastnabla.backbones.pixel import build_pixel_flow_net
+
+    return build_pixel_flow_net(sample_shape[-1], (32, 64), sample_shape[0])
+
+
+def value_logit(net, x, t):
+    """logit h_φ(x, t) (B,): the mean of the net's output image."""
+    return net(x, t).sample.mean((1, 2, 3))
+
+
+def fit_value(xs, ys, timesteps, steps: int, batch: int, lr: float, seed: int):
+    """h_φ(x, t) = sigmoid(``value_logit``), fitted by BCE to R^β over the states x_0 … x_{N−1}."""
+    import torch
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     n, N = xs.shape[0], xs.shape[1] - 1
-    net = build_pixel_flow_net(xs.shape[-1], (32, 64), xs.shape[2])
+    net = build_value(xs.shape[2:])
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     net.train()
     for i in range(steps):
         rows = torch.randint(0, n, (batch,), generator=g)
         k = torch.randint(0, N, (batch,), generator=g)
-        logit = net(xs[rows, k], timesteps[k]).sample.mean((1, 2, 3))
+        logit = value_logit(net, xs[rows, k], timesteps[k])
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, ys[rows])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -83,7 +93,7 @@ def explained_share(net, xs, ys, timesteps) -> list[float]:
     var = float(ys.var())
     with torch.no_grad():
         for k in range(xs.shape[1] - 1):
-            h = torch.sigmoid(net(xs[:, k], timesteps[k].expand(xs.shape[0])).sample.mean((1, 2, 3)))
+            h = torch.sigmoid(value_logit(net, xs[:, k], timesteps[k].expand(xs.shape[0])))
             out.append(1 - float((h - ys).square().mean()) / var)
     return out
 
@@ -102,7 +112,7 @@ def make_guide(bb, coeffs, reward_fn, net, beta: float, scale: float):
         with torch.enable_grad():
             z = mu.detach().requires_grad_(True)
             if k + 1 < N:
-                log_h = torch.nn.functional.logsigmoid(net(z, ts[k + 1].expand(z.shape[0])).sample.mean((1, 2, 3)))
+                log_h = torch.nn.functional.logsigmoid(value_logit(net, z, ts[k + 1].expand(z.shape[0])))
             else:
                 log_h = beta * reward_fn(bb.decode(z), None, None)[0]
             (grad,) = torch.autograd.grad(log_h.sum(), z)
@@ -154,10 +164,8 @@ def main(argv=None) -> int:
                              lr=a.lr, seed=a.seed))
         saved = os.path.join(ROOT, "runs", "digits_value_probe", f"{a.task}-{key}.pt")
         if os.path.isfile(saved):
-            from fastnabla.backbones.pixel import build_pixel_flow_net
-
             st = torch.load(saved)
-            net = build_pixel_flow_net(bb.sample_shape[-1], (32, 64), bb.sample_shape[0])
+            net = build_value(bb.sample_shape)
             net.load_state_dict(st["state"])
             net = net.eval().requires_grad_(False)
             share, t_draw, t_fit = st["share"], st["draw_s"], st["fit_s"]

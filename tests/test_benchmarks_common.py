@@ -27,12 +27,8 @@ def test_git_sha_is_a_short_hash_or_empty():
 def test_returns_branch_variance_split_against_a_closed_form():
     """benchmarks/digits_returns_branch.py: G = m_i + noise with known spreads; the split recovers Var(m) and the
     noise, and a predictor equal to m explains all of Var(m), one equal to the mean push none."""
-    import importlib.util
+    from benchmarks import digits_returns_branch as bench
 
-    spec = importlib.util.spec_from_file_location("digits_returns_branch", os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "digits_returns_branch.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     g = torch.Generator().manual_seed(0)
     n, M, P = 4000, 6, 3
     m = 2.0 * torch.randn(n, P, generator=g) + torch.tensor([1.0, 0.0, -1.0])  # Var(m) = 3·4 = 12 over pixels
@@ -54,17 +50,12 @@ def test_returns_branch_variance_split_against_a_closed_form():
 def test_value_probe_guide_moves_the_mean_by_s_sigma2_grad_log_h(one_thread):
     """digits_value_probe.make_guide: the sampler's mean moves by s·σ_k²·∇log h(μ_ref(x), t_{k+1}); at the last step
     by s·σ²·β·∇log R(μ_ref). Checked against a value whose log h has a closed-form gradient."""
-    import importlib.util
     from types import SimpleNamespace
 
+    from benchmarks.digits_value_probe import make_guide
     from fastnabla.backbones.pixel import SCHEDULER_CONFIG, PixelBackbone, build_unet
     from fastnabla.sampling import step_coefficients
     from fastnabla.transitions import make_scheduler
-
-    spec = importlib.util.spec_from_file_location("digits_value_probe", os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "digits_value_probe.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
 
     torch.manual_seed(0)
     bb = PixelBackbone(build_unet(8, [8, 16]), make_scheduler("ddim", SCHEDULER_CONFIG, 4), lora_rank=0,
@@ -80,7 +71,7 @@ def test_value_probe_guide_moves_the_mean_by_s_sigma2_grad_log_h(one_thread):
         return -(images - 0.3).square().sum((1, 2, 3)), None
 
     beta, s = 0.5, 1.7
-    guide = bench.make_guide(bb, coeffs, reward_fn, Value(), beta, s)
+    guide = make_guide(bb, coeffs, reward_fn, Value(), beta, s)
     x = torch.randn(3, 1, 8, 8)
     ts = bb.scheduler.timesteps
     for k in range(4):

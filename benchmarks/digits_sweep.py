@@ -195,6 +195,14 @@ VARIANTS = {
     # configs/digits.yaml before it moved to window30_from651_late52: 20 uniform steps, the policy at t = 701 … 101
     "steps20_from701_late52": ["sampling.num_steps=20", "sampling.timesteps=null", "gfn.policy_max_timestep=701",
                                "gfn.timestep_fraction=0.4"],
+    # the policy's fixed part from a fitted value (gfn.value_guidance; fastnabla.value): the mean pushed by
+    # s·σ_k²·∇log h_φ(μ_ref, t_{k+1}) with h_φ ≈ E_ref[R^β | x_t] fitted by BCE on 8,192 reference trajectories, the
+    # network learning the rest from the returns. s = 1 is the Gaussian step of the fitted tilt; the untrained push
+    # came nearest the target at s = 2 (benchmarks/digits_value_probe.py). Fitted once per value seed and cached
+    "value1": ["gfn.value_guidance=1.0"],
+    "value2": ["gfn.value_guidance=2.0"],
+    "value2_vseed1": ["gfn.value_guidance=2.0", "gfn.value_seed=1"],
+    "value1_vseed1": ["gfn.value_guidance=1.0", "gfn.value_seed=1"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

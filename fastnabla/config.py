@@ -138,6 +138,18 @@ class GFNConfig:
     # regresses on G_{k+1} − s·β·γ_k·∇log R(x̂0_ref), and the fixed point is the same. Sampling costs one reference
     # input-VJP and one reward gradient per step
     reward_guidance: float = 0.0
+    # the policy's mean carries a fixed push from a fitted value (recipe "returns"; fastnabla.value): μ_θ(x) +
+    # s·σ_k²·∇log h_φ(μ_ref(x), t_{k+1}), with s = value_guidance (0 = off) and β·∇log R at the last step. h_φ ≈
+    # E_ref[R^β(x_N) | x_t] is fitted once by BCE on value_trajectories reference trajectories (value_steps AdamW
+    # steps of value_batch states at value_lr; the backbone's value net at value_channels) and cached. The network
+    # learns the rest from the returns. Not in ALGORITHM §5b yet (proposed there)
+    value_guidance: float = 0.0
+    value_trajectories: int = 8192
+    value_steps: int = 2000
+    value_batch: int = 256
+    value_lr: float = 1e-3
+    value_channels: list = field(default_factory=lambda: [32, 64])
+    value_seed: int = 0
     # the policy acts only at sampling steps whose timestep is ≤ this; the steps above it sample from the reference
     # and are neither finetuned nor trained (None = every step). Where the pretrained sampler has not started to
     # choose what it draws, log h is flat and the exact tilt is the reference's own step; a trained policy there
@@ -649,6 +661,18 @@ def _resolve_recipe(g: GFNConfig, check, choice) -> None:
               f" and gfn.return_steps={g.return_steps} ask for returns bootstrapped with a flow; set return_kappa=1.0 "
               "and return_steps=0, or gfn.policy_target=flow")
         check(g.reward_guidance >= 0, "gfn.reward_guidance", f"{g.reward_guidance} must be ≥ 0 (0 = off), e.g. 1.0")
+        check(g.value_guidance >= 0, "gfn.value_guidance", f"{g.value_guidance} must be ≥ 0 (0 = off), e.g. 2.0")
+        check(g.value_guidance == 0 or g.reward_guidance == 0, "gfn.value_guidance",
+              f"{g.value_guidance} and gfn.reward_guidance={g.reward_guidance} are two fixed parts of the policy; "
+              "keep one (set the other to 0)")
+        if g.value_guidance > 0:
+            check(g.value_trajectories >= 16, "gfn.value_trajectories",
+                  f"{g.value_trajectories}: the value needs at least 16 reference trajectories (a tenth is held out)")
+            for key in ("value_steps", "value_batch"):
+                check(getattr(g, key) >= 1, f"gfn.{key}", f"{getattr(g, key)} must be ≥ 1")
+            check(g.value_lr > 0, "gfn.value_lr", f"{g.value_lr} must be > 0, e.g. 1e-3")
+            check(bool(g.value_channels) and all(isinstance(c, int) and c > 0 for c in g.value_channels),
+                  "gfn.value_channels", f"{g.value_channels} must be a list of positive ints, e.g. [32, 64]")
         for key, acts in (("policy_max_timestep", "≤"), ("policy_min_timestep", "≥")):
             v = getattr(g, key)
             check(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0), f"gfn.{key}",
@@ -666,8 +690,9 @@ def _resolve_recipe(g: GFNConfig, check, choice) -> None:
             check(getattr(g, key) == default, f"gfn.{key}",
                   f"{getattr(g, key)} configures the gradient returns of gfn.recipe=returns; drop it or set "
                   "gfn.recipe=returns")
-        check(g.reward_guidance == 0, "gfn.reward_guidance",
-              f"{g.reward_guidance} guides the policy of gfn.recipe=returns; drop it or set gfn.recipe=returns")
+        for key in ("reward_guidance", "value_guidance"):
+            check(getattr(g, key) == 0, f"gfn.{key}",
+                  f"{getattr(g, key)} guides the policy of gfn.recipe=returns; drop it or set gfn.recipe=returns")
         for key in ("policy_max_timestep", "policy_min_timestep"):
             check(getattr(g, key) is None, f"gfn.{key}",
                   f"{getattr(g, key)} restricts the policy of gfn.recipe=returns; drop it or set gfn.recipe=returns")

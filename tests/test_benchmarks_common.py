@@ -47,47 +47,6 @@ def test_returns_branch_variance_split_against_a_closed_form():
         bench.variance_split(G[:, :1])
 
 
-def test_value_probe_guide_moves_the_mean_by_s_sigma2_grad_log_h(one_thread):
-    """digits_value_probe.make_guide: the sampler's mean moves by s·σ_k²·∇log h(μ_ref(x), t_{k+1}); at the last step
-    by s·σ²·β·∇log R(μ_ref). Checked against a value whose log h has a closed-form gradient."""
-    from types import SimpleNamespace
-
-    from benchmarks.digits_value_probe import make_guide
-    from fastnabla.backbones.pixel import SCHEDULER_CONFIG, PixelBackbone, build_unet
-    from fastnabla.sampling import step_coefficients
-    from fastnabla.transitions import make_scheduler
-
-    torch.manual_seed(0)
-    bb = PixelBackbone(build_unet(8, [8, 16]), make_scheduler("ddim", SCHEDULER_CONFIG, 4), lora_rank=0,
-                       flow_channels=[8, 16])
-    coeffs = step_coefficients(bb)
-    a = torch.randn(1, 1, 8, 8)
-
-    class Value(torch.nn.Module):  # logit = mean(a·x) + t/1000: ∇log h = sigmoid(−logit)·a/64
-        def forward(self, x, t):
-            return SimpleNamespace(sample=a * x + t.view(-1, 1, 1, 1).float() / 1000)
-
-    def reward_fn(images, prompts, meta):  # log R = −Σ (img − 0.3)²: ∇_x log R = −(x/2 + 0.5 − 0.3)
-        return -(images - 0.3).square().sum((1, 2, 3)), None
-
-    beta, s = 0.5, 1.7
-    guide = make_guide(bb, coeffs, reward_fn, Value(), beta, s)
-    x = torch.randn(3, 1, 8, 8)
-    ts = bb.scheduler.timesteps
-    for k in range(4):
-        c = coeffs[k]
-        with torch.no_grad():
-            out_ref = bb.reference(x, ts[k].expand(3))
-        mu = c.mean(x, out_ref)
-        if k + 1 < 4:
-            logit = (a * mu).mean((1, 2, 3)) + float(ts[k + 1]) / 1000
-            grad = torch.sigmoid(-logit).view(-1, 1, 1, 1) * a / 64
-        else:
-            grad = beta * -(mu / 2 + 0.5 - 0.3)
-        moved = c.mean(x, out_ref + guide(x, k, None, None)) - mu
-        torch.testing.assert_close(moved, s * c.std.square() * grad, rtol=1e-4, atol=1e-6)
-
-
 def test_digits_eval_figures_rounds_and_takes_the_lowest_diversity_ratio():
     from benchmarks.common import digits_eval_figures, digits_figures_line
 

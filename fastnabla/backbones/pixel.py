@@ -72,11 +72,13 @@ def build_unet(image_size: int, channels: Sequence[int], in_channels: int = 1, n
                        attention_head_dim=8, num_class_embeds=(num_classes + 1) if num_classes else None)
 
 
-def build_pixel_flow_net(image_size: int, channels: Sequence[int], in_channels: int = 1) -> nn.Module:
-    """g_φ: an unconditional ``UNet2DModel`` without attention, one layer per block, conv_out zeroed (g ≡ 0)."""
+def build_pixel_flow_net(image_size: int, channels: Sequence[int], in_channels: int = 1,
+                         key: str = "model.flow_channels") -> nn.Module:
+    """g_φ: an unconditional ``UNet2DModel`` without attention, one layer per block, conv_out zeroed (g ≡ 0).
+    ``key`` names the config key of ``channels`` in errors (the value net is built the same way)."""
     from diffusers import UNet2DModel
 
-    ch = _levels("model.flow_channels", channels, image_size)
+    ch = _levels(key, channels, image_size)
     net = UNet2DModel(sample_size=image_size, in_channels=in_channels, out_channels=in_channels,
                       block_out_channels=tuple(ch), layers_per_block=1,
                       down_block_types=("DownBlock2D",) * len(ch), up_block_types=("UpBlock2D",) * len(ch),
@@ -231,6 +233,11 @@ class PixelBackbone(Backbone):
 
     def flow_parameters(self):
         return list(self.flow_net.parameters())
+
+    def build_value_net(self, channels: Sequence[int]) -> nn.Module:
+        """A fresh value net h_φ(x, t) (``fastnabla.value``): the flow net's architecture at ``channels``."""
+        return build_pixel_flow_net(self.sample_shape[-1], channels, self.sample_shape[0],
+                                    key="gfn.value_channels").to(self.device)
 
     def save_pretrained(self, directory: str) -> None:
         """LoRA mode: the adapter weights in peft's key format (``adapter_model.safetensors``) and its config

@@ -47,6 +47,14 @@ class NablaGFN(Method):
                 raise ValueError("gfn.reward_guidance shifts the policy's mean through its output, but a sampling step "
                                  "has coef_out = 0; set gfn.reward_guidance=0")
             self.guide = self.guidance
+        if self.gfn.value_guidance > 0:
+            if bool((coeffs.coef_out == 0).any()):
+                raise ValueError("gfn.value_guidance shifts the policy's mean through its output, but a sampling step "
+                                 "has coef_out = 0; set gfn.value_guidance=0")
+            from fastnabla.value import ensure_value
+
+            self.value_net, self.value_meta = ensure_value(backbone, coeffs, reward_fn, cfg)
+            self.guide = self.guidance
         cut, low = self.gfn.policy_max_timestep, self.gfn.policy_min_timestep
         if cut is not None or low is not None:
             acting = acting_steps(self.timesteps, cut, low)
@@ -191,16 +199,20 @@ class NablaGFN(Method):
         return beta * _col(self.gamma(j), g) * g, lr
 
     def guidance(self, x: torch.Tensor, k, cond, prompts, with_reference: bool = False):
-        """The policy's fixed part (``gfn.reward_guidance`` = s > 0): the output shift that moves the mean by
-        σ_k²·s·β·γ_k·∇_x log R(x̂0_ref(x)) (shift = that / coef_out_k) at states x of step k (an int or (B,)),
-        detached; γ_k is the forward-looking attenuation (``gfn.reward_adaptive_mode``). With ``with_reference``
-        also the reference's output at x, which it computes on the way.
+        """The policy's fixed part: the output shift (detached) at states x of step k (an int or (B,)) that moves
+        the mean by a state-specific guess of σ_k²·∇log h_{k+1}; the network learns the rest, and the fixed point
+        p_θ = p* is unchanged. With ``with_reference`` also the reference's output at x, computed on the way.
 
-        This is the forward-looking term r of the flow's parametrisation, moved into the policy with the
-        reference's clean-sample prediction: a state-specific guess of ∇log h_{k+1}. The network learns the rest;
-        the fixed point p_θ = p* is unchanged."""
+        - ``gfn.reward_guidance`` = s: σ_k²·s·β·γ_k·∇_x log R(x̂0_ref(x)), the forward-looking term r of the flow's
+          parametrisation moved into the policy with the reference's clean-sample prediction (γ_k of
+          ``gfn.reward_adaptive_mode``);
+        - ``gfn.value_guidance`` = s: s·σ_k²·∇log h_φ(μ_ref(x), t_{k+1}) with the fitted value h_φ
+          (``fastnabla.value``), and s·σ_k²·β·∇log R(μ_ref(x)) into the clean sample."""
         j = torch.full((x.shape[0],), int(k), dtype=torch.long, device=x.device) if not torch.is_tensor(k) else k
         cj = self.c[j]
+        if self.gfn.value_guidance > 0:
+            shift, out_ref = self._value_shift(x, j, cj, cond, prompts)
+            return (shift, out_ref) if with_reference else shift
         with torch.enable_grad(), self.backbone.reference_scope():
             xx = x.detach().requires_grad_(True)
             out_ref = self.backbone.reference(xx, self.timesteps[j], cond).to(x.dtype)
@@ -208,6 +220,28 @@ class NablaGFN(Method):
         scale = self.gfn.reward_guidance * self.gfn.reward_scale * self.gamma(j) * cj.std.square() / cj.coef_out
         shift = _col(scale, grad) * grad.to(x.dtype)
         return (shift, out_ref.detach()) if with_reference else shift
+
+    def _value_shift(self, x: torch.Tensor, j: torch.Tensor, cj: TransitionCoefficients, cond, prompts):
+        """(``gfn.value_guidance``'s output shift, the reference's output) at states x of steps j (``guidance``)."""
+        from fastnabla.value import value_logit
+
+        with torch.no_grad(), self.backbone.reference_scope():
+            out_ref = self.backbone.reference(x.detach(), self.timesteps[j], cond).to(x.dtype)
+        nxt = j + 1
+        inner, last = (nxt < self.N).nonzero(as_tuple=True)[0], (nxt >= self.N).nonzero(as_tuple=True)[0]
+        with torch.enable_grad():
+            mu = cj.mean(x.detach(), out_ref).requires_grad_(True)
+            log_h = mu.new_zeros((), dtype=torch.float32)
+            if inner.numel():
+                log_h = log_h + torch.nn.functional.logsigmoid(
+                    value_logit(self.value_net, mu[inner], self.timesteps[nxt[inner]])).sum()
+            if last.numel():
+                log_r, _ = self.reward_fn(self.backbone.decode(mu[last]),
+                                          None if prompts is None else [prompts[i] for i in last.tolist()], None)
+                log_h = log_h + self.gfn.reward_scale * log_r.float().sum()
+            (grad,) = torch.autograd.grad(log_h, mu)
+        scale = self.gfn.value_guidance * cj.std.square() / cj.coef_out
+        return (_col(scale, grad) * grad).to(x.dtype).detach(), out_ref
 
     def policy_weight(self, coef: TransitionCoefficients) -> Optional[torch.Tensor]:
         """w_k on the policy's forward residual (``gfn.policy_weighting``): σ_k² ("sigma2"), σ_k⁴/coef_out_k²

@@ -1,0 +1,161 @@
+"""A value h_φ(x, t) ≈ E_ref[R^β(x_N) | x_t = x] for the policy's fixed part (``gfn.value_guidance``).
+
+The exact tilted sampler moves each reference step toward the Doob function h_{k+1}:
+p*(x_{k+1} | x_k) ∝ p_ref(x_{k+1} | x_k)·h_{k+1}(x_{k+1}). A Gaussian step with the reference's σ_k gets, to first
+order, the mean μ_ref(x_k) + σ_k²·∇log h_{k+1}(μ_ref(x_k)). With ``gfn.value_guidance`` = s the policy's mean carries
+s times that push, and its network learns the rest from the gradient returns (``methods.nabla_gfn``).
+
+h is fitted once, before training: binary cross-entropy with soft labels y = R^β(x_N) on the states of reference
+trajectories (divided by the draw's largest R^β when that exceeds 1; a constant factor leaves ∇log h alone). The
+minimiser is the conditional mean, so the fit is h under p_ref, and a bounded scalar label carries far less noise
+per state than a gradient return (on digits 20–800× the returns' learnable share in the middle of the chain,
+``benchmarks/digits_returns_branch.py``). The network is the backbone's (``Backbone.build_value_net``), its logit
+the mean of its output. The fit is cached under the cache directory, keyed by the reference weights, the sampler,
+the reward, β and the fit's settings.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["value_logit", "reference_trajectories", "fit_value", "explained_share", "value_cache_path", "save_value",
+           "ensure_value"]
+
+#: the reference draw's seed is this plus ``gfn.value_seed``: its own stream, apart from training's and the target's
+VALUE_DRAW_SEED = 10_000
+
+
+def value_logit(net, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """logit h_φ(x, t), shape (B,): the mean of the value net's output."""
+    out = net(x, t)
+    out = getattr(out, "sample", out)
+    return out.float().mean(tuple(range(1, out.dim())))
+
+
+@torch.no_grad()
+def reference_trajectories(backbone, coeffs, reward_fn, n: int, beta: float, seed: int, batch: int = 1024,
+                           progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xs (n, N+1, *S), y (n,)) of n trajectories of the reference sampler, y = R^β(x_N) (divided by its largest
+    value when that exceeds 1), on the CPU."""
+    from fastnabla.digits import _bar
+    from fastnabla.sampling import sample_trajectories
+
+    g = torch.Generator().manual_seed(seed)
+    xs, logs = [], []
+    bar = _bar(n, "sampling p_ref for the value", progress)
+    with backbone.reference_sampling():
+        for s in range(0, n, batch):
+            m = min(batch, n - s)
+            tr = sample_trajectories(backbone, m, g, coeffs, None, reward_fn)
+            xs.append(tr.xs.cpu())
+            logs.append(tr.log_reward.cpu().double())
+            if bar is not None:
+                bar.update(m)
+    if bar is not None:
+        bar.close()
+    lb = beta * torch.cat(logs)
+    if not bool(torch.isfinite(lb).all()):
+        raise ValueError("the value's labels need a finite log R on every reference sample; the reward returned "
+                         "NaN or ±inf")
+    return torch.cat(xs), (lb - lb.max().clamp(min=0.0)).exp().float()
+
+
+def fit_value(build: Callable[[], torch.nn.Module], xs: torch.Tensor, ys: torch.Tensor, timesteps: torch.Tensor,
+              steps: int, batch: int, lr: float, seed: int, progress: bool = False) -> torch.nn.Module:
+    """h_φ = sigmoid(``value_logit``) of a net from ``build()`` (seeded by ``seed``), fitted by BCE to the labels
+    ``ys`` over the states x_0 … x_{N−1} (AdamW, cosine to 0), returned frozen in eval mode."""
+    from fastnabla.digits import _bar
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    n, N = xs.shape[0], xs.shape[1] - 1
+    net = build()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    net.train()
+    bar = _bar(steps, "fitting the value", progress)
+    for _ in range(steps):
+        rows = torch.randint(0, n, (batch,), generator=g)
+        k = torch.randint(0, N, (batch,), generator=g)
+        logit = value_logit(net, xs[rows, k], timesteps[k])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, ys[rows])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(bce=f"{loss.item():.4f}", refresh=False)
+    if bar is not None:
+        bar.close()
+    return net.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def explained_share(net, xs: torch.Tensor, ys: torch.Tensor, timesteps: torch.Tensor) -> list[float]:
+    """Per state k < N: 1 − MSE(h_φ(x_k), y)/Var(y) on trajectories (held out from the fit)."""
+    out, var = [], float(ys.var())
+    for k in range(xs.shape[1] - 1):
+        h = torch.sigmoid(value_logit(net, xs[:, k], timesteps[k].expand(xs.shape[0])))
+        out.append(1 - float((h - ys).square().mean()) / var)
+    return out
+
+
+def value_cache_path(backbone, cfg) -> tuple[str, dict]:
+    """(the cache file of ``cfg``'s value, its key): the reference weights, the sampler, the reward, β and the fit's
+    settings (``gfn.value_*``), under ``model.cache_dir``."""
+    from fastnabla.digits import _reference_digest, cache_root, spec_hash
+
+    g, sched = cfg.gfn, backbone.scheduler
+    spec = dict(kind="value", ref=_reference_digest(backbone), scheduler=type(sched).__name__,
+                timesteps=[int(t) for t in sched.timesteps], eta=backbone.eta, reward=cfg.reward.name,
+                reward_options=cfg.reward.options, beta=g.reward_scale, channels=list(g.value_channels),
+                trajectories=g.value_trajectories, steps=g.value_steps, batch=g.value_batch, lr=g.value_lr,
+                seed=g.value_seed, version=1)
+    return os.path.join(cache_root(cfg.model.cache_dir), f"value-{spec_hash(spec)}.pt"), spec
+
+
+def save_value(path: str, net, meta: dict) -> None:
+    """Writes a fitted value and its meta (atomically), with the meta also as JSON beside it."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"state": net.state_dict(), "meta": meta}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    with open(path[:-3] + ".json.tmp", "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(path[:-3] + ".json.tmp", path[:-3] + ".json")
+
+
+def ensure_value(backbone, coeffs, reward_fn, cfg, progress: Optional[bool] = None):
+    """(h_φ frozen, meta) for ``cfg``: loaded from the cache (``value_cache_path``), else drawn, fitted and cached.
+
+    meta: the draw's and the fit's seconds, the held-out explained share of Var(R^β) per timestep (a tenth of the
+    trajectories is held out) and the cache key."""
+    g, progress = cfg.gfn, cfg.logging.progress if progress is None else progress
+    if backbone.conditional:
+        raise ValueError("gfn.value_guidance fits a value on unconditional reference trajectories, but the backbone "
+                         "is conditional; set gfn.value_guidance=0")
+    build = lambda: backbone.build_value_net(g.value_channels)  # noqa: E731
+    net = build()  # first: a backbone without a value net says so before any work
+    path, spec = value_cache_path(backbone, cfg)
+    if os.path.isfile(path):
+        st = torch.load(path, map_location="cpu")
+        net.load_state_dict(st["state"])
+        return net.to(backbone.device).eval().requires_grad_(False), st["meta"]
+    ts = backbone.scheduler.timesteps.cpu()
+    t0 = time.time()
+    xs, ys = reference_trajectories(backbone, coeffs, reward_fn, g.value_trajectories, g.reward_scale,
+                                    VALUE_DRAW_SEED + g.value_seed, progress=progress)
+    draw_s, hold = time.time() - t0, max(g.value_trajectories // 10, 1)
+    t0 = time.time()
+    net = fit_value(lambda: build().cpu(), xs[hold:], ys[hold:], ts, g.value_steps, g.value_batch, g.value_lr,
+                    g.value_seed, progress=progress)
+    share = explained_share(net, xs[:hold], ys[:hold], ts)
+    meta = dict(draw_s=round(draw_s, 1), fit_s=round(time.time() - t0, 1),
+                explained_share={int(t): round(v, 4) for t, v in zip(ts.tolist(), share)}, spec=spec)
+    save_value(path, net, meta)
+    return net.to(backbone.device), meta

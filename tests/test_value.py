@@ -1,0 +1,178 @@
+"""``gfn.value_guidance``: the value h_φ ≈ E_ref[R^β | x_t] (``fastnabla.value``) and the policy's fixed push from it.
+
+The fit is checked against a closed-form conditional mean, the push against a hand gradient of a linear value, the
+cache against its key, and the trainer against a hand-stepped sampler."""
+import os
+
+import pytest
+import torch
+
+from fastnabla.backbones.pixel import SCHEDULER_CONFIG, PixelBackbone, build_unet
+from fastnabla.config import load_config
+from fastnabla.rewards.digits import DigitClassifier, DigitClassReward
+from fastnabla.transitions import make_scheduler
+from fastnabla.value import ensure_value, explained_share, fit_value, value_logit
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see tests/conftest.py
+
+VALUE_KEYS = ["gfn.value_trajectories=32", "gfn.value_steps=3", "gfn.value_batch=16", "gfn.value_channels=[8,16]"]
+
+
+def _tiny():
+    torch.manual_seed(0)
+    bb = PixelBackbone(build_unet(8, [8, 16]), make_scheduler("ddim", SCHEDULER_CONFIG, 4), lora_rank=2,
+                       flow_channels=[8, 16], lora_target_modules=["to_q", "to_v", "conv1"])
+    return bb, DigitClassReward([3, 5, 8], classifier=DigitClassifier(8, width=8, features=16).eval())
+
+
+def _cfg(tmp_path, *over):
+    return load_config(None, [
+        "model.backbone=pixel", "sampling.num_steps=4", "sampling.batch_size=8", "gfn.timestep_fraction=0.5",
+        "gfn.policy_target=return", "gfn.value_guidance=1.5", "gfn.reward_scale=0.7", *VALUE_KEYS,
+        "train.epochs=1", "eval.every=0", "eval.num_samples=16", "eval.ground_truth_samples=32",
+        "logging.progress=false", "checkpoint.every=0", f"model.cache_dir={tmp_path / 'cache'}", *over],
+        output_dir=str(tmp_path / "run"))
+
+
+class _Linear(torch.nn.Module):
+    """logit = mean(w ⊙ x) + c·t: ∇_x log sigmoid(logit) = (1 − h)·w/D by hand."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(shape))
+        self.c = torch.nn.Parameter(torch.tensor(0.01))
+
+    def forward(self, x, t):
+        return self.w * x + self.c * t.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def test_fit_value_reaches_the_conditional_mean():
+    """BCE with soft labels is minimised by E[y | x]: Bernoulli labels drawn with P(y = 1 | x) = sigmoid(1.5·x − 0.5)
+    give back that slope and intercept (the t term fits 0: the labels do not depend on it)."""
+    g = torch.Generator().manual_seed(0)
+    n = 40_000
+    x = torch.rand(n, 2, 1, generator=g) * 4 - 2  # states x_0, x_1 of one step; the fit reads x_0
+    x[:, 1] = 0
+    y = torch.bernoulli(torch.sigmoid(1.5 * x[:, 0, 0] - 0.5), generator=g)
+
+    class Affine(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(1, 1)
+
+        def forward(self, x, t):
+            return self.lin(x) + 0 * t.view(-1, 1)
+
+    net = fit_value(Affine, x, y, torch.tensor([500, 0]), steps=3000, batch=1024, lr=0.05, seed=0)
+    assert float(net.lin.weight) == pytest.approx(1.5, abs=0.1) and float(net.lin.bias) == pytest.approx(-0.5, abs=0.1)
+    assert not any(p.requires_grad for p in net.parameters())
+    share = explained_share(net, x, y, torch.tensor([500, 0]))
+    # the best predictor's share of Var(y) is Var(p(x))/Var(y), computed in closed form on the same draw
+    p = torch.sigmoid(1.5 * x[:, 0, 0] - 0.5)
+    assert share[0] == pytest.approx(float(1 - (p - y).square().mean() / y.var()), abs=0.01)
+
+
+def test_value_push_moves_the_mean_by_s_sigma2_grad_log_h(tmp_path):
+    """The guided mean is μ_ref(x) + s·σ_k²·∇log h(μ_ref(x), t_{k+1}), and μ_ref + s·σ²·β·∇log R(μ_ref) into the clean
+    sample, against a value and a reward whose gradients are closed forms; with_reference returns the reference's
+    output, and a batch of mixed steps gives each row its own step's push."""
+    from fastnabla.methods.nabla_gfn import NablaGFN
+    from fastnabla.sampling import step_coefficients
+
+    bb, classifier_reward = _tiny()
+    c = step_coefficients(bb)
+
+    def reward(images, prompts, meta):  # log R = −Σ (img − 0.3)²: ∇_x log R = −(x/2 + 0.5 − 0.3) through decode
+        return -(images - 0.3).square().sum((1, 2, 3)), None
+
+    ensure_value(bb, c, classifier_reward, _cfg(tmp_path))  # the fit the method loads (its labels are the reward's)
+    m = NablaGFN(bb, reward, c, _cfg(tmp_path))
+    m.value_net = _Linear(bb.sample_shape)
+    w, D, s, beta = m.value_net.w.detach(), 64, 1.5, 0.7
+    ts = bb.scheduler.timesteps
+    x = torch.randn(3, *bb.sample_shape, generator=torch.Generator().manual_seed(1))
+    for k in range(4):
+        shift, out_ref = m.guidance(x, k, None, None, with_reference=True)
+        with torch.no_grad():
+            ref = bb.reference(x, ts[k].expand(3), None)
+        torch.testing.assert_close(out_ref, ref)
+        mu = c[k].mean(x, ref)
+        if k < 3:
+            logit = (w * mu).mean((1, 2, 3)) + 0.01 * float(ts[k + 1])
+            grad = (1 - torch.sigmoid(logit)).view(-1, 1, 1, 1) * w / D
+        else:
+            grad = beta * -(mu / 2 + 0.5 - 0.3)
+        moved = c.coef_out[k] * shift  # μ(x, ref + shift) − μ(x, ref), without float32's cancellation
+        torch.testing.assert_close(moved, s * c.std[k] ** 2 * grad, rtol=1e-5, atol=1e-8)
+    k = torch.tensor([0, 3, 1])
+    mixed = m.guidance(x, k, None, None)
+    for r in range(3):
+        torch.testing.assert_close(mixed[r], m.guidance(x[r:r + 1], int(k[r]), None, None)[0], rtol=1e-5, atol=1e-7)
+
+
+def test_value_is_cached_and_keyed_by_its_settings(tmp_path):
+    from fastnabla.sampling import step_coefficients
+
+    bb, reward = _tiny()
+    c = step_coefficients(bb)
+    net, meta = ensure_value(bb, c, reward, _cfg(tmp_path))
+    files = sorted(os.listdir(tmp_path / "cache"))
+    assert len([f for f in files if f.endswith(".pt")]) == 1
+    assert sorted(meta["explained_share"]) == sorted(int(t) for t in bb.scheduler.timesteps)
+    again, meta2 = ensure_value(bb, c, reward, _cfg(tmp_path))
+    assert sorted(os.listdir(tmp_path / "cache")) == files and meta2 == meta
+    for a, b in zip(net.state_dict().values(), again.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    x = torch.randn(2, *bb.sample_shape)
+    torch.testing.assert_close(value_logit(net, x, torch.tensor([1, 2])), value_logit(again, x, torch.tensor([1, 2])))
+    ensure_value(bb, c, reward, _cfg(tmp_path, "gfn.value_seed=1"))  # another fit, another entry
+    ensure_value(bb, c, reward, _cfg(tmp_path, "gfn.reward_scale=0.3"))  # another β: other labels
+    assert len([f for f in os.listdir(tmp_path / "cache") if f.endswith(".pt")]) == 3
+
+
+def test_value_guidance_reaches_training_and_evaluation_samples(tmp_path):
+    """The trainer's sampler steps with policy + the value's push (the stored outputs carry it), the final samples
+    are drawn the same way, and the reference draw stays unpushed; an epoch trains through it."""
+    from fastnabla.sampling import sample_trajectories
+    from fastnabla.trainer import build_trainer
+
+    bb, reward = _tiny()
+    tr = build_trainer(_cfg(tmp_path), backbone=bb, reward_fn=reward)
+    m = tr.method
+    assert m.guide is not None and m.value_net is not None
+    traj = tr.sample(0)
+    ts = bb.scheduler.timesteps
+    for k in range(4):
+        x = traj.xs[:, k]
+        with torch.no_grad():
+            plain = bb.policy(x, ts[k].expand(x.shape[0]))
+        torch.testing.assert_close(traj.outs[:, k] - plain, m.guidance(x, k, None, None), rtol=1e-5, atol=1e-6)
+    samples, _ = tr.sample_final(16, seed=3)
+    by_hand = sample_trajectories(bb, 16, torch.Generator().manual_seed(3), tr.coeffs, keep_trajectory=False,
+                                  guide=m.guidance).xs[:, -1]
+    torch.testing.assert_close(samples, by_hand.cpu(), rtol=0, atol=0)
+    with bb.reference_sampling():
+        ref, _ = tr.sample_final(16, seed=3)
+    assert not torch.allclose(ref, samples, atol=1e-4)
+    before = [p.detach().clone() for p in bb.policy_parameters()]
+    tr.run()
+    assert any(not torch.equal(a, p) for a, p in zip(before, bb.policy_parameters()))
+
+
+def test_value_guidance_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="gfn.value_guidance"):
+        load_config(None, ["gfn.value_guidance=-1"])
+    with pytest.raises(ValueError, match="gfn.value_guidance"):
+        load_config(None, ["gfn.recipe=paper", "gfn.value_guidance=1.0"])
+    with pytest.raises(ValueError, match="keep one"):
+        load_config(None, ["gfn.value_guidance=1.0", "gfn.reward_guidance=1.0"])
+    with pytest.raises(ValueError, match="gfn.value_trajectories"):
+        load_config(None, ["gfn.value_guidance=1.0", "gfn.value_trajectories=8"])
+    with pytest.raises(ValueError, match="gfn.value_channels"):
+        load_config(None, ["gfn.value_guidance=1.0", "gfn.value_channels=[]"])
+    from fastnabla.trainer import build_trainer
+
+    with pytest.raises(ValueError, match="does not build"):  # toy2d has no value net
+        build_trainer(load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "toy2d.yaml"),
+                                  ["gfn.value_guidance=1.0", "logging.progress=false"],
+                                  output_dir=str(tmp_path / "toy")))

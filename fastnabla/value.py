@@ -123,11 +123,12 @@ def value_cache_path(backbone, cfg) -> tuple[str, dict]:
 def save_value(path: str, net, meta: dict) -> None:
     """Writes a fitted value and its meta (atomically), with the meta also as JSON beside it."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"state": net.state_dict(), "meta": meta}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    with open(path[:-3] + ".json.tmp", "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: ranks that fit the same value do not share a temporary file
+    torch.save({"state": net.state_dict(), "meta": meta}, tmp)
+    os.replace(tmp, path)
+    with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
-    os.replace(path[:-3] + ".json.tmp", path[:-3] + ".json")
+    os.replace(tmp, path[:-3] + ".json")
 
 
 def ensure_value(backbone, coeffs, reward_fn, cfg, progress: Optional[bool] = None):

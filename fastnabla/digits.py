@@ -46,11 +46,10 @@ def spec_hash(spec: dict) -> str:
 
 
 def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
+    """A progress bar, or tqdm's silent one (the same calls, nothing shown) when ``enabled`` is false."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, disable=not enabled)
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -115,11 +114,9 @@ def train_classifier(image_size: int = 8, steps: int = 1500, batch_size: int = 1
         loss.backward()
         opt.step()
         sched.step()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
     model.eval()
     with torch.no_grad():
         acc = float((model(x[te] / 2 + 0.5).argmax(1) == y[te]).float().mean())
@@ -235,12 +232,10 @@ def pretrain_unet(spec: dict, progress: bool = True):
             for pe, p in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(p, 1 - d)
         losses.append(float(loss.detach()))
-        if bar is not None:
-            bar.update(1)
-            if i % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+        if i % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+    bar.close()
     stats = dict(train_seconds=round(time.time() - t0, 1), final_loss=float(np.mean(losses[-200:])),
                  parameters=sum(p.numel() for p in unet.parameters()))
     return ema.eval(), stats
@@ -321,10 +316,8 @@ def reference_samples(backbone, classifier, n: int, seed: int = GROUND_TRUTH_SEE
             m = min(batch, n - s)
             tr = sample_trajectories(backbone, m, g, coeffs, None, None, keep_trajectory=False)
             imgs.append(tr.xs[:, -1].cpu())
-            if bar is not None:
-                bar.update(m)
-    if bar is not None:
-        bar.close()
+            bar.update(m)
+    bar.close()
     images = torch.cat(imgs)
     logits, feats = classifier_outputs(classifier, backbone.decode(images))
     os.makedirs(os.path.dirname(path), exist_ok=True)

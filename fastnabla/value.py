@@ -54,10 +54,8 @@ def reference_trajectories(backbone, coeffs, reward_fn, n: int, beta: float, see
             tr = sample_trajectories(backbone, m, g, coeffs, None, reward_fn)
             xs.append(tr.xs.cpu())
             logs.append(tr.log_reward.cpu().double())
-            if bar is not None:
-                bar.update(m)
-    if bar is not None:
-        bar.close()
+            bar.update(m)
+    bar.close()
     lb = beta * torch.cat(logs)
     if not bool(torch.isfinite(lb).all()):
         raise ValueError("the value's labels need a finite log R on every reference sample; the reward returned "
@@ -88,11 +86,9 @@ def fit_value(build: Callable[[], torch.nn.Module], xs: torch.Tensor, ys: torch.
         loss.backward()
         opt.step()
         sched.step()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(bce=f"{loss.item():.4f}", refresh=False)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+        bar.set_postfix(bce=f"{loss.item():.4f}", refresh=False)
+    bar.close()
     return net.eval().requires_grad_(False)
 
 

@@ -231,24 +231,10 @@ def test_compile_trains_like_eager(tmp_path, extra):
 def test_reward_guidance_reaches_training_and_evaluation_samples(tmp_path):
     """With ``gfn.reward_guidance`` the trainer's sampler steps with policy + guidance (the stored outputs carry it),
     evaluation samples are drawn the same way, and the pretrained-sample draw stays unguided."""
-    from fastnabla.sampling import sample_trajectories
+    from tests.helpers.guidance import assert_guided_sampling
 
     tr = build_trainer(_cfg(tmp_path, "train.epochs=1", "gfn.policy_target=return", "gfn.reward_guidance=2.0"))
-    m, bb = tr.method, tr.backbone
-    traj = tr.sample(0)
-    ts = bb.scheduler.timesteps
-    for k in (0, 4, 9):
-        x = traj.xs[:, k]
-        with torch.no_grad():
-            plain = bb.policy(x, ts[k].expand(x.shape[0]))
-        torch.testing.assert_close(traj.outs[:, k] - plain, m.guidance(x, k, None, None), rtol=1e-5, atol=1e-6)
-    samples, _ = tr.sample_final(64, seed=3)
-    by_hand = sample_trajectories(bb, 64, torch.Generator().manual_seed(3), tr.coeffs, keep_trajectory=False,
-                                  guide=m.guidance).xs[:, -1]
-    torch.testing.assert_close(samples, by_hand.cpu(), rtol=0, atol=0)
-    with bb.reference_sampling():
-        ref, _ = tr.sample_final(64, seed=3)
-    assert not torch.allclose(ref, samples, atol=1e-3)
+    assert_guided_sampling(tr, (0, 4, 9))
     tr.run()  # trains through the guided objective
 
 

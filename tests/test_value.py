@@ -133,27 +133,13 @@ def test_value_is_cached_and_keyed_by_its_settings(tmp_path):
 def test_value_guidance_reaches_training_and_evaluation_samples(tmp_path):
     """The trainer's sampler steps with policy + the value's push (the stored outputs carry it), the final samples
     are drawn the same way, and the reference draw stays unpushed; an epoch trains through it."""
-    from fastnabla.sampling import sample_trajectories
     from fastnabla.trainer import build_trainer
+    from tests.helpers.guidance import assert_guided_sampling
 
     bb, reward = _tiny()
     tr = build_trainer(_cfg(tmp_path), backbone=bb, reward_fn=reward)
-    m = tr.method
-    assert m.guide is not None and m.value_net is not None
-    traj = tr.sample(0)
-    ts = bb.scheduler.timesteps
-    for k in range(4):
-        x = traj.xs[:, k]
-        with torch.no_grad():
-            plain = bb.policy(x, ts[k].expand(x.shape[0]))
-        torch.testing.assert_close(traj.outs[:, k] - plain, m.guidance(x, k, None, None), rtol=1e-5, atol=1e-6)
-    samples, _ = tr.sample_final(16, seed=3)
-    by_hand = sample_trajectories(bb, 16, torch.Generator().manual_seed(3), tr.coeffs, keep_trajectory=False,
-                                  guide=m.guidance).xs[:, -1]
-    torch.testing.assert_close(samples, by_hand.cpu(), rtol=0, atol=0)
-    with bb.reference_sampling():
-        ref, _ = tr.sample_final(16, seed=3)
-    assert not torch.allclose(ref, samples, atol=1e-4)
+    assert tr.method.value_net is not None
+    assert_guided_sampling(tr, range(4), n=16, atol_ref=1e-4)
     before = [p.detach().clone() for p in bb.policy_parameters()]
     tr.run()
     assert any(not torch.equal(a, p) for a, p in zip(before, bb.policy_parameters()))

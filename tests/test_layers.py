@@ -24,7 +24,7 @@ LAYERS = [
     # what the loop composes: methods, metrics
     {"fastnabla.methods", "fastnabla.methods.base", "fastnabla.methods.nabla_gfn", "fastnabla.methods.chain",
      "fastnabla.methods.refl", "fastnabla.methods.draft", "fastnabla.methods.alignprop", "fastnabla.methods.ddpo",
-     "fastnabla.metrics",
+     "fastnabla.metrics", "fastnabla.value",
      "fastnabla.report"},
     {"fastnabla.config"},
     # the digits benchmark: data, classifier and UNet pretraining, importance-sampled target
@@ -39,6 +39,7 @@ ALLOWED = {
     ("fastnabla.backbones.pixel", "fastnabla.digits"): "pretrained UNet, trained when not cached",
     ("fastnabla.rewards.digits", "fastnabla.digits"): "the classifier, trained when not cached",
     ("fastnabla.metrics", "fastnabla.digits"): "the digits benchmark's evaluation",
+    ("fastnabla.value", "fastnabla.digits"): "the value is cached beside the digits assets, keyed by their reference digest",
 }
 
 

@@ -42,18 +42,15 @@ class NablaGFN(Method):
         if self.gfn.policy_weighting == "output" and bool((coeffs.coef_out == 0).any()):
             raise ValueError("gfn.policy_weighting=output weights by σ⁴/coef_out², but a sampling step has coef_out = 0 "
                              "(the network output does not move its mean); use gfn.policy_weighting=sigma2")
-        if self.gfn.reward_guidance > 0:
+        fixed = [key for key in ("reward_guidance", "value_guidance") if getattr(self.gfn, key) > 0]
+        if fixed:  # the policy's fixed part (``guidance``); the config allows one of the two at a time
             if bool((coeffs.coef_out == 0).any()):
-                raise ValueError("gfn.reward_guidance shifts the policy's mean through its output, but a sampling step "
-                                 "has coef_out = 0; set gfn.reward_guidance=0")
-            self.guide = self.guidance
-        if self.gfn.value_guidance > 0:
-            if bool((coeffs.coef_out == 0).any()):
-                raise ValueError("gfn.value_guidance shifts the policy's mean through its output, but a sampling step "
-                                 "has coef_out = 0; set gfn.value_guidance=0")
-            from fastnabla.value import ensure_value
+                raise ValueError(f"gfn.{fixed[0]} shifts the policy's mean through its output, but a sampling step "
+                                 f"has coef_out = 0; set gfn.{fixed[0]}=0")
+            if self.gfn.value_guidance > 0:
+                from fastnabla.value import ensure_value
 
-            self.value_net, self.value_meta = ensure_value(backbone, coeffs, reward_fn, cfg)
+                self.value_net, self.value_meta = ensure_value(backbone, coeffs, reward_fn, cfg)
             self.guide = self.guidance
         cut, low = self.gfn.policy_max_timestep, self.gfn.policy_min_timestep
         if cut is not None or low is not None:

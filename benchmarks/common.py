@@ -59,3 +59,41 @@ def digits_figures_line(row: dict) -> str:
     """One line of a row holding ``digits_eval_figures``."""
     return (f"class TV {row['class_tv']}, mean log R gap {row['mean_log_r_gap']}, min diversity ratio "
             f"{row['min_diversity_ratio']}  [{row['class_histogram']}]")
+
+
+def parse_scales(ap, text: str, option: str = "--scales") -> list[float]:
+    """The comma-separated scales of a guidance key given as ``option``; each must be > 0 (a scale of 0 is the
+    pretrained model itself). Anything else goes to ``ap.error`` (one line, exit code 2)."""
+    try:
+        scales = [float(s) for s in text.split(",")]
+    except ValueError:
+        ap.error(f"{option} {text!r} must be comma-separated numbers, e.g. 1,1.5,2")
+    if any(s <= 0 for s in scales):
+        ap.error(f"{option} {text!r}: every scale must be > 0 (0 is the pretrained model itself)")
+    return scales
+
+
+def evaluate_untrained(task: str, overrides: list[str], output_dir: str, every_step: bool = False):
+    """Build ``configs/digits.yaml`` with the task's overrides (``digits_sweep.TASKS``) and ``overrides`` into
+    ``output_dir``, and evaluate its untrained policy as a run's evaluation does (``metrics.evaluate``, at the
+    config's seed). With ``every_step`` the policy acts at every sampling step rather than the file's policy window
+    (so a fixed part of the policy pushes everywhere). Returns (trainer, config, evaluation, build seconds,
+    evaluation seconds); the build fits or draws what is not cached."""
+    import time
+
+    import torch
+
+    from benchmarks.digits_sweep import TASKS
+    from fastnabla import metrics
+    from fastnabla.config import load_config
+    from fastnabla.trainer import build_trainer
+
+    t0 = time.time()
+    cfg = load_config(os.path.join(ROOT, "configs", "digits.yaml"), [*TASKS[task], *overrides], output_dir=output_dir)
+    tr = build_trainer(cfg)
+    if every_step:
+        tr.method.policy_from, tr.method.policy_to = 0, tr.backbone.scheduler.timesteps.numel()
+    t1 = time.time()
+    torch.manual_seed(cfg.seed)
+    ev = metrics.evaluate(tr.eval_ctx, final=False)
+    return tr, cfg, ev, round(t1 - t0, 1), round(time.time() - t1, 1)

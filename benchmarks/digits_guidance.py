@@ -18,14 +18,14 @@ import datetime
 import os
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
 def main(argv=None) -> int:
-    from benchmarks.common import digits_eval_figures, digits_figures_line, git_sha, write_rows
+    from benchmarks.common import (digits_eval_figures, digits_figures_line, evaluate_untrained, git_sha,
+                                   parse_scales, write_rows)
     from benchmarks.digits_sweep import TASKS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -34,34 +34,18 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="*", default=[], help="more config overrides, key=value")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     a = ap.parse_args(argv)
-    try:
-        scales = [float(s) for s in a.scales.split(",")]
-    except ValueError:
-        ap.error(f"--scales {a.scales!r} must be comma-separated numbers, e.g. 1,2,4")
-    if any(s <= 0 for s in scales):
-        ap.error(f"--scales {a.scales!r}: every scale must be > 0 (0 is the pretrained model itself)")
-
-    import torch
-
-    from fastnabla import metrics
-    from fastnabla.config import load_config
-    from fastnabla.trainer import build_trainer
+    scales = parse_scales(ap, a.scales)
 
     sha = git_sha()
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for s in scales:
-            cfg = load_config(os.path.join(ROOT, "configs", "digits.yaml"),
-                              [*TASKS[a.task], f"gfn.reward_guidance={s}", "logging.progress=false", *a.set],
-                              output_dir=out)
-            t0 = time.time()
-            tr = build_trainer(cfg)
-            torch.manual_seed(cfg.seed)
-            ev = metrics.evaluate(tr.eval_ctx, final=False)
+            _, cfg, ev, build_s, eval_s = evaluate_untrained(
+                a.task, [f"gfn.reward_guidance={s}", "logging.progress=false", *a.set], out)
             row = dict(task=a.task, scale=s, reward_adaptive_mode=cfg.gfn.reward_adaptive_mode,
                        **digits_eval_figures(ev),
                        pretrained_class_tv=round(ev["pretrained"]["class_tv"], 4), samples=cfg.eval.num_samples,
-                       seconds=round(time.time() - t0, 1), overrides=" ".join(a.set), git_sha=sha,
+                       seconds=round(build_s + eval_s, 1), overrides=" ".join(a.set), git_sha=sha,
                        date=datetime.date.today().isoformat())
             rows.append(row)
             print(f"scale {s}: {digits_figures_line(row)}", flush=True)

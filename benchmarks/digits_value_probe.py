@@ -28,14 +28,14 @@ import datetime
 import os
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
 def main(argv=None) -> int:
-    from benchmarks.common import digits_eval_figures, digits_figures_line, git_sha, write_rows
+    from benchmarks.common import (digits_eval_figures, digits_figures_line, evaluate_untrained, git_sha,
+                                   parse_scales, write_rows)
     from benchmarks.digits_sweep import TASKS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -49,20 +49,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
     a = ap.parse_args(argv)
-    try:
-        scales = [float(s) for s in a.scales.split(",")]
-    except ValueError:
-        ap.error(f"--scales {a.scales!r} must be comma-separated numbers, e.g. 1,1.5")
-    if any(s <= 0 for s in scales):
-        ap.error(f"--scales {a.scales!r}: each scale must be > 0 (the push is off at 0)")
+    scales = parse_scales(ap, a.scales)
     if a.trajectories < 16:
         ap.error(f"--trajectories {a.trajectories}: need at least 16 (a tenth is held out)")
-
-    import torch
-
-    from fastnabla import metrics
-    from fastnabla.config import load_config
-    from fastnabla.trainer import build_trainer
 
     sha = git_sha()
     rows = []
@@ -71,22 +60,15 @@ def main(argv=None) -> int:
     for s in scales:
         with tempfile.TemporaryDirectory() as out:
             # the trainer fits the value (fastnabla.value; cached, so later scales only evaluate) and pushes with it
-            cfg = load_config(os.path.join(ROOT, "configs", "digits.yaml"),
-                              [*TASKS[a.task], "logging.progress=true", f"gfn.value_guidance={s}", *fit, *a.set],
-                              output_dir=out)
-            tr = build_trainer(cfg)
-            m, ts = tr.method, tr.backbone.scheduler.timesteps
-            meta = m.value_meta
-            # every step is pushed: the policy network is the reference (no training), so the push is the only change
-            m.policy_from, m.policy_to = 0, ts.numel()
-            t0 = time.time()
-            torch.manual_seed(cfg.seed)
-            ev = metrics.evaluate(tr.eval_ctx, final=False)
+            # at every step: the policy network is the reference (no training), so the push is the only change
+            tr, cfg, ev, _, eval_s = evaluate_untrained(
+                a.task, ["logging.progress=true", f"gfn.value_guidance={s}", *fit, *a.set], out, every_step=True)
+            meta = tr.method.value_meta
             row = dict(task=a.task, scale=s, trajectories=a.trajectories, value_steps=a.steps,
                        **digits_eval_figures(ev),
                        explained_share=" ".join(f"{t}:{v:.3f}" for t, v in meta["explained_share"].items()),
                        samples=cfg.eval.num_samples, draw_s=meta["draw_s"], fit_s=meta["fit_s"],
-                       eval_s=round(time.time() - t0, 1), overrides=" ".join(a.set), seed=a.seed, git_sha=sha,
+                       eval_s=eval_s, overrides=" ".join(a.set), seed=a.seed, git_sha=sha,
                        date=datetime.date.today().isoformat())
         rows.append(row)
         print(f"scale {s}: {digits_figures_line(row)}", flush=True)

@@ -321,7 +321,7 @@ def reference_samples(backbone, classifier, n: int, seed: int = GROUND_TRUTH_SEE
     images = torch.cat(imgs)
     logits, feats = classifier_outputs(classifier, backbone.decode(images))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
+    tmp = f"{path[:-4]}.{os.getpid()}.tmp.npz"  # per process: two runs drawing the same target do not collide
     np.savez(tmp, images=images.numpy().astype(np.float16), logits=logits.numpy(),
              features=feats.numpy().astype(np.float16))
     os.replace(tmp, path)

@@ -1,4 +1,5 @@
-"""benchmarks/common.py: the shared CSV writer and commit hash of the benchmark scripts."""
+"""benchmarks/common.py: the shared CSV writer, commit hash and scale parser of the benchmark scripts."""
+import argparse
 import csv
 import os
 import re
@@ -6,7 +7,7 @@ import re
 import pytest
 import torch
 
-from benchmarks.common import git_sha, write_rows
+from benchmarks.common import git_sha, parse_scales, write_rows
 
 
 def test_write_rows_round_trip_in_first_row_order(tmp_path):
@@ -22,6 +23,15 @@ def test_write_rows_round_trip_in_first_row_order(tmp_path):
 
 def test_git_sha_is_a_short_hash_or_empty():
     assert re.fullmatch(r"([0-9a-f]{7,40})?", git_sha())
+
+
+def test_parse_scales_reads_positive_numbers_and_exits_2_on_anything_else(capsys):
+    ap = argparse.ArgumentParser(prog="bench")
+    assert parse_scales(ap, "1,1.5,2") == [1.0, 1.5, 2.0]
+    for bad, says in (("1,x", "must be comma-separated numbers"), ("1,0", "every scale must be > 0")):
+        with pytest.raises(SystemExit) as e:
+            parse_scales(ap, bad)
+        assert e.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_returns_branch_variance_split_against_a_closed_form():

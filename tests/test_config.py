@@ -61,6 +61,15 @@ def test_exponent_without_dot_is_a_number():
     ("sampling.num_steps=2 sampling.timesteps=[901,0.5]", "sampling.timesteps: .* must be a non-empty list of ints"),
     ("sampling.num_steps=2 sampling.timesteps=[901,1] sampling.scheduler=sde-dpmsolver++",
      "sampling.timesteps: needs sampling.scheduler=ddim or ddpm"),
+    # the policy's fixed parts (gfn.reward_guidance, gfn.value_guidance)
+    ("gfn.reward_guidance=-1", "gfn.reward_guidance: -1.0 must be ≥ 0"),
+    ("gfn.recipe=paper gfn.reward_guidance=1.0", "gfn.reward_guidance: 1.0 guides the policy of gfn.recipe=returns"),
+    ("gfn.reward_guidance=1.0 gfn.reward_adaptive_mode=off", "gfn.reward_guidance: .* the guidance would vanish"),
+    ("gfn.value_guidance=-1", "gfn.value_guidance: -1.0 must be ≥ 0"),
+    ("gfn.recipe=paper gfn.value_guidance=1.0", "gfn.value_guidance: 1.0 guides the policy of gfn.recipe=returns"),
+    ("gfn.value_guidance=1.0 gfn.reward_guidance=1.0", "two fixed parts of the policy; keep one"),
+    ("gfn.value_guidance=1.0 gfn.value_trajectories=8", "gfn.value_trajectories: 8: the value needs at least 16"),
+    ("gfn.value_guidance=1.0 gfn.value_channels=[]", "gfn.value_channels: \\[\\] must be a list of positive ints"),
 ])
 def test_bad_values_one_line_errors(override, msg):
     with pytest.raises(ConfigError, match=msg) as e:

@@ -145,17 +145,8 @@ def test_value_guidance_reaches_training_and_evaluation_samples(tmp_path):
     assert any(not torch.equal(a, p) for a, p in zip(before, bb.policy_parameters()))
 
 
-def test_value_guidance_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="gfn.value_guidance"):
-        load_config(None, ["gfn.value_guidance=-1"])
-    with pytest.raises(ValueError, match="gfn.value_guidance"):
-        load_config(None, ["gfn.recipe=paper", "gfn.value_guidance=1.0"])
-    with pytest.raises(ValueError, match="keep one"):
-        load_config(None, ["gfn.value_guidance=1.0", "gfn.reward_guidance=1.0"])
-    with pytest.raises(ValueError, match="gfn.value_trajectories"):
-        load_config(None, ["gfn.value_guidance=1.0", "gfn.value_trajectories=8"])
-    with pytest.raises(ValueError, match="gfn.value_channels"):
-        load_config(None, ["gfn.value_guidance=1.0", "gfn.value_channels=[]"])
+def test_value_guidance_refused_by_a_backbone_without_a_value_net(tmp_path):
+    """The config's own checks of the gfn.value_* keys are in tests/test_config.py's table of one-line errors."""
     from fastnabla.trainer import build_trainer
 
     with pytest.raises(ValueError, match="does not build"):  # toy2d has no value net

@@ -441,15 +441,6 @@ def test_guided_sampling_adds_the_guidance_to_every_step_and_stores_it():
     torch.testing.assert_close(plain.xs, ref.xs, rtol=0, atol=0)
 
 
-def test_reward_guidance_config_errors():
-    with pytest.raises(ValueError, match="gfn.reward_guidance"):
-        load_config(None, ["gfn.reward_guidance=-1"])
-    with pytest.raises(ValueError, match="gfn.reward_guidance"):
-        load_config(None, ["gfn.recipe=paper", "gfn.reward_guidance=1.0"])
-    with pytest.raises(ValueError, match="vanish"):
-        load_config(None, ["gfn.reward_guidance=1.0", "gfn.reward_adaptive_mode=off"])
-
-
 def test_policy_max_timestep_samples_the_reference_above_it_and_trains_only_below():
     """``gfn.policy_max_timestep``: steps whose timestep is above it take the reference's output (no guidance), the
     rest the guided policy's; the trained transitions are drawn among the policy's steps only, and the stored returns

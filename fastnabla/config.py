@@ -150,6 +150,9 @@ class GFNConfig:
     value_lr: float = 1e-3
     value_channels: list = field(default_factory=lambda: [32, 64])
     value_seed: int = 0
+    # the fit's label of a state x_k (k < N−1): (1 − b)·R^β(x_N) + b·h̄(x_{k+1}), with b = value_bootstrap and h̄ an
+    # EMA of the value net (fastnabla.value.fit_value); 0 = the Monte-Carlo label alone
+    value_bootstrap: float = 0.0
     # the policy acts only at sampling steps whose timestep is ≤ this; the steps above it sample from the reference
     # and are neither finetuned nor trained (None = every step). Where the pretrained sampler has not started to
     # choose what it draws, log h is flat and the exact tilt is the reference's own step; a trained policy there
@@ -673,6 +676,8 @@ def _resolve_recipe(g: GFNConfig, check, choice) -> None:
             check(g.value_lr > 0, "gfn.value_lr", f"{g.value_lr} must be > 0, e.g. 1e-3")
             check(bool(g.value_channels) and all(isinstance(c, int) and c > 0 for c in g.value_channels),
                   "gfn.value_channels", f"{g.value_channels} must be a list of positive ints, e.g. [32, 64]")
+            check(0 <= g.value_bootstrap < 1, "gfn.value_bootstrap",
+                  f"{g.value_bootstrap} must lie in [0, 1) (0 = Monte-Carlo labels), e.g. 0.5")
         for key, acts in (("policy_max_timestep", "≤"), ("policy_min_timestep", "≥")):
             v = getattr(g, key)
             check(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0), f"gfn.{key}",

@@ -10,8 +10,10 @@ trajectories (divided by the draw's largest R^β when that exceeds 1; a constant
 minimiser is the conditional mean, so the fit is h under p_ref, and a bounded scalar label carries far less noise
 per state than a gradient return (on digits 20–800× the returns' learnable share in the middle of the chain,
 ``benchmarks/digits_returns_branch.py``). The network is the backbone's (``Backbone.build_value_net``), its logit
-the mean of its output. The fit is cached under the cache directory, keyed by the reference weights, the sampler,
-the reward, β and the fit's settings.
+the mean of its output. With ``gfn.value_bootstrap`` = b the labels of the states before the last mix in the
+value's own (EMA) estimate at the next state, (1 − b)·y + b·h̄(x_{k+1}): the same conditional mean, with one step's
+spread in the label instead of the whole remaining chain's. The fit is cached under the cache directory, keyed by
+the reference weights, the sampler, the reward, β and the fit's settings.
 """
 from __future__ import annotations
 
@@ -64,15 +66,25 @@ def reference_trajectories(backbone, coeffs, reward_fn, n: int, beta: float, see
 
 
 def fit_value(build: Callable[[], torch.nn.Module], xs: torch.Tensor, ys: torch.Tensor, timesteps: torch.Tensor,
-              steps: int, batch: int, lr: float, seed: int, progress: bool = False) -> torch.nn.Module:
-    """h_φ = sigmoid(``value_logit``) of a net from ``build()`` (seeded by ``seed``), fitted by BCE to the labels
-    ``ys`` over the states x_0 … x_{N−1} (AdamW, cosine to 0), returned frozen in eval mode."""
+              steps: int, batch: int, lr: float, seed: int, progress: bool = False, bootstrap: float = 0.0,
+              target_decay: float = 0.99) -> torch.nn.Module:
+    """h_φ = sigmoid(``value_logit``) of a net from ``build()`` (seeded by ``seed``), fitted by BCE over the states
+    x_0 … x_{N−1} (AdamW, cosine to 0), returned frozen in eval mode.
+
+    The label of x_k is ``ys`` (R^β(x_N)) when ``bootstrap`` = 0. With ``bootstrap`` = b > 0 the states k < N−1 take
+    (1 − b)·y + b·h̄(x_{k+1}, t_{k+1}), h̄ an EMA (``target_decay``) of the net: both have the conditional mean
+    E[R^β | x_k] as their expectation given x_k (the tower property, once h̄ fits the next state), and the one-step
+    label carries only the next step's spread instead of the whole remaining chain's. x_{N−1}'s label stays y
+    (h_N = R^β exactly)."""
+    import copy
+
     from fastnabla.digits import _bar
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     n, N = xs.shape[0], xs.shape[1] - 1
     net = build()
+    target = copy.deepcopy(net).eval().requires_grad_(False) if bootstrap > 0 else None
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     net.train()
@@ -80,12 +92,24 @@ def fit_value(build: Callable[[], torch.nn.Module], xs: torch.Tensor, ys: torch.
     for _ in range(steps):
         rows = torch.randint(0, n, (batch,), generator=g)
         k = torch.randint(0, N, (batch,), generator=g)
+        label = ys[rows]
+        if target is not None:
+            inner = (k < N - 1).nonzero(as_tuple=True)[0]
+            if inner.numel():
+                with torch.no_grad():
+                    nxt = torch.sigmoid(value_logit(target, xs[rows[inner], k[inner] + 1], timesteps[k[inner] + 1]))
+                label = label.clone()
+                label[inner] = (1 - bootstrap) * label[inner] + bootstrap * nxt
         logit = value_logit(net, xs[rows, k], timesteps[k])
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, ys[rows])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, label)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        if target is not None:
+            with torch.no_grad():
+                for pt, p in zip(target.parameters(), net.parameters()):
+                    pt.lerp_(p, 1 - target_decay)
         bar.update(1)
         bar.set_postfix(bce=f"{loss.item():.4f}", refresh=False)
     bar.close()
@@ -112,7 +136,7 @@ def value_cache_path(backbone, cfg) -> tuple[str, dict]:
                 timesteps=[int(t) for t in sched.timesteps], eta=backbone.eta, reward=cfg.reward.name,
                 reward_options=cfg.reward.options, beta=g.reward_scale, channels=list(g.value_channels),
                 trajectories=g.value_trajectories, steps=g.value_steps, batch=g.value_batch, lr=g.value_lr,
-                seed=g.value_seed, version=1)
+                seed=g.value_seed, version=1, **({"bootstrap": g.value_bootstrap} if g.value_bootstrap else {}))
     return os.path.join(cache_root(cfg.model.cache_dir), f"value-{spec_hash(spec)}.pt"), spec
 
 
@@ -150,7 +174,7 @@ def ensure_value(backbone, coeffs, reward_fn, cfg, progress: Optional[bool] = No
     draw_s, hold = time.time() - t0, max(g.value_trajectories // 10, 1)
     t0 = time.time()
     net = fit_value(lambda: build().cpu(), xs[hold:], ys[hold:], ts, g.value_steps, g.value_batch, g.value_lr,
-                    g.value_seed, progress=progress)
+                    g.value_seed, progress=progress, bootstrap=g.value_bootstrap)
     share = explained_share(net, xs[:hold], ys[:hold], ts)
     meta = dict(draw_s=round(draw_s, 1), fit_s=round(time.time() - t0, 1),
                 explained_share={int(t): round(v, 4) for t, v in zip(ts.tolist(), share)}, spec=spec)

@@ -72,6 +72,37 @@ def test_fit_value_reaches_the_conditional_mean():
     assert share[0] == pytest.approx(float(1 - (p - y).square().mean() / y.var()), abs=0.01)
 
 
+@pytest.mark.parametrize("bootstrap", [0.0, 0.9])
+def test_fit_value_reaches_the_conditional_mean_of_a_two_step_chain(bootstrap):
+    """x_1 = x_0 + 0.7·ε, P(y = 1 | x_1) = sigmoid(2·x_1): h_1 = sigmoid(2·x) exactly, and h_0(x) = E_ε[sigmoid(2·(x +
+    0.7·ε))], integrated numerically. Monte-Carlo labels and bootstrapped ones ((1 − b)·y + b·h̄(x_1) at x_0) both fit
+    both, with one affine logit per step."""
+    class PerStep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.c = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+
+        def forward(self, x, t):
+            i = (t < 400).long()  # step 0 at t = 500, step 1 at t = 250
+            return self.w[i].view(-1, 1) * x + self.c[i].view(-1, 1)
+
+    g = torch.Generator().manual_seed(0)
+    n = 40_000
+    x0 = torch.rand(n, generator=g) * 4 - 2
+    x1 = x0 + 0.7 * torch.randn(n, generator=g)
+    y = torch.bernoulli(torch.sigmoid(2 * x1), generator=g)
+    ts = torch.tensor([500, 250])
+    net = fit_value(PerStep, torch.stack([x0, x1, x1], 1)[..., None], y, ts, steps=3000, batch=1024, lr=0.05, seed=0,
+                    bootstrap=bootstrap)
+    grid = torch.linspace(-1.5, 1.5, 13)
+    eps = 0.7 * torch.randn(200_000, generator=g)
+    h0 = torch.stack([torch.sigmoid(2 * (v + eps)).mean() for v in grid])
+    fit0, fit1 = (torch.sigmoid(value_logit(net, grid[:, None], torch.full((13,), t))) for t in (500, 250))
+    assert torch.allclose(fit1, torch.sigmoid(2 * grid), atol=0.01)
+    assert torch.allclose(fit0, h0, atol=0.015)  # the affine logit's own error at step 0 is about 0.005
+    assert not torch.allclose(fit0, fit1, atol=0.05)  # step 0 is flatter: the fit did not copy step 1
+
+
 def test_value_push_moves_the_mean_by_s_sigma2_grad_log_h(tmp_path):
     """The guided mean is μ_ref(x) + s·σ_k²·∇log h(μ_ref(x), t_{k+1}), and μ_ref + s·σ²·β·∇log R(μ_ref) into the clean
     sample, against a value and a reward whose gradients are closed forms; with_reference returns the reference's
@@ -127,7 +158,8 @@ def test_value_is_cached_and_keyed_by_its_settings(tmp_path):
     torch.testing.assert_close(value_logit(net, x, torch.tensor([1, 2])), value_logit(again, x, torch.tensor([1, 2])))
     ensure_value(bb, c, reward, _cfg(tmp_path, "gfn.value_seed=1"))  # another fit, another entry
     ensure_value(bb, c, reward, _cfg(tmp_path, "gfn.reward_scale=0.3"))  # another β: other labels
-    assert len([f for f in os.listdir(tmp_path / "cache") if f.endswith(".pt")]) == 3
+    ensure_value(bb, c, reward, _cfg(tmp_path, "gfn.value_bootstrap=0.5"))  # bootstrapped labels: another fit
+    assert len([f for f in os.listdir(tmp_path / "cache") if f.endswith(".pt")]) == 4
 
 
 def test_value_guidance_reaches_training_and_evaluation_samples(tmp_path):

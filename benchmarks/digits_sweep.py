@@ -203,6 +203,15 @@ VARIANTS = {
     "value2": ["gfn.value_guidance=2.0"],
     "value2_vseed1": ["gfn.value_guidance=2.0", "gfn.value_seed=1"],
     "value1_vseed1": ["gfn.value_guidance=1.0", "gfn.value_seed=1"],
+    # the push does the coarse work, so the network's residual may need less: a third of the file's lr (the class
+    # mix of {3, 5, 8} swung between evaluations at 1e-3)
+    "value2_lr3e-4": ["gfn.value_guidance=2.0", "train.lr=3e-4"],
+    "value2_vseed1_lr3e-4": ["gfn.value_guidance=2.0", "gfn.value_seed=1", "train.lr=3e-4"],
+    # a value fitted on four times the trajectories (its untrained push on {3, 5, 8} came nearest at s = 1.5:
+    # digits_value_probe_c358_seed1_traj32k.csv)
+    "value15_vseed1_traj32k_lr3e-4": ["gfn.value_guidance=1.5", "gfn.value_seed=1", "gfn.value_trajectories=32768",
+                                      "train.lr=3e-4"],
+    "value15_vseed1_traj32k": ["gfn.value_guidance=1.5", "gfn.value_seed=1", "gfn.value_trajectories=32768"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

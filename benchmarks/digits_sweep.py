@@ -216,6 +216,7 @@ VARIANTS = {
     # swung by ±0.1 within 75 updates at 3e-4
     "value15_vseed1_traj32k_lr1e-4": ["gfn.value_guidance=1.5", "gfn.value_seed=1", "gfn.value_trajectories=32768",
                                       "train.lr=1e-4"],
+    "value15_traj32k_lr1e-4": ["gfn.value_guidance=1.5", "gfn.value_trajectories=32768", "train.lr=1e-4"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

@@ -52,6 +52,14 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, dynamic_ncols=True, disable=not enabled)
 
 
+@torch.no_grad()
+def _ema_update(avg: torch.nn.Module, live: torch.nn.Module, decay: float) -> None:
+    """avg ← decay·avg + (1 − decay)·live, parameter by parameter (a module's running average, e.g. the pretrained
+    UNet's EMA and the value fit's bootstrap target)."""
+    for pa, p in zip(avg.parameters(), live.parameters()):
+        pa.lerp_(p, 1 - decay)
+
+
 # --- data ---------------------------------------------------------------------------------------------------------
 
 def load_digit_data(image_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,10 +235,7 @@ def pretrain_unet(spec: dict, progress: bool = True):
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
-        d = min(spec["ema"], (1 + i) / (10 + i))  # EMA with a warm-up: early averages do not remember the init
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - d)
+        _ema_update(ema, unet, min(spec["ema"], (1 + i) / (10 + i)))  # warm-up: early averages forget the init
         losses.append(float(loss.detach()))
         bar.update(1)
         if i % 20 == 0:

@@ -78,7 +78,7 @@ def fit_value(build: Callable[[], torch.nn.Module], xs: torch.Tensor, ys: torch.
     (h_N = R^β exactly)."""
     import copy
 
-    from fastnabla.digits import _bar
+    from fastnabla.digits import _bar, _ema_update
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -107,9 +107,7 @@ def fit_value(build: Callable[[], torch.nn.Module], xs: torch.Tensor, ys: torch.
         opt.step()
         sched.step()
         if target is not None:
-            with torch.no_grad():
-                for pt, p in zip(target.parameters(), net.parameters()):
-                    pt.lerp_(p, 1 - target_decay)
+            _ema_update(target, net, target_decay)
         bar.update(1)
         bar.set_postfix(bce=f"{loss.item():.4f}", refresh=False)
     bar.close()

@@ -217,6 +217,12 @@ VARIANTS = {
     "value15_vseed1_traj32k_lr1e-4": ["gfn.value_guidance=1.5", "gfn.value_seed=1", "gfn.value_trajectories=32768",
                                       "train.lr=1e-4"],
     "value15_traj32k_lr1e-4": ["gfn.value_guidance=1.5", "gfn.value_trajectories=32768", "train.lr=1e-4"],
+    # class 3 at β = 0.5 kept a mean log R gap of −0.13 / −0.23 at 1e-4: its non-3 samples are confident non-3s
+    # (E[log R | class] −5 … −10 against the target's −3 … −4), which the push leaves and the network must move
+    "value15_traj32k_lr3e-4": ["gfn.value_guidance=1.5", "gfn.value_trajectories=32768", "train.lr=3e-4"],
+    "value15_traj32k_lr2e-4": ["gfn.value_guidance=1.5", "gfn.value_trajectories=32768", "train.lr=2e-4"],
+    "value15_vseed1_traj32k_lr2e-4": ["gfn.value_guidance=1.5", "gfn.value_seed=1", "gfn.value_trajectories=32768",
+                                      "train.lr=2e-4"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

@@ -26,18 +26,45 @@ import os
 import random
 import shutil
 import zipfile
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 __all__ = ["save_checkpoint", "load_checkpoint", "resolve_resume", "verify_checkpoint", "list_checkpoints",
-           "checkpoint_world_size", "rng_state", "set_rng_state"]
+           "checkpoint_world_size", "rng_state", "set_rng_state", "atomic_write",
+           "atomic_json"]
 
 PREFIX = "step_"
 MANIFEST = "manifest.json"
 
 log = logging.getLogger("fastnabla")
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> str:
+    """Writes one file atomically: ``write(tmp)`` fills a temporary file beside ``path`` (the same extension, a name
+    of this process's own, so two processes writing the same file do not share it), which is then renamed onto
+    ``path``. A reader sees the old file or the whole new one, never a part; a failed write leaves no temporary
+    file. Returns ``path``. (Checkpoints are directories and have their own scheme below.)"""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.{os.getpid()}.tmp{ext}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def atomic_json(path: str, obj, indent: int = 2) -> str:
+    """``obj`` as JSON at ``path``, written atomically (``atomic_write``)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+
+    return atomic_write(path, write)
 
 
 def _is_checkpoint(path: str) -> bool:

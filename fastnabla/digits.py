@@ -27,6 +27,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from fastnabla.checkpoint import atomic_json, atomic_write
+
 log = logging.getLogger("fastnabla")
 
 __all__ = ["cache_root", "load_digit_data", "split_indices", "train_classifier", "ensure_classifier",
@@ -162,9 +164,8 @@ def ensure_classifier(image_size: int = 8, cache_dir: Optional[str] = None, prog
     meta = dict(spec=spec, model=model.config, test_accuracy=acc, train_seconds=round(time.time() - t0, 1),
                 hash=spec_hash(spec))
     os.makedirs(d, exist_ok=True)
-    torch.save(model.state_dict(), os.path.join(d, "classifier.pt"))
-    with open(os.path.join(d, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    atomic_write(os.path.join(d, "classifier.pt"), lambda tmp: torch.save(model.state_dict(), tmp))
+    atomic_json(os.path.join(d, "meta.json"), meta)  # last: its presence marks the cache complete
     log.info("digits classifier: test accuracy %.4f", acc)
     return model, meta
 
@@ -261,8 +262,7 @@ def ensure_pretrained(cfg, progress: Optional[bool] = None) -> str:
     unet, stats = pretrain_unet(spec, cfg.logging.progress if progress is None else progress)
     unet.save_pretrained(os.path.join(d, "unet"))
     DDIMScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(os.path.join(d, "scheduler"))
-    with open(os.path.join(d, "meta.json"), "w") as f:
-        json.dump(dict(spec=spec, hash=spec_hash(spec), **stats), f, indent=2)
+    atomic_json(os.path.join(d, "meta.json"), dict(spec=spec, hash=spec_hash(spec), **stats))  # last: the marker
     return d
 
 
@@ -326,10 +326,8 @@ def reference_samples(backbone, classifier, n: int, seed: int = GROUND_TRUTH_SEE
     images = torch.cat(imgs)
     logits, feats = classifier_outputs(classifier, backbone.decode(images))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path[:-4]}.{os.getpid()}.tmp.npz"  # per process: two runs drawing the same target do not collide
-    np.savez(tmp, images=images.numpy().astype(np.float16), logits=logits.numpy(),
-             features=feats.numpy().astype(np.float16))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.savez(tmp, images=images.numpy().astype(np.float16), logits=logits.numpy(),
+                                            features=feats.numpy().astype(np.float16)))
     return {"images": images.half().float(), "logits": logits, "features": feats.half().float()}
 
 
@@ -466,8 +464,7 @@ def main(argv=None) -> int:
         q0 = time.time()
         quality = pretrained_quality(bb, clf, args.samples)
         quality["seconds"] = round(time.time() - q0, 1)
-        with open(qpath, "w") as f:
-            json.dump(quality, f, indent=2)
+        atomic_json(qpath, quality)
     report = dict(classifier=dict(test_accuracy=cmeta["test_accuracy"], train_seconds=cmeta.get("train_seconds"),
                                   cache=cmeta.get("hash")),
                   unet=dict(path=path, **{k: umeta.get(k) for k in ("parameters", "train_seconds", "final_loss",

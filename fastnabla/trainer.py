@@ -342,10 +342,11 @@ class Trainer:
 
         with open(path) as f:
             keep = [line for line in f if line.strip() and before(line)]
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(line if line.endswith("\n") else line + "\n" for line in keep)
-        os.replace(tmp, path)
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.writelines(line if line.endswith("\n") else line + "\n" for line in keep)
+
+        ckpt.atomic_write(path, write)
 
     def _stop_requested(self) -> bool:
         # collective: a signal that reached one rank stops every rank at the same update (checkpoints are collective)

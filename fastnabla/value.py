@@ -17,13 +17,14 @@ the reference weights, the sampler, the reward, β and the fit's settings.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from typing import Callable, Optional
 
 import torch
+
+from fastnabla.checkpoint import atomic_json, atomic_write
 
 __all__ = ["value_logit", "reference_trajectories", "fit_value", "explained_share", "value_cache_path", "save_value",
            "ensure_value"]
@@ -141,12 +142,8 @@ def value_cache_path(backbone, cfg) -> tuple[str, dict]:
 def save_value(path: str, net, meta: dict) -> None:
     """Writes a fitted value and its meta (atomically), with the meta also as JSON beside it."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"  # per process: ranks that fit the same value do not share a temporary file
-    torch.save({"state": net.state_dict(), "meta": meta}, tmp)
-    os.replace(tmp, path)
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, path[:-3] + ".json")
+    atomic_write(path, lambda tmp: torch.save({"state": net.state_dict(), "meta": meta}, tmp))
+    atomic_json(path[:-3] + ".json", meta, indent=1)
 
 
 def ensure_value(backbone, coeffs, reward_fn, cfg, progress: Optional[bool] = None):

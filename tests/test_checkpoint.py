@@ -8,6 +8,7 @@ import os
 import shutil
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,3 +171,29 @@ def test_every_rank_takes_rank_0s_choice(tmp_path):
     rank1 = _Rank(world_size=2, rank=1, others=[-1])
     with pytest.raises(ValueError, match=r"the checkpoint is damaged \(damaged according to rank 0\)"):
         ckpt.resolve_resume(str(root / NAMES[2]), str(root), engine=rank1)
+
+
+def test_atomic_write_replaces_whole_or_leaves_the_old_file(tmp_path):
+    # the caches (classifier, UNet marker, target samples, value) and the metrics rewrite go through this one helper
+    path = tmp_path / "cache.npz"
+    seen = []
+
+    def write(tmp):
+        seen.append(tmp)
+        np.savez(tmp, a=np.arange(3))  # numpy appends .npz to a name without it: the temporary keeps the extension
+
+    assert ckpt.atomic_write(str(path), write) == str(path)
+    assert seen[0].endswith(".npz") and str(os.getpid()) in seen[0] and seen[0] != str(path)
+    assert sorted(os.listdir(tmp_path)) == ["cache.npz"]
+
+    def fails(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.atomic_write(str(path), fails)
+    assert sorted(os.listdir(tmp_path)) == ["cache.npz"]  # no temporary left, the old file intact
+    assert np.load(path)["a"].tolist() == [0, 1, 2]
+    ckpt.atomic_json(str(tmp_path / "meta.json"), {"x": [1, 2]})
+    assert json.loads((tmp_path / "meta.json").read_text()) == {"x": [1, 2]}

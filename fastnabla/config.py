@@ -153,6 +153,9 @@ class GFNConfig:
     # the fit's label of a state x_k (k < N−1): (1 − b)·R^β(x_N) + b·h̄(x_{k+1}), with b = value_bootstrap and h̄ an
     # EMA of the value net (fastnabla.value.fit_value); 0 = the Monte-Carlo label alone
     value_bootstrap: float = 0.0
+    # f > 0: each state's BCE in the fit is divided by max(h_φ(x_k), f) (detached), a relative-error fit that weighs
+    # states where h is small as much as those where it is near 1 (the same conditional mean); 0 = plain BCE
+    value_relative_floor: float = 0.0
     # the policy acts only at sampling steps whose timestep is ≤ this; the steps above it sample from the reference
     # and are neither finetuned nor trained (None = every step). Where the pretrained sampler has not started to
     # choose what it draws, log h is flat and the exact tilt is the reference's own step; a trained policy there
@@ -678,6 +681,8 @@ def _resolve_recipe(g: GFNConfig, check, choice) -> None:
                   "gfn.value_channels", f"{g.value_channels} must be a list of positive ints, e.g. [32, 64]")
             check(0 <= g.value_bootstrap < 1, "gfn.value_bootstrap",
                   f"{g.value_bootstrap} must lie in [0, 1) (0 = Monte-Carlo labels), e.g. 0.5")
+            check(0 <= g.value_relative_floor < 1, "gfn.value_relative_floor",
+                  f"{g.value_relative_floor} must lie in [0, 1) (0 = plain BCE), e.g. 0.001")
         for key, acts in (("policy_max_timestep", "≤"), ("policy_min_timestep", "≥")):
             v = getattr(g, key)
             check(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0), f"gfn.{key}",

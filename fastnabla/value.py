@@ -68,7 +68,7 @@ def reference_trajectories(backbone, coeffs, reward_fn, n: int, beta: float, see
 
 def fit_value(build: Callable[[], torch.nn.Module], xs: torch.Tensor, ys: torch.Tensor, timesteps: torch.Tensor,
               steps: int, batch: int, lr: float, seed: int, progress: bool = False, bootstrap: float = 0.0,
-              target_decay: float = 0.99) -> torch.nn.Module:
+              target_decay: float = 0.99, relative_floor: float = 0.0) -> torch.nn.Module:
     """h_φ = sigmoid(``value_logit``) of a net from ``build()`` (seeded by ``seed``), fitted by BCE over the states
     x_0 … x_{N−1} (AdamW, cosine to 0), returned frozen in eval mode.
 
@@ -76,7 +76,13 @@ def fit_value(build: Callable[[], torch.nn.Module], xs: torch.Tensor, ys: torch.
     (1 − b)·y + b·h̄(x_{k+1}, t_{k+1}), h̄ an EMA (``target_decay``) of the net: both have the conditional mean
     E[R^β | x_k] as their expectation given x_k (the tower property, once h̄ fits the next state), and the one-step
     label carries only the next step's spread instead of the whole remaining chain's. x_{N−1}'s label stays y
-    (h_N = R^β exactly)."""
+    (h_N = R^β exactly).
+
+    With ``relative_floor`` = f > 0 each state's BCE is divided by max(h_φ(x_k), f), h_φ detached (a weighted mean
+    over the batch): the logit's gradient becomes (h − y)/h, a relative error, so states where h is small weigh as
+    much as those where it is near 1. A weight that depends only on the state leaves the minimiser, E[y | x_k],
+    alone; it moves what a net of limited size gets right, toward log h where R^β is small (the classes a β < 1
+    target keeps at a few percent)."""
     import copy
 
     from fastnabla.digits import _bar, _ema_update
@@ -102,7 +108,12 @@ def fit_value(build: Callable[[], torch.nn.Module], xs: torch.Tensor, ys: torch.
                 label = label.clone()
                 label[inner] = (1 - bootstrap) * label[inner] + bootstrap * nxt
         logit = value_logit(net, xs[rows, k], timesteps[k])
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, label)
+        if relative_floor > 0:
+            w = 1 / torch.sigmoid(logit.detach()).clamp(min=relative_floor)
+            each = torch.nn.functional.binary_cross_entropy_with_logits(logit, label, reduction="none")
+            loss = (w * each).sum() / w.sum()
+        else:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, label)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -135,7 +146,8 @@ def value_cache_path(backbone, cfg) -> tuple[str, dict]:
                 timesteps=[int(t) for t in sched.timesteps], eta=backbone.eta, reward=cfg.reward.name,
                 reward_options=cfg.reward.options, beta=g.reward_scale, channels=list(g.value_channels),
                 trajectories=g.value_trajectories, steps=g.value_steps, batch=g.value_batch, lr=g.value_lr,
-                seed=g.value_seed, version=1, **({"bootstrap": g.value_bootstrap} if g.value_bootstrap else {}))
+                seed=g.value_seed, version=1, **({"bootstrap": g.value_bootstrap} if g.value_bootstrap else {}),
+                **({"relative_floor": g.value_relative_floor} if g.value_relative_floor else {}))
     return os.path.join(cache_root(cfg.model.cache_dir), f"value-{spec_hash(spec)}.pt"), spec
 
 
@@ -169,7 +181,8 @@ def ensure_value(backbone, coeffs, reward_fn, cfg, progress: Optional[bool] = No
     draw_s, hold = time.time() - t0, max(g.value_trajectories // 10, 1)
     t0 = time.time()
     net = fit_value(lambda: build().cpu(), xs[hold:], ys[hold:], ts, g.value_steps, g.value_batch, g.value_lr,
-                    g.value_seed, progress=progress, bootstrap=g.value_bootstrap)
+                    g.value_seed, progress=progress, bootstrap=g.value_bootstrap,
+                    relative_floor=g.value_relative_floor)
     share = explained_share(net, xs[:hold], ys[:hold], ts)
     meta = dict(draw_s=round(draw_s, 1), fit_s=round(time.time() - t0, 1),
                 explained_share={int(t): round(v, 4) for t, v in zip(ts.tolist(), share)}, spec=spec)

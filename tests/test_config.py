@@ -70,6 +70,8 @@ def test_exponent_without_dot_is_a_number():
     ("gfn.value_guidance=1.0 gfn.reward_guidance=1.0", "two fixed parts of the policy; keep one"),
     ("gfn.value_guidance=1.0 gfn.value_trajectories=8", "gfn.value_trajectories: 8: the value needs at least 16"),
     ("gfn.value_guidance=1.0 gfn.value_bootstrap=1", "gfn.value_bootstrap: 1.0 must lie in \\[0, 1\\)"),
+    ("gfn.value_guidance=1.0 gfn.value_relative_floor=-0.1",
+     "gfn.value_relative_floor: -0.1 must lie in \\[0, 1\\)"),
     ("gfn.value_guidance=1.0 gfn.value_channels=[]", "gfn.value_channels: \\[\\] must be a list of positive ints"),
 ])
 def test_bad_values_one_line_errors(override, msg):

@@ -2,6 +2,7 @@
 
 The fit is checked against a closed-form conditional mean, the push against a hand gradient of a linear value, the
 cache against its key, and the trainer against a hand-stepped sampler."""
+import math
 import os
 
 import pytest
@@ -72,11 +73,11 @@ def test_fit_value_reaches_the_conditional_mean():
     assert share[0] == pytest.approx(float(1 - (p - y).square().mean() / y.var()), abs=0.01)
 
 
-@pytest.mark.parametrize("bootstrap", [0.0, 0.9])
-def test_fit_value_reaches_the_conditional_mean_of_a_two_step_chain(bootstrap):
+@pytest.mark.parametrize("bootstrap,relative_floor", [(0.0, 0.0), (0.9, 0.0), (0.0, 1e-3)])
+def test_fit_value_reaches_the_conditional_mean_of_a_two_step_chain(bootstrap, relative_floor):
     """x_1 = x_0 + 0.7·ε, P(y = 1 | x_1) = sigmoid(2·x_1): h_1 = sigmoid(2·x) exactly, and h_0(x) = E_ε[sigmoid(2·(x +
-    0.7·ε))], integrated numerically. Monte-Carlo labels and bootstrapped ones ((1 − b)·y + b·h̄(x_1) at x_0) both fit
-    both, with one affine logit per step."""
+    0.7·ε))], integrated numerically. Monte-Carlo labels, bootstrapped ones ((1 − b)·y + b·h̄(x_1) at x_0) and the
+    relative-error weighting all fit both, with one affine logit per step."""
     class PerStep(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -93,7 +94,7 @@ def test_fit_value_reaches_the_conditional_mean_of_a_two_step_chain(bootstrap):
     y = torch.bernoulli(torch.sigmoid(2 * x1), generator=g)
     ts = torch.tensor([500, 250])
     net = fit_value(PerStep, torch.stack([x0, x1, x1], 1)[..., None], y, ts, steps=3000, batch=1024, lr=0.05, seed=0,
-                    bootstrap=bootstrap)
+                    bootstrap=bootstrap, relative_floor=relative_floor)
     grid = torch.linspace(-1.5, 1.5, 13)
     eps = 0.7 * torch.randn(200_000, generator=g)
     h0 = torch.stack([torch.sigmoid(2 * (v + eps)).mean() for v in grid])
@@ -101,6 +102,36 @@ def test_fit_value_reaches_the_conditional_mean_of_a_two_step_chain(bootstrap):
     assert torch.allclose(fit1, torch.sigmoid(2 * grid), atol=0.01)
     assert torch.allclose(fit0, h0, atol=0.015)  # the affine logit's own error at step 0 is about 0.005
     assert not torch.allclose(fit0, fit1, atol=0.05)  # step 0 is flatter: the fit did not copy step 1
+
+
+def test_relative_fit_trades_error_near_one_for_log_error_in_the_tail():
+    """A fit that cannot be exact: soft labels with mean h(x) = 0.9·exp(−x²) on [0, 3] (h from 0.9 to 1e-4) and an
+    affine logit. Plain BCE spends the line on where h is large; divided by h (``relative_floor``) it follows log h
+    into the tail, where a target with β < 1 keeps a few percent of its mass, and pays near h ≈ 1."""
+    g = torch.Generator().manual_seed(0)
+    n = 40_000
+    x0 = torch.rand(n, generator=g) * 3
+    y = 0.9 * torch.exp(-x0.square()) * 2 * torch.rand(n, generator=g)  # soft labels, mean h(x)
+
+    class Affine(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(1, 1)
+
+        def forward(self, x, t):
+            return self.lin(x) + 0 * t.view(-1, 1)
+
+    grid = torch.linspace(0, 3, 31)
+    log_h = math.log(0.9) - grid.square()
+    tail, head = grid >= 2, grid <= 1
+    err = {}
+    for f in (0.0, 1e-3):
+        net = fit_value(Affine, torch.stack([x0, x0], 1)[..., None], y, torch.tensor([500, 0]), steps=3000, batch=1024,
+                        lr=0.05, seed=0, relative_floor=f)
+        fit = torch.nn.functional.logsigmoid(value_logit(net, grid[:, None], torch.full((31,), 500)))
+        err[f] = (float((fit - log_h)[tail].abs().mean()), float((fit.exp() - log_h.exp())[head].abs().mean()))
+    assert err[1e-3][0] < 0.7 * err[0.0][0]  # the tail's log h: nearer (measured 0.53 against 0.98 nats)
+    assert err[0.0][1] < err[1e-3][1]  # and h where it is large: plain BCE's is nearer
 
 
 def test_value_push_moves_the_mean_by_s_sigma2_grad_log_h(tmp_path):
@@ -159,7 +190,8 @@ def test_value_is_cached_and_keyed_by_its_settings(tmp_path):
     ensure_value(bb, c, reward, _cfg(tmp_path, "gfn.value_seed=1"))  # another fit, another entry
     ensure_value(bb, c, reward, _cfg(tmp_path, "gfn.reward_scale=0.3"))  # another β: other labels
     ensure_value(bb, c, reward, _cfg(tmp_path, "gfn.value_bootstrap=0.5"))  # bootstrapped labels: another fit
-    assert len([f for f in os.listdir(tmp_path / "cache") if f.endswith(".pt")]) == 4
+    ensure_value(bb, c, reward, _cfg(tmp_path, "gfn.value_relative_floor=0.001"))  # relative weighting: another
+    assert len([f for f in os.listdir(tmp_path / "cache") if f.endswith(".pt")]) == 5
 
 
 def test_value_guidance_reaches_training_and_evaluation_samples(tmp_path):

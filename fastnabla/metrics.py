@@ -80,6 +80,17 @@ def class_histogram(labels: torch.Tensor, num_classes: int, weights: torch.Tenso
     return h / h.sum()
 
 
+def log_r_share_per_class(labels: torch.Tensor, log_r: torch.Tensor, num_classes: int,
+                          weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(num_classes,) float64: Σ_{i in class c} w_i·log R_i, w normalised to sum 1 (uniform when None). Each class's
+    share of the mean log R: the shares sum to it, and a share over the class's mass is the class's own mean log R.
+    A model's shares minus the target's split the mean log R gap by class."""
+    labels = labels.long().flatten().cpu()
+    w = torch.ones(labels.numel(), dtype=torch.float64) if weights is None else weights.double().flatten().cpu()
+    w = w / w.sum()
+    return torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, w * log_r.double().flatten().cpu())
+
+
 def class_transitions(labels_from: torch.Tensor, labels_to: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(C, C) counts of paired samples: row = the class of sample i under one model, column = the class of sample i
     under the other. With the pretrained and finetuned samples drawn at the same seeds it shows where the finetuning
@@ -508,6 +519,7 @@ def _digits_eval(ctx: EvalContext, samples: torch.Tensor, prompts, log_r: torch.
         out.update(fid_pretrained_per_prompt=pp["fid"], kid_pretrained_per_prompt=pp["kid"])
     out.update({
         "class_histogram": [round(float(v), 4) for v in hist], "mean_log_r": float(log_r.mean()),
+        "mean_log_r_share_per_class": [float(v) for v in log_r_share_per_class(pred, log_r, C)],
         "diversity": div["overall"], "diversity_per_class": div["per_group"],
         "fid_pretrained": fid(p_feats, feats), "kid_pretrained": kid_m, "kid_pretrained_std": kid_s,
         "pretrained": {"class_histogram": [round(float(v), 4) for v in p_hist], "mean_log_r": float(p_lr.mean()),
@@ -519,6 +531,9 @@ def _digits_eval(ctx: EvalContext, samples: torch.Tensor, prompts, log_r: torch.
     if tgt is not None:
         out["class_tv"] = histogram_tv(hist, tgt["class_histogram"])
         out["mean_log_r_gap"] = out["mean_log_r"] - tgt["mean_log_r"]
+        if "mean_log_r_share_per_class" in tgt:  # the gap split by class: where the model's mean log R falls short
+            out["mean_log_r_gap_per_class"] = [m - t for m, t in zip(out["mean_log_r_share_per_class"],
+                                                                     tgt["mean_log_r_share_per_class"])]
         # within-class diversity relative to the target's, for every class the target keeps (mass ≥ 2 %)
         out["diversity_ratio_per_class"] = {
             c: div["per_group"].get(c, 0.0) / v for c, v in tgt["diversity_per_class"].items()

@@ -146,6 +146,8 @@ def write_report(out_dir: str, history: list, summary: dict, config: Optional[di
              _hist(summary.get("class_histogram"))),
             ("class-histogram TV to the target", "0", _fmt(pre.get("class_tv")), _fmt(summary.get("class_tv"))),
             ("mean log R", _fmt(tgt.get("mean_log_r")), _fmt(pre.get("mean_log_r")), _fmt(summary.get("mean_log_r"))),
+            ("each class's share of the mean log R (sums to it)", _hist(tgt.get("mean_log_r_share_per_class")), "–",
+             _hist(summary.get("mean_log_r_share_per_class"))),
             ("diversity", _fmt(tgt.get("diversity"), 2), _fmt(pre.get("diversity"), 2),
              _fmt(summary.get("diversity"), 2)),
             ("FID / KID against the pretrained samples", "–", "0 / 0",

@@ -95,6 +95,10 @@ def test_two_epoch_digits_run_writes_every_output(tmp_path):
     # the TV is recomputed from the reported histograms, and the pretrained samples are p_ref's at the same seeds
     assert summary["class_tv"] == pytest.approx(
         0.5 * sum(abs(a - b) for a, b in zip(summary["class_histogram"], tgt["class_histogram"])), abs=1e-3)
+    # the gap split by class: each side's shares sum to its mean log R, so the split sums to the gap
+    assert sum(summary["mean_log_r_share_per_class"]) == pytest.approx(summary["mean_log_r"], abs=1e-6)
+    assert sum(tgt["mean_log_r_share_per_class"]) == pytest.approx(tgt["mean_log_r"], abs=1e-6)
+    assert sum(summary["mean_log_r_gap_per_class"]) == pytest.approx(summary["mean_log_r_gap"], abs=1e-6)
     with bb.reference_sampling():
         again, _ = tr.sample_final(48, seed=cfg.seed + 7919)
     np.testing.assert_allclose(pre, again.clamp(-1, 1).numpy(), atol=1e-6)

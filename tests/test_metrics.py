@@ -76,6 +76,12 @@ def test_class_histogram_and_tv_by_hand():
     hw = metrics.class_histogram(torch.tensor([0, 1, 1, 2]), 4, torch.tensor([1.0, 1.0, 2.0, 4.0]))
     torch.testing.assert_close(hw, torch.tensor([0.125, 0.375, 0.5, 0.0], dtype=torch.float64))
     assert metrics.histogram_tv(h, hw) == pytest.approx(0.5 * (0.125 + 0.125 + 0.25))
+    # each class's share of the mean log R: Σ over the class of w_i·log R_i, with Σ w = 1
+    log_r = torch.tensor([-1.0, -2.0, -4.0, -8.0])
+    share = metrics.log_r_share_per_class(torch.tensor([0, 1, 1, 2]), log_r, 4)
+    torch.testing.assert_close(share, torch.tensor([-0.25, -1.5, -2.0, 0.0], dtype=torch.float64))
+    share_w = metrics.log_r_share_per_class(torch.tensor([0, 1, 1, 2]), log_r, 4, torch.tensor([1.0, 1.0, 2.0, 4.0]))
+    torch.testing.assert_close(share_w, torch.tensor([-1 / 8, -10 / 8, -32 / 8, 0.0], dtype=torch.float64))
 
 
 def test_class_transitions_by_hand():
@@ -161,6 +167,7 @@ def test_digits_ground_truth_by_hand():
     w = torch.tensor([1.0, 2.0, 2.0, 4.0], dtype=torch.float64) / 9
     assert gt["class_histogram"] == pytest.approx([1 / 9, 4 / 9, 4 / 9])
     assert gt["mean_log_r"] == pytest.approx(float((w * log_r.double()).sum()))
+    assert gt["mean_log_r_share_per_class"] == pytest.approx([0.0, 4 / 9 * math.log(2), 4 / 9 * math.log(4)])
     assert gt["ess"] == pytest.approx(1 / float((w**2).sum()))
     assert gt["log_z"] == pytest.approx(math.log(9 / 4))  # mean R = (1 + 2 + 2 + 4)/4
     assert gt["kl_to_reference"] == pytest.approx(float((w * log_r.double()).sum()) - math.log(9 / 4))

@@ -14,7 +14,9 @@ def _summary(tv=0.04, gap=-0.05, ratios=None):
             "class_histogram": [0.0, 0.0, 0.0, 0.46, 0.0, 0.27, 0.0, 0.0, 0.27, 0.0], "diversity": 40.0,
             "fid_pretrained": 12.5, "kid_pretrained": 3.25, "num_samples": 64, "classifier_test_accuracy": 0.99,
             "pretrained": {"class_histogram": [0.1] * 10, "class_tv": 0.7, "mean_log_r": -9.0, "diversity": 50.0},
+            "mean_log_r_share_per_class": [0.0, 0.0, 0.0, -0.02, 0.0, -0.05, 0.0, 0.0, -0.03 + gap, 0.0],
             "target": {"class_histogram": tgt_hist, "mean_log_r": -0.1, "diversity": 42.0, "ess": 1234.0,
+                       "mean_log_r_share_per_class": [0.0, 0.0, 0.0, -0.02, 0.0, -0.05, 0.0, 0.0, -0.03, 0.0],
                        "num_samples": 5000, "beta": 1.0}}
 
 
@@ -54,6 +56,7 @@ def test_write_report_embeds_pictures_and_numbers(tmp_path):
     assert base64.b64encode(b"\x89PNG fake grid").decode() in page  # embedded, not linked
     assert "class_histogram.png was not drawn" in page  # a missing picture is said, not a broken link
     assert page.count("met:") == 3 and "not met" not in page
+    assert "share of the mean log R" in page and "-0.05 0.00 0.00 -0.08" in page  # the finetuned shares, 5 to 8
     assert (tmp_path / "report_curves.png").stat().st_size > 1000
 
 

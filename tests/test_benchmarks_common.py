@@ -68,3 +68,12 @@ def test_digits_eval_figures_rounds_and_takes_the_lowest_diversity_ratio():
     assert digits_eval_figures({**ev, "diversity_ratio_per_class": {}})["min_diversity_ratio"] == ""
     assert digits_figures_line(row) == ("class TV 0.1235, mean log R gap -0.9877, min diversity ratio 0.87  "
                                         "[0.500 0.250 0.250]")
+
+
+def test_gap_by_class_names_a_directory_that_is_not_a_finished_run(tmp_path, capsys):
+    from benchmarks.digits_gap_by_class import main
+
+    (tmp_path / "config.yaml").write_text("seed: 0\n")  # a config but no samples
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path), "--name", "x"])
+    assert e.value.code == 2 and "no final_samples.npy" in capsys.readouterr().err

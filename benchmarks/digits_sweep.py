@@ -223,6 +223,12 @@ VARIANTS = {
     "value15_traj32k_lr2e-4": ["gfn.value_guidance=1.5", "gfn.value_trajectories=32768", "train.lr=2e-4"],
     "value15_vseed1_traj32k_lr2e-4": ["gfn.value_guidance=1.5", "gfn.value_seed=1", "gfn.value_trajectories=32768",
                                       "train.lr=2e-4"],
+    # on class 3 the network first closes the untrained push's gap (−0.16 → −0.03 at 75 updates) and then opens it
+    # again in the non-3 tail (−0.32 at 300 on seed 1): a push between s = 1.5 (gap −0.16) and 2 (+0.17) untrained,
+    # with the slow network of {3, 5, 8}
+    "value175_traj32k_lr1e-4": ["gfn.value_guidance=1.75", "gfn.value_trajectories=32768", "train.lr=1e-4"],
+    "value175_vseed1_traj32k_lr1e-4": ["gfn.value_guidance=1.75", "gfn.value_seed=1", "gfn.value_trajectories=32768",
+                                       "train.lr=1e-4"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

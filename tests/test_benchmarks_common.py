@@ -77,3 +77,11 @@ def test_gap_by_class_names_a_directory_that_is_not_a_finished_run(tmp_path, cap
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path), "--name", "x"])
     assert e.value.code == 2 and "no final_samples.npy" in capsys.readouterr().err
+
+
+def test_value_tail_refuses_a_draw_too_small_to_rank(capsys):
+    from benchmarks.digits_value_tail import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["c3b05", "--trajectories", "4"])
+    assert e.value.code == 2 and "at least 16 trajectories" in capsys.readouterr().err

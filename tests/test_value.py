@@ -47,6 +47,17 @@ class _Linear(torch.nn.Module):
         return self.w * x + self.c * t.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 
+class _Affine(torch.nn.Module):
+    """One affine logit of the state, the same at every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(1, 1)
+
+    def forward(self, x, t):
+        return self.lin(x) + 0 * t.view(-1, 1)
+
+
 def test_fit_value_reaches_the_conditional_mean():
     """BCE with soft labels is minimised by E[y | x]: Bernoulli labels drawn with P(y = 1 | x) = sigmoid(1.5·x − 0.5)
     give back that slope and intercept (the t term fits 0: the labels do not depend on it)."""
@@ -56,15 +67,7 @@ def test_fit_value_reaches_the_conditional_mean():
     x[:, 1] = 0
     y = torch.bernoulli(torch.sigmoid(1.5 * x[:, 0, 0] - 0.5), generator=g)
 
-    class Affine(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(1, 1)
-
-        def forward(self, x, t):
-            return self.lin(x) + 0 * t.view(-1, 1)
-
-    net = fit_value(Affine, x, y, torch.tensor([500, 0]), steps=3000, batch=1024, lr=0.05, seed=0)
+    net = fit_value(_Affine, x, y, torch.tensor([500, 0]), steps=3000, batch=1024, lr=0.05, seed=0)
     assert float(net.lin.weight) == pytest.approx(1.5, abs=0.1) and float(net.lin.bias) == pytest.approx(-0.5, abs=0.1)
     assert not any(p.requires_grad for p in net.parameters())
     share = explained_share(net, x, y, torch.tensor([500, 0]))
@@ -113,21 +116,13 @@ def test_relative_fit_trades_error_near_one_for_log_error_in_the_tail():
     x0 = torch.rand(n, generator=g) * 3
     y = 0.9 * torch.exp(-x0.square()) * 2 * torch.rand(n, generator=g)  # soft labels, mean h(x)
 
-    class Affine(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(1, 1)
-
-        def forward(self, x, t):
-            return self.lin(x) + 0 * t.view(-1, 1)
-
     grid = torch.linspace(0, 3, 31)
     log_h = math.log(0.9) - grid.square()
     tail, head = grid >= 2, grid <= 1
     err = {}
     for f in (0.0, 1e-3):
-        net = fit_value(Affine, torch.stack([x0, x0], 1)[..., None], y, torch.tensor([500, 0]), steps=3000, batch=1024,
-                        lr=0.05, seed=0, relative_floor=f)
+        net = fit_value(_Affine, torch.stack([x0, x0], 1)[..., None], y, torch.tensor([500, 0]), steps=3000,
+                        batch=1024, lr=0.05, seed=0, relative_floor=f)
         fit = torch.nn.functional.logsigmoid(value_logit(net, grid[:, None], torch.full((31,), 500)))
         err[f] = (float((fit - log_h)[tail].abs().mean()), float((fit.exp() - log_h.exp())[head].abs().mean()))
     assert err[1e-3][0] < 0.7 * err[0.0][0]  # the tail's log h: nearer (measured 0.53 against 0.98 nats)

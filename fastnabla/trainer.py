@@ -342,6 +342,7 @@ class Trainer:
 
         with open(path) as f:
             keep = [line for line in f if line.strip() and before(line)]
+
         def write(tmp):
             with open(tmp, "w") as f:
                 f.writelines(line if line.endswith("\n") else line + "\n" for line in keep)

@@ -73,6 +73,17 @@ def parse_scales(ap, text: str, option: str = "--scales") -> list[float]:
     return scales
 
 
+def build_digits_task(task: str, overrides: list[str], output_dir: str):
+    """(trainer, config) of ``configs/digits.yaml`` with the task's overrides (``digits_sweep.TASKS``) and
+    ``overrides``, writing to ``output_dir``; the build fits or draws what is not cached (e.g. a value)."""
+    from benchmarks.digits_sweep import TASKS
+    from fastnabla.config import load_config
+    from fastnabla.trainer import build_trainer
+
+    cfg = load_config(os.path.join(ROOT, "configs", "digits.yaml"), [*TASKS[task], *overrides], output_dir=output_dir)
+    return build_trainer(cfg), cfg
+
+
 def evaluate_untrained(task: str, overrides: list[str], output_dir: str, every_step: bool = False):
     """Build ``configs/digits.yaml`` with the task's overrides (``digits_sweep.TASKS``) and ``overrides`` into
     ``output_dir``, and evaluate its untrained policy as a run's evaluation does (``metrics.evaluate``, at the
@@ -83,14 +94,10 @@ def evaluate_untrained(task: str, overrides: list[str], output_dir: str, every_s
 
     import torch
 
-    from benchmarks.digits_sweep import TASKS
     from fastnabla import metrics
-    from fastnabla.config import load_config
-    from fastnabla.trainer import build_trainer
 
     t0 = time.time()
-    cfg = load_config(os.path.join(ROOT, "configs", "digits.yaml"), [*TASKS[task], *overrides], output_dir=output_dir)
-    tr = build_trainer(cfg)
+    tr, cfg = build_digits_task(task, overrides, output_dir)
     if every_step:
         tr.method.policy_from, tr.method.policy_to = 0, tr.backbone.scheduler.timesteps.numel()
     t1 = time.time()

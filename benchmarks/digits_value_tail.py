@@ -25,10 +25,7 @@ sys.path.insert(0, ROOT)
 def main(argv=None) -> int:
     import torch
 
-    from benchmarks.common import git_sha, write_rows
-    from benchmarks.digits_sweep import TASKS
-    from fastnabla.config import load_config
-    from fastnabla.trainer import build_trainer
+    from benchmarks.common import build_digits_task, git_sha, write_rows
     from fastnabla.value import reference_trajectories, value_logit
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,9 +38,8 @@ def main(argv=None) -> int:
     if a.trajectories < 16:
         ap.error(f"--trajectories {a.trajectories}: read the value on at least 16 trajectories")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    overrides = [*TASKS[a.task], "gfn.value_guidance=1.5", "logging.progress=false", "eval.every=0", *a.set]
-    cfg = load_config(os.path.join(ROOT, "configs", "digits.yaml"), overrides, output_dir=tempfile.mkdtemp())
-    tr = build_trainer(cfg)
+    tr, cfg = build_digits_task(a.task, ["gfn.value_guidance=1.5", "logging.progress=false", "eval.every=0", *a.set],
+                                tempfile.mkdtemp())
     net, beta = tr.method.value_net, cfg.gfn.reward_scale
     xs, ys = reference_trajectories(tr.backbone, tr.coeffs, tr.reward_fn, a.trajectories, beta, seed=a.draw_seed)
     log_y = ys.double().log()  # β·log R up to the draw's constant

@@ -32,7 +32,7 @@ import torch
 __all__ = ["EvalContext", "epoch_metrics", "evaluate", "plot_curves", "importance_weights", "class_histogram",
            "histogram_tv", "diversity", "prompt_diversity", "fid", "kid", "prior_preservation", "image_features",
            "ClipImageFeatures", "DreamSimFeatures", "plot_digit_grid", "plot_class_histogram", "class_transitions",
-           "plot_class_transitions", "tilt_kl", "path_kl"]
+           "plot_class_transitions", "tilt_kl", "path_kl", "mean_se"]
 
 TORCHMETRICS_ERROR = "FID/KID need torchmetrics: pip install 'fastnabla[digits]'"
 
@@ -70,6 +70,18 @@ def importance_weights(log_r: torch.Tensor, beta: float) -> tuple[torch.Tensor, 
     R_j), float64 (n,), and the effective sample size ESS = 1 / Σ_i w_i² (n for equal weights, 1 for one)."""
     w = torch.softmax(float(beta) * log_r.detach().double().flatten(), dim=0)
     return w, float(1.0 / (w**2).sum())
+
+
+def mean_se(values: torch.Tensor, weights: torch.Tensor | None = None) -> float:
+    """The standard error of a sample mean Σ_i w_i·v_i (w normalised to sum 1; uniform when None): the delta-method
+    form sqrt(Σ_i w_i²·(v_i − mean)²), which for self-normalised importance weights is that estimator's error and for
+    uniform weights the sample standard deviation (÷ n) over √n. A mean log R gap is meaningful to about twice the
+    two sides' errors combined; heavy tails (a few samples far below the rest) make it an underestimate."""
+    v = values.detach().double().flatten().cpu()
+    w = torch.full_like(v, 1.0 / max(v.numel(), 1)) if weights is None else weights.double().flatten().cpu()
+    w = w / w.sum()
+    m = (w * v).sum()
+    return float((w.square() * (v - m).square()).sum().sqrt())
 
 
 def class_histogram(labels: torch.Tensor, num_classes: int, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -519,6 +531,7 @@ def _digits_eval(ctx: EvalContext, samples: torch.Tensor, prompts, log_r: torch.
         out.update(fid_pretrained_per_prompt=pp["fid"], kid_pretrained_per_prompt=pp["kid"])
     out.update({
         "class_histogram": [round(float(v), 4) for v in hist], "mean_log_r": float(log_r.mean()),
+        "mean_log_r_se": mean_se(log_r),
         "mean_log_r_share_per_class": [float(v) for v in log_r_share_per_class(pred, log_r, C)],
         "diversity": div["overall"], "diversity_per_class": div["per_group"],
         "fid_pretrained": fid(p_feats, feats), "kid_pretrained": kid_m, "kid_pretrained_std": kid_s,
@@ -531,6 +544,8 @@ def _digits_eval(ctx: EvalContext, samples: torch.Tensor, prompts, log_r: torch.
     if tgt is not None:
         out["class_tv"] = histogram_tv(hist, tgt["class_histogram"])
         out["mean_log_r_gap"] = out["mean_log_r"] - tgt["mean_log_r"]
+        if "mean_log_r_se" in tgt:  # both sides' sampling error, combined (independent draws)
+            out["mean_log_r_gap_se"] = math.hypot(out["mean_log_r_se"], tgt["mean_log_r_se"])
         if "mean_log_r_share_per_class" in tgt:  # the gap split by class: where the model's mean log R falls short
             out["mean_log_r_gap_per_class"] = [m - t for m, t in zip(out["mean_log_r_share_per_class"],
                                                                      tgt["mean_log_r_share_per_class"])]

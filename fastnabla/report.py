@@ -116,6 +116,11 @@ def _fmt(v, digits: int = 3) -> str:
     return html.escape(str(v))
 
 
+def _pm(v, se) -> str:
+    """v, and ± se when there is one."""
+    return _fmt(v) if se is None or v is None else f"{_fmt(v)} ± {_fmt(float(se))}"
+
+
 def _hist(h) -> str:
     return "–" if h is None else " ".join(f"{float(v):.2f}" for v in h)
 
@@ -145,7 +150,8 @@ def write_report(out_dir: str, history: list, summary: dict, config: Optional[di
     rows = [("class histogram (classes 0…9)", _hist(tgt.get("class_histogram")), _hist(pre.get("class_histogram")),
              _hist(summary.get("class_histogram"))),
             ("class-histogram TV to the target", "0", _fmt(pre.get("class_tv")), _fmt(summary.get("class_tv"))),
-            ("mean log R", _fmt(tgt.get("mean_log_r")), _fmt(pre.get("mean_log_r")), _fmt(summary.get("mean_log_r"))),
+            ("mean log R (± its standard error)", _pm(tgt.get("mean_log_r"), tgt.get("mean_log_r_se")),
+             _fmt(pre.get("mean_log_r")), _pm(summary.get("mean_log_r"), summary.get("mean_log_r_se"))),
             ("each class's share of the mean log R (sums to it)", _hist(tgt.get("mean_log_r_share_per_class")), "–",
              _hist(summary.get("mean_log_r_share_per_class"))),
             ("diversity", _fmt(tgt.get("diversity"), 2), _fmt(pre.get("diversity"), 2),
@@ -157,12 +163,15 @@ def write_report(out_dir: str, history: list, summary: dict, config: Optional[di
     ratios = summary.get("diversity_ratio_per_class") or {}
     ratio_txt = ", ".join(f"{c}: {v:.2f}" for c, v in sorted(ratios.items(), key=lambda kv: int(kv[0])))
     checks = "<p>No importance-sampled target in this run (eval.ground_truth_samples = 0).</p>"
+    se = summary.get("mean_log_r_gap_se")
+    gap_se = "" if se is None else f" ± {se:.3f} (the two draws' standard error)"
     if chk is not None:
         def li(ok, text):
             return f'<li style="color:{"#176117" if ok else "#a11"}">{"met" if ok else "not met"}: {text}</li>'
 
         checks = "<ul>" + li(chk["class_tv_ok"], f"class-histogram TV {chk['class_tv']:.3f} (bar: ≤ {TV_BAR})") + \
-            li(chk["mean_log_r_ok"], f"|mean log R − target's| = {abs(chk['mean_log_r_gap']):.3f} nat (bar: ≤ {GAP_BAR})") + \
+            li(chk["mean_log_r_ok"], f"|mean log R − target's| = {abs(chk['mean_log_r_gap']):.3f} nat{gap_se} "
+                                     f"(bar: ≤ {GAP_BAR})") + \
             li(chk["diversity_ok"], f"within-class diversity relative to the target's, smallest over the classes it keeps "
                                     f"{chk['min_diversity_ratio']:.2f} (bar: ≥ {DIVERSITY_BAR}; {ratio_txt})") + "</ul>"
     prior = ""

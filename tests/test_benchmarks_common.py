@@ -85,3 +85,23 @@ def test_value_tail_refuses_a_draw_too_small_to_rank(capsys):
     with pytest.raises(SystemExit) as e:
         main(["c3b05", "--trajectories", "4"])
     assert e.value.code == 2 and "at least 16 trajectories" in capsys.readouterr().err
+
+
+def test_reeval_band_split_by_hand_and_its_bad_input(tmp_path, capsys):
+    from benchmarks.digits_reeval import band_split, main
+
+    log_r = torch.tensor([0.0, -0.05, -0.5, -2.0, -4.0, -7.0, -12.0, -20.0])
+    bands = band_split(log_r)
+    assert list(bands) == ["0to0.1", "0.1to1", "1to3", "3to5", "5to10", "le10"]
+    assert [m for m, _ in bands.values()] == pytest.approx([2 / 8, 1 / 8, 1 / 8, 1 / 8, 1 / 8, 2 / 8])
+    assert bands["le10"][1] == pytest.approx(-32 / 8) and bands["0to0.1"][1] == pytest.approx(-0.05 / 8)
+    assert sum(s for _, s in bands.values()) == pytest.approx(float(log_r.mean()))
+    # weighted: the shares sum to the weighted mean
+    w = torch.arange(1.0, 9.0)
+    assert sum(s for _, s in band_split(log_r, w).values()) == pytest.approx(float((w * log_r).sum() / w.sum()))
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path), "--name", "x", "--seeds", "1,a"])
+    assert e.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path), "--name", "x"])  # not a run directory
+    assert e.value.code == 2 and "no config.yaml" in capsys.readouterr().err

@@ -99,6 +99,10 @@ def test_two_epoch_digits_run_writes_every_output(tmp_path):
     assert sum(summary["mean_log_r_share_per_class"]) == pytest.approx(summary["mean_log_r"], abs=1e-6)
     assert sum(tgt["mean_log_r_share_per_class"]) == pytest.approx(tgt["mean_log_r"], abs=1e-6)
     assert sum(summary["mean_log_r_gap_per_class"]) == pytest.approx(summary["mean_log_r_gap"], abs=1e-6)
+    # the gap's standard error combines the model's draw (n = 48) and the target's importance-sampled one
+    assert summary["mean_log_r_gap_se"] == pytest.approx(math.hypot(summary["mean_log_r_se"], tgt["mean_log_r_se"]))
+    assert summary["mean_log_r_se"] == pytest.approx(summary["eval_reward_std"] * math.sqrt(47 / 48) / math.sqrt(48),
+                                                     rel=1e-4)
     with bb.reference_sampling():
         again, _ = tr.sample_final(48, seed=cfg.seed + 7919)
     np.testing.assert_allclose(pre, again.clamp(-1, 1).numpy(), atol=1e-6)

@@ -39,6 +39,27 @@ def test_importance_weights_and_ess_limits():
     assert ess == pytest.approx(1 / (0.25**2 * 2 + 0.25))
 
 
+def test_mean_se_by_hand_and_against_repeated_importance_sampling():
+    # uniform weights: the ÷n sample standard deviation over √n; [0, 2, 4]: variance 8/3
+    assert metrics.mean_se(torch.tensor([0.0, 2.0, 4.0])) == pytest.approx(math.sqrt(8 / 3) / math.sqrt(3))
+    # weights (1, 1, 2)/4 on [0, 2, 4]: mean 2.5, sqrt(Σ w²(v − 2.5)²)
+    se = metrics.mean_se(torch.tensor([0.0, 2.0, 4.0]), torch.tensor([1.0, 1.0, 2.0]))
+    assert se == pytest.approx(math.sqrt((6.25 + 0.25) / 16 + 2.25 / 4))
+    # self-normalised importance sampling of p* ∝ N(0, 1)·e^{βx} = N(β, 1) from N(0, 1) draws: the estimator's spread
+    # over independent repeats is what one draw's mean_se says it is
+    g = torch.Generator().manual_seed(3)
+    beta, n, repeats = 1.0, 2000, 400
+    est, ses = [], []
+    for _ in range(repeats):
+        x = torch.randn(n, generator=g, dtype=torch.float64)
+        w, _ = metrics.importance_weights(x, beta)
+        est.append(float((w * x).sum()))
+        ses.append(metrics.mean_se(x, w))
+    est = torch.tensor(est)
+    assert float(est.mean()) == pytest.approx(beta, abs=0.02)
+    assert float(torch.tensor(ses).mean()) == pytest.approx(float(est.std()), rel=0.12)
+
+
 def test_tilt_kl_of_a_gaussian_tilt_matches_the_closed_form():
     # p_ref = N(0, 1), log R = −(x − c)²/(2s²): p* = N(m, v) with 1/v = 1 + β/s², m = v·β·c/s²
     g = torch.Generator().manual_seed(1)
@@ -167,6 +188,8 @@ def test_digits_ground_truth_by_hand():
     w = torch.tensor([1.0, 2.0, 2.0, 4.0], dtype=torch.float64) / 9
     assert gt["class_histogram"] == pytest.approx([1 / 9, 4 / 9, 4 / 9])
     assert gt["mean_log_r"] == pytest.approx(float((w * log_r.double()).sum()))
+    m = float((w * log_r.double()).sum())
+    assert gt["mean_log_r_se"] == pytest.approx(float((w**2 * (log_r.double() - m) ** 2).sum().sqrt()))
     assert gt["mean_log_r_share_per_class"] == pytest.approx([0.0, 4 / 9 * math.log(2), 4 / 9 * math.log(4)])
     assert gt["ess"] == pytest.approx(1 / float((w**2).sum()))
     assert gt["log_z"] == pytest.approx(math.log(9 / 4))  # mean R = (1 + 2 + 2 + 4)/4

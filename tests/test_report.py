@@ -57,6 +57,13 @@ def test_write_report_embeds_pictures_and_numbers(tmp_path):
     assert "class_histogram.png was not drawn" in page  # a missing picture is said, not a broken link
     assert page.count("met:") == 3 and "not met" not in page
     assert "share of the mean log R" in page and "-0.05 0.00 0.00 -0.08" in page  # the finetuned shares, 5 to 8
+    assert "± its standard error" in page and "(the two draws' standard error)" not in page  # no error: none shown
+    s = _summary()
+    s.update(mean_log_r_se=0.04, mean_log_r_gap_se=0.05)
+    s["target"]["mean_log_r_se"] = 0.03
+    report.write_report(str(tmp_path), history, s)
+    page = (tmp_path / "report.html").read_text()
+    assert "-0.150 ± 0.040" in page and "-0.100 ± 0.030" in page and "0.050 nat ± 0.050 (the two draws'" in page
     assert (tmp_path / "report_curves.png").stat().st_size > 1000
 
 

@@ -1,0 +1,129 @@
+"""A finished digits run's final policy evaluated again, at more noise seeds, with its mean log R split by band.
+
+    python benchmarks/digits_reeval.py runs/digits_sweep/c3b05_value15_traj32k_lr2e-4 … --seeds 7919,7920,101,202 \
+        --name c3b05_value15
+
+A run's final evaluation draws ``eval.num_samples`` samples at one noise seed (the config's seed + 7919), so two runs
+with the same training seed share that draw, and on class 3 at β = 0.5 one draw of 2,048 puts the mean log R gap
+within about ±0.05 nat (``summary.json`` ``mean_log_r_gap_se``) of the policy's own. This script loads the run's
+last checkpoint (``benchmarks.common.load_finished_run``) and draws ``--samples`` more at each of ``--seeds``, with
+the sampler that the run's evaluation uses (``Trainer.sample_final``). One row per run and seed, and one pooled
+row per run over its seeds: class-histogram TV to the importance-sampled target, the mean log R gap and its standard
+error (``metrics.mean_se``), and the mass and the share of the mean log R in each log R band (``BANDS``). The
+target gets the same bands from its importance weights (one row, run = "target"), so the bands show where a gap
+sits: a model short of near-target samples, or carrying confident samples far below them.
+
+Rows go to ``benchmarks/results/digits_reeval_<name>.csv``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+#: upper edges of the log R bands, high to low; the last band is everything below the last edge
+BANDS = (0.0, -0.1, -1.0, -3.0, -5.0, -10.0)
+
+
+def band_split(log_r: torch.Tensor, weights: torch.Tensor | None = None) -> dict:
+    """{band name: (mass, share of the mean log R)} over ``BANDS``; w normalised to sum 1 (uniform when None). The
+    masses sum to 1 and the shares to the (weighted) mean log R."""
+    v = log_r.double().flatten().cpu()
+    w = torch.full_like(v, 1.0 / v.numel()) if weights is None else weights.double().flatten().cpu()
+    w = w / w.sum()
+    edges = list(BANDS) + [-math.inf]
+    out = {}
+    for hi, lo in zip(edges[:-1], edges[1:]):
+        m = (v > lo) & (v <= hi) if hi < 0 else v > lo  # the top band keeps log R = 0 exactly
+        out[band_name(hi, lo)] = (float(w[m].sum()), float((w[m] * v[m]).sum()))
+    return out
+
+
+def band_name(hi: float, lo: float) -> str:
+    return f"le{-hi:g}" if lo == -math.inf else f"{abs(hi):g}to{-lo:g}"
+
+
+def _row(run: str, seed, log_r: torch.Tensor, weights, tgt: dict, tv) -> dict:
+    from fastnabla import metrics
+
+    se = metrics.mean_se(log_r, weights)
+    mean = float((weights * log_r.double()).sum() / weights.sum()) if weights is not None else float(log_r.mean())
+    row = dict(run=run, seed=seed, n=log_r.numel(), class_tv="" if tv is None else round(tv, 4),
+               mean_log_r=round(mean, 4), mean_log_r_gap=round(mean - tgt["mean_log_r"], 4),
+               gap_se=round(math.hypot(se, tgt.get("mean_log_r_se", 0.0)), 4) if weights is None else "")
+    for name, (mass, share) in band_split(log_r, weights).items():
+        row[f"mass_{name}"] = round(mass, 4)
+        row[f"share_{name}"] = round(share, 4)
+    return row
+
+
+def main(argv=None) -> int:
+    from benchmarks.common import git_sha, load_finished_run, write_rows
+    from fastnabla import digits, metrics
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="finished digits run directories (config.yaml and checkpoints/)")
+    ap.add_argument("--seeds", default="7919,7920,101,202", help="comma-separated evaluation noise seeds")
+    ap.add_argument("--samples", type=int, default=2048, help="samples per seed")
+    ap.add_argument("--name", required=True, help="results file suffix")
+    a = ap.parse_args(argv)
+    try:
+        seeds = [int(s) for s in a.seeds.split(",")]
+    except ValueError:
+        ap.error(f"--seeds {a.seeds!r} must be comma-separated integers, e.g. 7919,7920")
+    if a.samples < 2:
+        ap.error(f"--samples {a.samples}: need at least 2")
+    sha, today = git_sha(), datetime.date.today().isoformat()
+    rows, target_row = [], None
+    for run in a.runs:
+        name = os.path.basename(os.path.normpath(run))
+        with tempfile.TemporaryDirectory() as out:
+            tr, cfg, path = load_finished_run(run, ["logging.progress=false"], out, ap.error)
+            st = metrics._digits_state(tr.eval_ctx)  # the run's own classifier and importance-sampled target
+            tgt = st["target"]
+            if tgt is None:
+                ap.error(f"{run}: the run has no importance-sampled target (eval.ground_truth_samples = 0)")
+            if target_row is None:
+                ref = digits.reference_samples(tr.backbone, st["classifier"], cfg.eval.ground_truth_samples,
+                                               batch=max(cfg.sampling.batch_size, 1024),
+                                               cache_dir=cfg.model.cache_dir, progress=False)
+                ref_lr = metrics._scores(tr.eval_ctx, ref["images"], None)
+                w, _ = metrics.importance_weights(ref_lr, cfg.gfn.reward_scale)
+                target_row = _row("target", "", ref_lr, w, tgt, None)
+            pooled, hists = [], []
+            for seed in seeds:
+                t0 = time.time()
+                x, _ = tr.eval_ctx.sample_final(a.samples, seed)
+                log_r = metrics._scores(tr.eval_ctx, x, None)
+                logits, _ = metrics._digits_features(st, tr.backbone, x)
+                hist = metrics.class_histogram(logits.argmax(1), logits.shape[1])
+                pooled.append(log_r)
+                hists.append(hist)
+                rows.append(_row(name, seed, log_r, None, tgt, metrics.histogram_tv(hist, tgt["class_histogram"])))
+                r = rows[-1]
+                print(f"{name} seed {seed}: class TV {r['class_tv']}, gap {r['mean_log_r_gap']:+.3f} ± "
+                      f"{r['gap_se']:.3f}, mass below log R −10 {r[f'mass_le{-BANDS[-1]:g}']} "
+                      f"({time.time() - t0:.0f} s)", flush=True)
+            hist = torch.stack(hists).mean(0)
+            rows.append(_row(name, "pooled", torch.cat(pooled), None, tgt,
+                             metrics.histogram_tv(hist, tgt["class_histogram"])))
+            r = rows[-1]
+            print(f"{name} pooled ({len(seeds)} seeds, checkpoint {os.path.basename(path)}): class TV {r['class_tv']},"
+                  f" gap {r['mean_log_r_gap']:+.3f} ± {r['gap_se']:.3f}", flush=True)
+    rows = [dict(r, git_sha=sha, date=today) for r in [target_row] + rows]
+    out_path = write_rows(os.path.join(ROOT, "benchmarks", "results", f"digits_reeval_{a.name}.csv"), rows)
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,10 +8,14 @@ with the same training seed share that draw, and on class 3 at β = 0.5 one draw
 within about ±0.05 nat (``summary.json`` ``mean_log_r_gap_se``) of the policy's own. This script loads the run's
 last checkpoint (``benchmarks.common.load_finished_run``) and draws ``--samples`` more at each of ``--seeds``, with
 the sampler that the run's evaluation uses (``Trainer.sample_final``). One row per run and seed, and one pooled
-row per run over its seeds: class-histogram TV to the importance-sampled target, the mean log R gap and its standard
-error (``metrics.mean_se``), and the mass and the share of the mean log R in each log R band (``BANDS``). The
-target gets the same bands from its importance weights (one row, run = "target"), so the bands show where a gap
-sits: a model short of near-target samples, or carrying confident samples far below them.
+row per run over its seeds:
+- class-histogram TV to the importance-sampled target;
+- the mean log R gap and its standard error (``metrics.mean_se``);
+- the within-class diversity ratios (``metrics.diversity_ratio_per_class``): a class at 2 % of 2,048 samples has
+  about 40 of them, so one draw's ratio is noisy too;
+- the mass and the share of the mean log R in each log R band (``BANDS``). The target gets the same bands from its
+  importance weights (one row, run = "target"), so the bands show where a gap sits: a model short of near-target
+  samples, or carrying confident samples far below them.
 
 Rows go to ``benchmarks/results/digits_reeval_<name>.csv``.
 """
@@ -52,18 +56,27 @@ def band_name(hi: float, lo: float) -> str:
     return f"le{-hi:g}" if lo == -math.inf else f"{abs(hi):g}to{-lo:g}"
 
 
-def _row(run: str, seed, log_r: torch.Tensor, weights, tgt: dict, tv) -> dict:
+def _row(run: str, seed, log_r: torch.Tensor, weights, tgt: dict, tv, ratios: dict | None = None) -> dict:
     from fastnabla import metrics
 
     se = metrics.mean_se(log_r, weights)
     mean = float((weights * log_r.double()).sum() / weights.sum()) if weights is not None else float(log_r.mean())
     row = dict(run=run, seed=seed, n=log_r.numel(), class_tv="" if tv is None else round(tv, 4),
                mean_log_r=round(mean, 4), mean_log_r_gap=round(mean - tgt["mean_log_r"], 4),
-               gap_se=round(math.hypot(se, tgt.get("mean_log_r_se", 0.0)), 4) if weights is None else "")
+               gap_se=round(math.hypot(se, tgt.get("mean_log_r_se", 0.0)), 4) if weights is None else "",
+               min_diversity_ratio=round(min(ratios.values()), 4) if ratios else "",
+               diversity_ratios=" ".join(f"{c}:{v:.3f}" for c, v in sorted(ratios.items())) if ratios else "")
     for name, (mass, share) in band_split(log_r, weights).items():
         row[f"mass_{name}"] = round(mass, 4)
         row[f"share_{name}"] = round(share, 4)
     return row
+
+
+def _ratios(feats: torch.Tensor, pred: torch.Tensor, tgt: dict) -> dict:
+    """Within-class diversity over the target's, as the run's evaluation computes it."""
+    from fastnabla import metrics
+
+    return metrics.diversity_ratio_per_class(metrics.diversity(feats, pred)["per_group"], tgt)
 
 
 def main(argv=None) -> int:
@@ -99,26 +112,33 @@ def main(argv=None) -> int:
                 ref_lr = metrics._scores(tr.eval_ctx, ref["images"], None)
                 w, _ = metrics.importance_weights(ref_lr, cfg.gfn.reward_scale)
                 target_row = _row("target", "", ref_lr, w, tgt, None)
-            pooled, hists = [], []
+            pooled, hists, feats_all, preds = [], [], [], []
             for seed in seeds:
                 t0 = time.time()
                 x, _ = tr.eval_ctx.sample_final(a.samples, seed)
                 log_r = metrics._scores(tr.eval_ctx, x, None)
-                logits, _ = metrics._digits_features(st, tr.backbone, x)
-                hist = metrics.class_histogram(logits.argmax(1), logits.shape[1])
+                logits, feats = metrics._digits_features(st, tr.backbone, x)
+                pred = logits.argmax(1)
+                hist = metrics.class_histogram(pred, logits.shape[1])
                 pooled.append(log_r)
                 hists.append(hist)
-                rows.append(_row(name, seed, log_r, None, tgt, metrics.histogram_tv(hist, tgt["class_histogram"])))
+                feats_all.append(feats)
+                preds.append(pred)
+                rows.append(_row(name, seed, log_r, None, tgt, metrics.histogram_tv(hist, tgt["class_histogram"]),
+                                 _ratios(feats, pred, tgt)))
                 r = rows[-1]
                 print(f"{name} seed {seed}: class TV {r['class_tv']}, gap {r['mean_log_r_gap']:+.3f} ± "
-                      f"{r['gap_se']:.3f}, mass below log R −10 {r[f'mass_le{-BANDS[-1]:g}']} "
+                      f"{r['gap_se']:.3f}, mass below log R −10 {r[f'mass_le{-BANDS[-1]:g}']}, "
+                      f"within-class diversity ratios {r['diversity_ratios']} "
                       f"({time.time() - t0:.0f} s)", flush=True)
             hist = torch.stack(hists).mean(0)
             rows.append(_row(name, "pooled", torch.cat(pooled), None, tgt,
-                             metrics.histogram_tv(hist, tgt["class_histogram"])))
+                             metrics.histogram_tv(hist, tgt["class_histogram"]),
+                             _ratios(torch.cat(feats_all), torch.cat(preds), tgt)))
             r = rows[-1]
             print(f"{name} pooled ({len(seeds)} seeds, checkpoint {os.path.basename(path)}): class TV {r['class_tv']},"
-                  f" gap {r['mean_log_r_gap']:+.3f} ± {r['gap_se']:.3f}", flush=True)
+                  f" gap {r['mean_log_r_gap']:+.3f} ± {r['gap_se']:.3f}, within-class diversity ratios "
+                  f"{r['diversity_ratios']}", flush=True)
     rows = [dict(r, git_sha=sha, date=today) for r in [target_row] + rows]
     out_path = write_rows(os.path.join(ROOT, "benchmarks", "results", f"digits_reeval_{a.name}.csv"), rows)
     print(f"wrote {out_path}")

@@ -488,6 +488,14 @@ def _digits_state(ctx: EvalContext) -> dict:
     return st
 
 
+def diversity_ratio_per_class(per_class: dict, target: dict, min_mass: float = 0.02) -> dict:
+    """{class: the model's within-class diversity / the target's} for every class the target keeps (its mass ≥
+    ``min_mass``); a class the model lost counts 0. ``per_class``: ``diversity(...)["per_group"]`` of the model's
+    samples grouped by class; ``target``: the importance-sampled target (``digits.ground_truth``)."""
+    return {c: per_class.get(c, 0.0) / v for c, v in target["diversity_per_class"].items()
+            if target["class_histogram"][c] >= min_mass and v > 0}
+
+
 def _digits_features(st, backbone, samples: torch.Tensor):
     from fastnabla.digits import classifier_outputs
 
@@ -549,10 +557,7 @@ def _digits_eval(ctx: EvalContext, samples: torch.Tensor, prompts, log_r: torch.
         if "mean_log_r_share_per_class" in tgt:  # the gap split by class: where the model's mean log R falls short
             out["mean_log_r_gap_per_class"] = [m - t for m, t in zip(out["mean_log_r_share_per_class"],
                                                                      tgt["mean_log_r_share_per_class"])]
-        # within-class diversity relative to the target's, for every class the target keeps (mass ≥ 2 %)
-        out["diversity_ratio_per_class"] = {
-            c: div["per_group"].get(c, 0.0) / v for c, v in tgt["diversity_per_class"].items()
-            if tgt["class_histogram"][c] >= 0.02 and v > 0}
+        out["diversity_ratio_per_class"] = diversity_ratio_per_class(div["per_group"], tgt)
         if final:
             out["target"] = tgt
         out["pretrained"]["class_tv"] = histogram_tv(p_hist, tgt["class_histogram"])

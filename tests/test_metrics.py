@@ -202,6 +202,15 @@ def test_digits_ground_truth_by_hand():
     assert gt["reference"]["class_tv_to_real"] == pytest.approx(0.25)
 
 
+def test_diversity_ratio_per_class_by_hand():
+    # the target keeps classes 0 and 1 (class 2 is under 2 %); the model lost class 1 (counts 0) and has a class 3
+    # the target does not keep
+    tgt = {"diversity_per_class": {0: 10.0, 1: 20.0, 2: 5.0}, "class_histogram": [0.5, 0.49, 0.01, 0.0]}
+    assert metrics.diversity_ratio_per_class({0: 9.0, 2: 5.0, 3: 1.0}, tgt) == {0: pytest.approx(0.9), 1: 0.0}
+    assert metrics.diversity_ratio_per_class({0: 9.0}, tgt, min_mass=0.005) == {0: pytest.approx(0.9), 1: 0.0,
+                                                                              2: 0.0}
+
+
 def test_prior_preservation_is_the_per_group_mean():
     pytest.importorskip("torchmetrics")
     g = torch.Generator().manual_seed(4)

@@ -47,7 +47,7 @@ def band_split(log_r: torch.Tensor, weights: torch.Tensor | None = None) -> dict
     edges = list(BANDS) + [-math.inf]
     out = {}
     for hi, lo in zip(edges[:-1], edges[1:]):
-        m = (v > lo) & (v <= hi) if hi < 0 else v > lo  # the top band keeps log R = 0 exactly
+        m = (v > lo) & (v <= hi) if hi < 0 else v > lo  # the top band: all above −0.1 (log R > 0 included)
         out[band_name(hi, lo)] = (float(w[m].sum()), float((w[m] * v[m]).sum()))
     return out
 

@@ -229,7 +229,7 @@ VARIANTS = {
     "value175_traj32k_lr1e-4": ["gfn.value_guidance=1.75", "gfn.value_trajectories=32768", "train.lr=1e-4"],
     "value175_vseed1_traj32k_lr1e-4": ["gfn.value_guidance=1.75", "gfn.value_seed=1", "gfn.value_trajectories=32768",
                                        "train.lr=1e-4"],
-    # class 3's gap is its far tail: 1–1.8 % of the samples at log R < −10 (confident 7s, 8s, 9s) against the
+    # class 3's gap is its far tail: 1.2–1.6 % of the samples at log R < −10 (confident 7s, 8s, 9s) against the
     # target's 0.3 %, while the near-3 band (−3 … −0.1) holds half the target's 11 % (benchmarks/digits_reeval.py;
     # benchmarks/results/digits_reeval_c3b05_value15_traj32k_lr2e-4.csv). A stronger push (s = 2, untrained +0.17
     # with diversity 0.78) for the network to take back, and the relative-error value whose log h resolves that tail

@@ -32,7 +32,7 @@ import torch
 __all__ = ["EvalContext", "epoch_metrics", "evaluate", "plot_curves", "importance_weights", "class_histogram",
            "histogram_tv", "diversity", "prompt_diversity", "fid", "kid", "prior_preservation", "image_features",
            "ClipImageFeatures", "DreamSimFeatures", "plot_digit_grid", "plot_class_histogram", "class_transitions",
-           "plot_class_transitions", "tilt_kl", "path_kl", "mean_se"]
+           "plot_class_transitions", "tilt_kl", "path_kl", "mean_se", "diversity_ratio_per_class"]
 
 TORCHMETRICS_ERROR = "FID/KID need torchmetrics: pip install 'fastnabla[digits]'"
 

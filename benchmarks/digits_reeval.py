@@ -40,16 +40,17 @@ BANDS = (0.0, -0.1, -1.0, -3.0, -5.0, -10.0)
 
 def band_split(log_r: torch.Tensor, weights: torch.Tensor | None = None) -> dict:
     """{band name: (mass, share of the mean log R)} over ``BANDS``; w normalised to sum 1 (uniform when None). The
-    masses sum to 1 and the shares to the (weighted) mean log R."""
+    bands are labels for ``metrics.class_histogram`` and ``metrics.log_r_share_per_class``, so the masses sum to 1
+    and the shares to the (weighted) mean log R. A band holds lo < log R ≤ hi; the top one all above −0.1."""
+    from fastnabla import metrics
+
     v = log_r.double().flatten().cpu()
-    w = torch.full_like(v, 1.0 / v.numel()) if weights is None else weights.double().flatten().cpu()
-    w = w / w.sum()
+    band = (torch.tensor(BANDS[1:], dtype=v.dtype) >= v[:, None]).sum(1)  # edges at or above log R
+    n = len(BANDS)
+    mass = metrics.class_histogram(band, n, weights)
+    share = metrics.log_r_share_per_class(band, v, n, weights)
     edges = list(BANDS) + [-math.inf]
-    out = {}
-    for hi, lo in zip(edges[:-1], edges[1:]):
-        m = (v > lo) & (v <= hi) if hi < 0 else v > lo  # the top band: all above −0.1 (log R > 0 included)
-        out[band_name(hi, lo)] = (float(w[m].sum()), float((w[m] * v[m]).sum()))
-    return out
+    return {band_name(hi, lo): (float(m), float(sh)) for hi, lo, m, sh in zip(edges[:-1], edges[1:], mass, share)}
 
 
 def band_name(hi: float, lo: float) -> str:

@@ -244,6 +244,12 @@ VARIANTS = {
     # a weaker push on the same value
     "value175_rel1e-3_traj32k_lr2e-4": ["gfn.value_guidance=1.75", "gfn.value_trajectories=32768",
                                         "gfn.value_relative_floor=0.001", "train.lr=2e-4"],
+    # {3, 5, 8} over-filled 5 on two seeds of three at s = 2, lr 2e-4 (pooled class TV 0.064, 0.063: the class mix
+    # still swings), and class 3's kept 8s stayed less varied than the target's (0.855–0.891): the same push with a
+    # network half as fast, which has less to take back from the push's untrained +0.17 on class 3
+    "value2_traj32k_lr1e-4": ["gfn.value_guidance=2.0", "gfn.value_trajectories=32768", "train.lr=1e-4"],
+    "value2_vseed1_traj32k_lr1e-4": ["gfn.value_guidance=2.0", "gfn.value_seed=1", "gfn.value_trajectories=32768",
+                                     "train.lr=1e-4"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

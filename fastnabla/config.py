@@ -144,6 +144,10 @@ class GFNConfig:
     # steps of value_batch states at value_lr; the backbone's value net at value_channels) and cached. The network
     # learns the rest from the returns. Not in ALGORITHM §5b yet (proposed there)
     value_guidance: float = 0.0
+    # the push's scale at the policy's last step: from its first step to its last, s goes linearly in the timestep
+    # from value_guidance to this (None = value_guidance at every step). Where h_φ is near exact (the last steps),
+    # s = 1 is the Gaussian step of the tilt and s > 1 over-tilts
+    value_guidance_last: Optional[float] = None
     value_trajectories: int = 8192
     value_steps: int = 2000
     value_batch: int = 256
@@ -671,6 +675,10 @@ def _resolve_recipe(g: GFNConfig, check, choice) -> None:
         check(g.value_guidance == 0 or g.reward_guidance == 0, "gfn.value_guidance",
               f"{g.value_guidance} and gfn.reward_guidance={g.reward_guidance} are two fixed parts of the policy; "
               "keep one (set the other to 0)")
+        check(g.value_guidance_last is None or (g.value_guidance > 0 and g.value_guidance_last >= 0),
+              "gfn.value_guidance_last", f"{g.value_guidance_last!r}: the push's scale at the policy's last step must "
+              f"be ≥ 0 with gfn.value_guidance > 0 (it is {g.value_guidance}), e.g. 1.0; or null for value_guidance at "
+              "every step")
         if g.value_guidance > 0:
             check(g.value_trajectories >= 16, "gfn.value_trajectories",
                   f"{g.value_trajectories}: the value needs at least 16 reference trajectories (a tenth is held out)")

@@ -26,7 +26,7 @@ import torch
 
 from fastnabla.checkpoint import atomic_json, atomic_write
 
-__all__ = ["value_logit", "reference_trajectories", "fit_value", "explained_share", "value_cache_path", "save_value",
+__all__ = ["value_logit", "guidance_scales", "reference_trajectories", "fit_value", "explained_share", "value_cache_path", "save_value",
            "ensure_value"]
 
 #: the reference draw's seed is this plus ``gfn.value_seed``: its own stream, apart from training's and the target's
@@ -41,6 +41,20 @@ def value_logit(net, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def guidance_scales(timesteps, first: int, stop: int, scale: float, last: Optional[float] = None) -> torch.Tensor:
+    """The push's scale s_k per sampling step k (``gfn.value_guidance`` and ``gfn.value_guidance_last``), (N,)
+    float32: ``scale`` at the policy's first step ``first``, ``last`` at its last step ``stop`` − 1, linear in the
+    timestep between them; ``scale`` at every step when ``last`` is None (or the policy has one step). Steps outside
+    [first, stop) keep ``scale``: the policy does not act there."""
+    ts = torch.as_tensor([float(t) for t in timesteps], dtype=torch.float64)
+    out = torch.full_like(ts, float(scale))
+    if last is not None and stop - first > 1:
+        t0, t1 = ts[first], ts[stop - 1]
+        frac = (ts[first:stop] - t1) / (t0 - t1)  # 1 at the first policy step, 0 at the last
+        out[first:stop] = last + (scale - last) * frac
+    return out.float()
+
+
 def reference_trajectories(backbone, coeffs, reward_fn, n: int, beta: float, seed: int, batch: int = 1024,
                            progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(xs (n, N+1, *S), y (n,)) of n trajectories of the reference sampler, y = R^β(x_N) (divided by its largest

@@ -68,6 +68,9 @@ def test_exponent_without_dot_is_a_number():
     ("gfn.value_guidance=-1", "gfn.value_guidance: -1.0 must be ≥ 0"),
     ("gfn.recipe=paper gfn.value_guidance=1.0", "gfn.value_guidance: 1.0 guides the policy of gfn.recipe=returns"),
     ("gfn.value_guidance=1.0 gfn.reward_guidance=1.0", "two fixed parts of the policy; keep one"),
+    ("gfn.value_guidance_last=1.0", "gfn.value_guidance_last: 1.0: the push's scale at the policy's last step must be"
+     " ≥ 0 with gfn.value_guidance > 0"),
+    ("gfn.value_guidance=2.0 gfn.value_guidance_last=-1", "gfn.value_guidance_last: -1.0: .* must be ≥ 0"),
     ("gfn.value_guidance=1.0 gfn.value_trajectories=8", "gfn.value_trajectories: 8: the value needs at least 16"),
     ("gfn.value_guidance=1.0 gfn.value_bootstrap=1", "gfn.value_bootstrap: 1.0 must lie in \\[0, 1\\)"),
     ("gfn.value_guidance=1.0 gfn.value_relative_floor=-0.1",

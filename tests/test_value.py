@@ -12,7 +12,7 @@ from fastnabla.backbones.pixel import SCHEDULER_CONFIG, PixelBackbone, build_une
 from fastnabla.config import load_config
 from fastnabla.rewards.digits import DigitClassifier, DigitClassReward
 from fastnabla.transitions import make_scheduler
-from fastnabla.value import ensure_value, explained_share, fit_value, value_logit
+from fastnabla.value import ensure_value, explained_share, fit_value, guidance_scales, value_logit
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see tests/conftest.py
 
@@ -165,6 +165,39 @@ def test_value_push_moves_the_mean_by_s_sigma2_grad_log_h(tmp_path):
     mixed = m.guidance(x, k, None, None)
     for r in range(3):
         torch.testing.assert_close(mixed[r], m.guidance(x[r:r + 1], int(k[r]), None, None)[0], rtol=1e-5, atol=1e-7)
+
+
+def test_guidance_scales_ramp_over_the_policy_steps_by_hand():
+    """s_k goes linearly in the timestep from value_guidance at the policy's first step to value_guidance_last at its
+    last; steps outside the policy's range keep value_guidance; None, or a one-step policy, is constant."""
+    ts = [951, 651, 401, 101, 1]
+    got = guidance_scales(ts, 1, 4, 2.0, 1.0)
+    want = torch.tensor([2.0, 2.0, 1.0 + 300 / 550, 1.0, 2.0])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(guidance_scales(ts, 0, 5, 2.0, 0.0),
+                               torch.tensor([2.0, 2 * 650 / 950, 2 * 400 / 950, 2 * 100 / 950, 0.0]))
+    torch.testing.assert_close(guidance_scales(ts, 1, 4, 2.0), torch.full((5,), 2.0))
+    torch.testing.assert_close(guidance_scales(ts, 2, 3, 2.0, 1.0), torch.full((5,), 2.0))
+
+
+def test_value_guidance_last_scales_each_steps_push(tmp_path):
+    """With gfn.value_guidance_last the push at step k is s_k/s times the constant one (s_k of guidance_scales over
+    the policy's steps), and the fit is the same one (the scale is not part of its cache key)."""
+    from fastnabla.methods.nabla_gfn import NablaGFN
+    from fastnabla.sampling import step_coefficients
+
+    bb, reward = _tiny()
+    c = step_coefficients(bb)
+    ensure_value(bb, c, reward, _cfg(tmp_path))
+    m = NablaGFN(bb, reward, c, _cfg(tmp_path))
+    ramp = NablaGFN(bb, reward, c, _cfg(tmp_path, "gfn.value_guidance_last=0.5"))
+    assert len([f for f in os.listdir(tmp_path / "cache") if f.endswith(".pt")]) == 1
+    ts = [int(t) for t in bb.scheduler.timesteps]
+    x = torch.randn(3, *bb.sample_shape, generator=torch.Generator().manual_seed(1))
+    for k in range(4):
+        s_k = 0.5 + (1.5 - 0.5) * (ts[k] - ts[3]) / (ts[0] - ts[3])
+        torch.testing.assert_close(ramp.guidance(x, k, None, None), s_k / 1.5 * m.guidance(x, k, None, None),
+                                   rtol=1e-5, atol=1e-8)
 
 
 def test_value_is_cached_and_keyed_by_its_settings(tmp_path):

@@ -68,6 +68,13 @@ class NablaGFN(Method):
                 raise ValueError(f"{keys}: the policy acts at {self.policy_to - self.policy_from} of the {self.N} "
                                  f"steps, and gfn.timestep_fraction={self.gfn.timestep_fraction} is taken of those: "
                                  f"{e}; choose a fraction that fits them") from None
+        if self.gfn.value_guidance > 0:  # s_k per step (gfn.value_guidance_last), over the steps the policy acts at
+            from fastnabla.value import guidance_scales
+
+            self.value_scales = guidance_scales(self.timesteps.cpu(), self.policy_from,
+                                                self.N if self.policy_to is None else self.policy_to,
+                                                self.gfn.value_guidance, self.gfn.value_guidance_last
+                                                ).to(self.timesteps.device)
 
     # --- the seam -------------------------------------------------------------------------------------------------
     @property
@@ -203,8 +210,9 @@ class NablaGFN(Method):
         - ``gfn.reward_guidance`` = s: σ_k²·s·β·γ_k·∇_x log R(x̂0_ref(x)), the forward-looking term r of the flow's
           parametrisation moved into the policy with the reference's clean-sample prediction (γ_k of
           ``gfn.reward_adaptive_mode``);
-        - ``gfn.value_guidance`` = s: s·σ_k²·∇log h_φ(μ_ref(x), t_{k+1}) with the fitted value h_φ
-          (``fastnabla.value``), and s·σ_k²·β·∇log R(μ_ref(x)) into the clean sample."""
+        - ``gfn.value_guidance`` = s: s_k·σ_k²·∇log h_φ(μ_ref(x), t_{k+1}) with the fitted value h_φ
+          (``fastnabla.value``), and s_k·σ_k²·β·∇log R(μ_ref(x)) into the clean sample; s_k = s at every step, or
+          from s to ``gfn.value_guidance_last`` over the policy's steps (``value.guidance_scales``)."""
         j = torch.full((x.shape[0],), int(k), dtype=torch.long, device=x.device) if not torch.is_tensor(k) else k
         cj = self.c[j]
         if self.gfn.value_guidance > 0:
@@ -237,7 +245,7 @@ class NablaGFN(Method):
                                           None if prompts is None else [prompts[i] for i in last.tolist()], None)
                 log_h = log_h + self.gfn.reward_scale * log_r.float().sum()
             (grad,) = torch.autograd.grad(log_h, mu)
-        scale = self.gfn.value_guidance * cj.std.square() / cj.coef_out
+        scale = self.value_scales[j].to(cj.std.dtype) * cj.std.square() / cj.coef_out
         return (_col(scale, grad) * grad).to(x.dtype).detach(), out_ref
 
     def policy_weight(self, coef: TransitionCoefficients) -> Optional[torch.Tensor]:

@@ -46,19 +46,26 @@ def load_finished_run(run: str, overrides: list[str], output_dir: str, error):
     return tr, cfg, found[-1]
 
 
+def ratios_text(ratios: dict | None) -> str:
+    """Within-class diversity ratios ({class: ratio}) as one CSV cell, "3:0.962 8:0.905" ("" for none)."""
+    return " ".join(f"{c}:{v:.3f}" for c, v in sorted((int(c), v) for c, v in ratios.items())) if ratios else ""
+
+
 def digits_eval_figures(ev: dict) -> dict:
     """The issue-12 figures of a digits evaluation (``metrics.evaluate``), rounded for a result row: class-histogram
-    TV to the target, mean log R gap, the lowest within-class diversity ratio, and the class histogram."""
+    TV to the target, mean log R gap, the lowest within-class diversity ratio, every class's ratio, and the class
+    histogram."""
     div = ev.get("diversity_ratio_per_class") or {}
     return dict(class_tv=round(ev["class_tv"], 4), mean_log_r_gap=round(ev["mean_log_r_gap"], 4),
-                min_diversity_ratio=round(min(div.values()), 4) if div else "",
+                min_diversity_ratio=round(min(div.values()), 4) if div else "", diversity_ratios=ratios_text(div),
                 class_histogram=" ".join(f"{v:.3f}" for v in ev["class_histogram"]))
 
 
 def digits_figures_line(row: dict) -> str:
     """One line of a row holding ``digits_eval_figures``."""
+    ratios = f" ({row['diversity_ratios']})" if row.get("diversity_ratios") else ""
     return (f"class TV {row['class_tv']}, mean log R gap {row['mean_log_r_gap']}, min diversity ratio "
-            f"{row['min_diversity_ratio']}  [{row['class_histogram']}]")
+            f"{row['min_diversity_ratio']}{ratios}  [{row['class_histogram']}]")
 
 
 def parse_scales(ap, text: str, option: str = "--scales") -> list[float]:

@@ -58,6 +58,7 @@ def band_name(hi: float, lo: float) -> str:
 
 
 def _row(run: str, seed, log_r: torch.Tensor, weights, tgt: dict, tv, ratios: dict | None = None) -> dict:
+    from benchmarks.common import ratios_text
     from fastnabla import metrics
 
     se = metrics.mean_se(log_r, weights)
@@ -66,7 +67,7 @@ def _row(run: str, seed, log_r: torch.Tensor, weights, tgt: dict, tv, ratios: di
                mean_log_r=round(mean, 4), mean_log_r_gap=round(mean - tgt["mean_log_r"], 4),
                gap_se=round(math.hypot(se, tgt.get("mean_log_r_se", 0.0)), 4) if weights is None else "",
                min_diversity_ratio=round(min(ratios.values()), 4) if ratios else "",
-               diversity_ratios=" ".join(f"{c}:{v:.3f}" for c, v in sorted(ratios.items())) if ratios else "")
+               diversity_ratios=ratios_text(ratios))
     for name, (mass, share) in band_split(log_r, weights).items():
         row[f"mass_{name}"] = round(mass, 4)
         row[f"share_{name}"] = round(share, 4)

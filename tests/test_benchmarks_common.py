@@ -60,14 +60,18 @@ def test_returns_branch_variance_split_against_a_closed_form():
 def test_digits_eval_figures_rounds_and_takes_the_lowest_diversity_ratio():
     from benchmarks.common import digits_eval_figures, digits_figures_line
 
-    ev = {"class_tv": 0.123456, "mean_log_r_gap": -0.98765, "diversity_ratio_per_class": {3: 0.95, 5: 0.87, 8: 1.02},
+    ev = {"class_tv": 0.123456, "mean_log_r_gap": -0.98765, "diversity_ratio_per_class": {8: 1.02, 3: 0.95, 5: 0.87},
           "class_histogram": [0.5, 0.25, 0.25]}
     row = digits_eval_figures(ev)
     assert row == {"class_tv": 0.1235, "mean_log_r_gap": -0.9877, "min_diversity_ratio": 0.87,
-                   "class_histogram": "0.500 0.250 0.250"}
-    assert digits_eval_figures({**ev, "diversity_ratio_per_class": {}})["min_diversity_ratio"] == ""
-    assert digits_figures_line(row) == ("class TV 0.1235, mean log R gap -0.9877, min diversity ratio 0.87  "
-                                        "[0.500 0.250 0.250]")
+                   "diversity_ratios": "3:0.950 5:0.870 8:1.020", "class_histogram": "0.500 0.250 0.250"}
+    # a summary.json read back has its classes as strings: the same cell, in the classes' order
+    back = digits_eval_figures({**ev, "diversity_ratio_per_class": {"8": 1.02, "10": 0.9, "3": 0.95}})
+    assert back["diversity_ratios"] == "3:0.950 8:1.020 10:0.900"
+    empty = digits_eval_figures({**ev, "diversity_ratio_per_class": {}})
+    assert empty["min_diversity_ratio"] == "" and empty["diversity_ratios"] == ""
+    assert digits_figures_line(row) == ("class TV 0.1235, mean log R gap -0.9877, min diversity ratio 0.87 "
+                                        "(3:0.950 5:0.870 8:1.020)  [0.500 0.250 0.250]")
 
 
 def test_gap_by_class_names_a_directory_that_is_not_a_finished_run(tmp_path, capsys):

@@ -11,8 +11,9 @@ the sampler that the run's evaluation uses (``Trainer.sample_final``). One row p
 row per run over its seeds:
 - class-histogram TV to the importance-sampled target;
 - the mean log R gap and its standard error (``metrics.mean_se``);
-- the within-class diversity ratios (``metrics.diversity_ratio_per_class``): a class at 2 % of 2,048 samples has
-  about 40 of them, so one draw's ratio is noisy too;
+- the within-class diversity ratios (``metrics.diversity_ratio_per_class``) and their standard errors
+  (``metrics.diversity_ratio_se_per_class``): a class at 2 % of 2,048 samples has about 40 of them, so one draw's
+  ratio is noisy too;
 - the mass and the share of the mean log R in each log R band (``BANDS``). The target gets the same bands from its
   importance weights (one row, run = "target"), so the bands show where a gap sits: a model short of near-target
   samples, or carrying confident samples far below them.
@@ -57,28 +58,31 @@ def band_name(hi: float, lo: float) -> str:
     return f"le{-hi:g}" if lo == -math.inf else f"{abs(hi):g}to{-lo:g}"
 
 
-def _row(run: str, seed, log_r: torch.Tensor, weights, tgt: dict, tv, ratios: dict | None = None) -> dict:
+def _row(run: str, seed, log_r: torch.Tensor, weights, tgt: dict, tv, ratios: tuple | None = None) -> dict:
     from benchmarks.common import ratios_text
     from fastnabla import metrics
 
     se = metrics.mean_se(log_r, weights)
+    ratios, ratio_se = ratios if ratios else ({}, {})
     mean = float((weights * log_r.double()).sum() / weights.sum()) if weights is not None else float(log_r.mean())
     row = dict(run=run, seed=seed, n=log_r.numel(), class_tv="" if tv is None else round(tv, 4),
                mean_log_r=round(mean, 4), mean_log_r_gap=round(mean - tgt["mean_log_r"], 4),
                gap_se=round(math.hypot(se, tgt.get("mean_log_r_se", 0.0)), 4) if weights is None else "",
                min_diversity_ratio=round(min(ratios.values()), 4) if ratios else "",
-               diversity_ratios=ratios_text(ratios))
+               diversity_ratios=ratios_text(ratios), diversity_ratio_ses=ratios_text(ratio_se))
     for name, (mass, share) in band_split(log_r, weights).items():
         row[f"mass_{name}"] = round(mass, 4)
         row[f"share_{name}"] = round(share, 4)
     return row
 
 
-def _ratios(feats: torch.Tensor, pred: torch.Tensor, tgt: dict) -> dict:
-    """Within-class diversity over the target's, as the run's evaluation computes it."""
+def _ratios(feats: torch.Tensor, pred: torch.Tensor, tgt: dict) -> tuple[dict, dict]:
+    """Within-class diversity over the target's, and its standard error, as the run's evaluation computes them."""
     from fastnabla import metrics
 
-    return metrics.diversity_ratio_per_class(metrics.diversity(feats, pred)["per_group"], tgt)
+    div = metrics.diversity(feats, pred)
+    return (metrics.diversity_ratio_per_class(div["per_group"], tgt),
+            metrics.diversity_ratio_se_per_class(div["per_group"], div["per_group_se"], tgt))
 
 
 def main(argv=None) -> int:
@@ -132,7 +136,7 @@ def main(argv=None) -> int:
                 print(f"{name} seed {seed}: class TV {r['class_tv']}, gap {r['mean_log_r_gap']:+.3f} ± "
                       f"{r['gap_se']:.3f}, mass below log R −10 {r[f'mass_le{-BANDS[-1]:g}']}, "
                       f"within-class diversity ratios {r['diversity_ratios']} "
-                      f"({time.time() - t0:.0f} s)", flush=True)
+                      f"(± {r['diversity_ratio_ses']}; {time.time() - t0:.0f} s)", flush=True)
             hist = torch.stack(hists).mean(0)
             rows.append(_row(name, "pooled", torch.cat(pooled), None, tgt,
                              metrics.histogram_tv(hist, tgt["class_histogram"]),
@@ -140,7 +144,7 @@ def main(argv=None) -> int:
             r = rows[-1]
             print(f"{name} pooled ({len(seeds)} seeds, checkpoint {os.path.basename(path)}): class TV {r['class_tv']},"
                   f" gap {r['mean_log_r_gap']:+.3f} ± {r['gap_se']:.3f}, within-class diversity ratios "
-                  f"{r['diversity_ratios']}", flush=True)
+                  f"{r['diversity_ratios']} (± {r['diversity_ratio_ses']})", flush=True)
     rows = [dict(r, git_sha=sha, date=today) for r in [target_row] + rows]
     out_path = write_rows(os.path.join(ROOT, "benchmarks", "results", f"digits_reeval_{a.name}.csv"), rows)
     print(f"wrote {out_path}")

@@ -339,7 +339,7 @@ def ground_truth(ref: dict, log_r: torch.Tensor, beta: float, num_classes: int =
     w_i ∝ exp(β·log R_i) (Σ w = 1), ESS = 1/Σ w_i². Class histogram Σ_i w_i·[argmax logits_i = c]; mean log R
     Σ_i w_i log R_i, its standard error (``metrics.mean_se``), and each class's share of it
     (``metrics.log_r_share_per_class``); diversity the importance-weighted mean pairwise feature distance, overall
-    and per class.
+    and per class, with each class's standard error.
     ``log_z`` and ``kl_to_reference`` (``metrics.tilt_kl``): the target's KL to p_ref, also its path KL to the
     reference sampler. ``reference``: the unweighted draw's class histogram (p_ref itself, from all the samples),
     and with ``real_labels`` its TV to the real data's: the pretrained model's class balance, measured without the
@@ -362,6 +362,7 @@ def ground_truth(ref: dict, log_r: torch.Tensor, beta: float, num_classes: int =
                 mean_log_r_share_per_class=[float(v) for v in metrics.log_r_share_per_class(pred, log_r,
                                                                                             num_classes, w)],
                 log_z=log_z, kl_to_reference=kl, diversity=div["overall"], diversity_per_class=div["per_group"],
+                diversity_per_class_se=div["per_group_se"],
                 ess=ess, num_samples=len(log_r), beta=float(beta), reference=reference)
 
 

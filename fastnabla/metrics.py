@@ -32,7 +32,8 @@ import torch
 __all__ = ["EvalContext", "epoch_metrics", "evaluate", "plot_curves", "importance_weights", "class_histogram",
            "histogram_tv", "diversity", "prompt_diversity", "fid", "kid", "prior_preservation", "image_features",
            "ClipImageFeatures", "DreamSimFeatures", "plot_digit_grid", "plot_class_histogram", "class_transitions",
-           "plot_class_transitions", "tilt_kl", "path_kl", "mean_se", "diversity_ratio_per_class"]
+           "plot_class_transitions", "tilt_kl", "path_kl", "mean_se", "diversity_ratio_per_class",
+           "diversity_ratio_se_per_class"]
 
 TORCHMETRICS_ERROR = "FID/KID need torchmetrics: pip install 'fastnabla[digits]'"
 
@@ -120,12 +121,17 @@ def histogram_tv(p, q) -> float:
     return 0.5 * float((p - q).abs().sum())
 
 
-def _mean_pairwise(f: torch.Tensor, w: torch.Tensor | None) -> float:
-    """Σ_{i≠j} w_i w_j ‖f_i − f_j‖ / Σ_{i≠j} w_i w_j (equal weights: the mean over ordered pairs i ≠ j)."""
+def _mean_pairwise(f: torch.Tensor, w: torch.Tensor | None) -> tuple[float, float]:
+    """(D, its standard error): D = Σ_{i≠j} w_i w_j ‖f_i − f_j‖ / Σ_{i≠j} w_i w_j (equal weights: the mean over
+    ordered pairs i ≠ j). The error is the U-statistic's first-order one, 2·``mean_se`` of each sample's mean
+    distance to the others h_i = Σ_{j≠i} w_j‖f_i − f_j‖ / Σ_{j≠i} w_j (uniform weights: 2·sd(h)/√n)."""
     d = torch.cdist(f.double(), f.double())
     w = torch.ones(f.shape[0], dtype=torch.float64) if w is None else w.double()
     den = float(w.sum() ** 2 - (w**2).sum())
-    return float(w @ d @ w) / den if den > 0 else float("nan")
+    if not den > 0:
+        return float("nan"), float("nan")
+    h = (d @ w) / (w.sum() - w).clamp_min(torch.finfo(torch.float64).tiny)
+    return float(w @ d @ w) / den, 2 * mean_se(h, w)
 
 
 def diversity(features: torch.Tensor, groups: torch.Tensor | None = None, weights: torch.Tensor | None = None,
@@ -135,7 +141,7 @@ def diversity(features: torch.Tensor, groups: torch.Tensor | None = None, weight
 
     Sets larger than ``max_per_group`` are subsampled uniformly (fixed seed; weights ride along, so the weighted
     ratio stays consistent). Returns {"overall": float, "per_group": {group: float}} (groups with < 2 samples are
-    left out).
+    left out), and the standard error of each (``_mean_pairwise``) under "overall_se" and "per_group_se".
     """
     f = features.detach().cpu()
     w = None if weights is None else weights.detach().double().cpu()
@@ -146,13 +152,13 @@ def diversity(features: torch.Tensor, groups: torch.Tensor | None = None, weight
             idx = idx[torch.randperm(idx.numel(), generator=g)[:max_per_group]]
         return _mean_pairwise(f[idx], None if w is None else w[idx])
 
-    out = {"overall": sub(torch.arange(f.shape[0])), "per_group": {}}
+    out = dict(zip(("overall", "overall_se"), sub(torch.arange(f.shape[0]))), per_group={}, per_group_se={})
     if groups is not None:
         groups = groups.cpu()
         for c in torch.unique(groups).tolist():
             idx = (groups == c).nonzero().flatten()
             if idx.numel() >= 2:
-                out["per_group"][int(c)] = sub(idx)
+                out["per_group"][int(c)], out["per_group_se"][int(c)] = sub(idx)
     return out
 
 
@@ -496,6 +502,16 @@ def diversity_ratio_per_class(per_class: dict, target: dict, min_mass: float = 0
             if target["class_histogram"][c] >= min_mass and v > 0}
 
 
+def diversity_ratio_se_per_class(per_class: dict, per_class_se: dict, target: dict, min_mass: float = 0.02) -> dict:
+    """{class: the standard error of ``diversity_ratio_per_class``'s ratio}: both sides' errors (``diversity``'s
+    "per_group_se", the target's "diversity_per_class_se") combined, ratio·hypot(se_m/m, se_t/t). A class the model
+    lost gets 0, like its ratio."""
+    ratios = diversity_ratio_per_class(per_class, target, min_mass)
+    t, t_se = target["diversity_per_class"], target.get("diversity_per_class_se", {})
+    return {c: r * math.hypot(per_class_se.get(c, 0.0) / per_class[c], t_se.get(c, 0.0) / t[c])
+            if per_class.get(c, 0.0) > 0 else 0.0 for c, r in ratios.items()}
+
+
 def _digits_features(st, backbone, samples: torch.Tensor):
     from fastnabla.digits import classifier_outputs
 
@@ -542,7 +558,7 @@ def _digits_eval(ctx: EvalContext, samples: torch.Tensor, prompts, log_r: torch.
         "mean_log_r_se": mean_se(log_r),
         "mean_log_r_share_per_class": [float(v) for v in log_r_share_per_class(pred, log_r, C)],
         "diversity": div["overall"], "diversity_per_class": div["per_group"],
-        "fid_pretrained": fid(p_feats, feats), "kid_pretrained": kid_m, "kid_pretrained_std": kid_s,
+        "diversity_per_class_se": div["per_group_se"], "fid_pretrained": fid(p_feats, feats), "kid_pretrained": kid_m, "kid_pretrained_std": kid_s,
         "pretrained": {"class_histogram": [round(float(v), 4) for v in p_hist], "mean_log_r": float(p_lr.mean()),
                        "diversity": p_div["overall"], "diversity_per_class": p_div["per_group"]},
         "classifier_test_accuracy": st["classifier_test_accuracy"], "num_samples": n})
@@ -558,6 +574,7 @@ def _digits_eval(ctx: EvalContext, samples: torch.Tensor, prompts, log_r: torch.
             out["mean_log_r_gap_per_class"] = [m - t for m, t in zip(out["mean_log_r_share_per_class"],
                                                                      tgt["mean_log_r_share_per_class"])]
         out["diversity_ratio_per_class"] = diversity_ratio_per_class(div["per_group"], tgt)
+        out["diversity_ratio_se_per_class"] = diversity_ratio_se_per_class(div["per_group"], div["per_group_se"], tgt)
         if final:
             out["target"] = tgt
         out["pretrained"]["class_tv"] = histogram_tv(p_hist, tgt["class_histogram"])

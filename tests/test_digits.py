@@ -103,6 +103,15 @@ def test_two_epoch_digits_run_writes_every_output(tmp_path):
     assert summary["mean_log_r_gap_se"] == pytest.approx(math.hypot(summary["mean_log_r_se"], tgt["mean_log_r_se"]))
     assert summary["mean_log_r_se"] == pytest.approx(summary["eval_reward_std"] * math.sqrt(47 / 48) / math.sqrt(48),
                                                      rel=1e-4)
+    # each diversity ratio's error: both sides' (the model's 48 samples, the target's weighted draw) combined
+    assert summary["diversity_ratio_per_class"]
+    for c, r in summary["diversity_ratio_per_class"].items():
+        if c not in summary["diversity_per_class"]:  # a class the model lost (fewer than 2 samples): 0 and 0
+            assert r == 0 and summary["diversity_ratio_se_per_class"][c] == 0
+            continue
+        m, t = summary["diversity_per_class"][c], tgt["diversity_per_class"][c]
+        assert summary["diversity_ratio_se_per_class"][c] == pytest.approx(
+            r * math.hypot(summary["diversity_per_class_se"][c] / m, tgt["diversity_per_class_se"][c] / t))
     with bb.reference_sampling():
         again, _ = tr.sample_final(48, seed=cfg.seed + 7919)
     np.testing.assert_allclose(pre, again.clamp(-1, 1).numpy(), atol=1e-6)

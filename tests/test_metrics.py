@@ -126,6 +126,39 @@ def test_diversity_by_hand():
     dg = metrics.diversity(f, groups)
     assert dg["per_group"] == {0: pytest.approx(4.0), 1: pytest.approx(2.0)}
     assert metrics.diversity(f[:1], torch.tensor([0]))["per_group"] == {}
+    # its standard error: each point's mean distance to the others h = (4.5, 4, 3.5), 2·sd(h)/√3 with sd ÷ n
+    assert d["overall_se"] == pytest.approx(2 * math.sqrt(1 / 6) / math.sqrt(3))
+    # weighted (1, 1, 2): h = ((5 + 2·4)/3, (5 + 2·3)/3, (4 + 3)/2), 2·sqrt(Σ w²(h − h̄)²)/Σ w, h̄ = Σ w·h/Σ w = 3.75
+    h, w = torch.tensor([13 / 3, 11 / 3, 3.5], dtype=torch.float64), torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64)
+    assert dw["overall_se"] == pytest.approx(2 * math.sqrt(float((w.square() * (h - 3.75).square()).sum())) / 4)
+    assert dg["per_group_se"][1] == pytest.approx(0.0)  # two points: each one's mean distance is the same
+
+
+def test_diversity_se_against_repeated_draws():
+    """One draw's standard error is the spread of the estimate over independent draws: uniform weights, and
+    self-normalised importance weights of the tilt N(0, I)·e^{x₁} = N(e₁, I) from N(0, I) draws."""
+    g = torch.Generator().manual_seed(5)
+    for tilt in (False, True):
+        est, ses = [], []
+        for _ in range(300):
+            f = torch.randn(300, 4, generator=g, dtype=torch.float64)
+            w = metrics.importance_weights(f[:, 0], 1.0)[0] if tilt else None
+            d = metrics.diversity(f, weights=w)
+            est.append(d["overall"])
+            ses.append(d["overall_se"])
+        est = torch.tensor(est)
+        assert float(torch.tensor(ses).mean()) == pytest.approx(float(est.std()), rel=0.15)
+
+
+def test_diversity_ratio_se_combines_both_sides_by_hand():
+    target = {"class_histogram": [0.5, 0.49, 0.01], "diversity_per_class": {0: 10.0, 1: 20.0, 2: 5.0},
+              "diversity_per_class_se": {0: 0.3, 1: 0.4}}
+    se = metrics.diversity_ratio_se_per_class({0: 9.0, 2: 5.0}, {0: 0.45, 2: 1.0}, target)
+    # class 0: 0.9·hypot(0.05, 0.03); class 1 lost (ratio 0, error 0); class 2 under the target's 2 % is left out
+    assert se == {0: pytest.approx(0.9 * math.hypot(0.05, 0.03)), 1: 0.0}
+    # a target without errors (a summary.json from before they were recorded) counts the model's side alone
+    old = {k: v for k, v in target.items() if k != "diversity_per_class_se"}
+    assert metrics.diversity_ratio_se_per_class({0: 9.0}, {0: 0.45}, old) == {0: pytest.approx(0.045), 1: 0.0}
 
 
 def test_fid_matches_the_closed_form_for_gaussian_features():

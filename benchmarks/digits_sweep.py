@@ -250,6 +250,12 @@ VARIANTS = {
     "value2_traj32k_lr1e-4": ["gfn.value_guidance=2.0", "gfn.value_trajectories=32768", "train.lr=1e-4"],
     "value2_vseed1_traj32k_lr1e-4": ["gfn.value_guidance=2.0", "gfn.value_seed=1", "gfn.value_trajectories=32768",
                                      "train.lr=1e-4"],
+    # at lr 1e-4 {3, 5, 8} keeps the push's under-filled 8 (0.25 against 0.32 on seeds 1 and 2); at 2e-4 the mix swings
+    # (8 at 0.18–0.37 between evaluations). Twice the trajectories per epoch in the same 3 updates (each update's
+    # returns averaged over twice the transitions): is the swing the returns' noise?
+    "value2_vseed1_traj32k_lr2e-4_batch128": ["gfn.value_guidance=2.0", "gfn.value_seed=1",
+                                              "gfn.value_trajectories=32768", "train.lr=2e-4",
+                                              "sampling.batch_size=128", "train.batch_size=256"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

@@ -39,19 +39,25 @@ sys.path.insert(0, ROOT)
 BANDS = (0.0, -0.1, -1.0, -3.0, -5.0, -10.0)
 
 
+def band_labels(log_r: torch.Tensor, edges: tuple = BANDS) -> tuple[torch.Tensor, list[str]]:
+    """(each sample's band index (n,), the bands' names) over ``edges`` (upper edges, high to low): band i holds
+    lo < log R ≤ hi; the top one everything above the second edge, the last everything at or below the last."""
+    v = log_r.double().flatten().cpu()
+    band = (torch.tensor(edges[1:], dtype=v.dtype) >= v[:, None]).sum(1)  # edges at or above log R
+    ends = list(edges) + [-math.inf]
+    return band, [band_name(hi, lo) for hi, lo in zip(ends[:-1], ends[1:])]
+
+
 def band_split(log_r: torch.Tensor, weights: torch.Tensor | None = None) -> dict:
     """{band name: (mass, share of the mean log R)} over ``BANDS``; w normalised to sum 1 (uniform when None). The
     bands are labels for ``metrics.class_histogram`` and ``metrics.log_r_share_per_class``, so the masses sum to 1
     and the shares to the (weighted) mean log R. A band holds lo < log R ≤ hi; the top one all above −0.1."""
     from fastnabla import metrics
 
-    v = log_r.double().flatten().cpu()
-    band = (torch.tensor(BANDS[1:], dtype=v.dtype) >= v[:, None]).sum(1)  # edges at or above log R
-    n = len(BANDS)
-    mass = metrics.class_histogram(band, n, weights)
-    share = metrics.log_r_share_per_class(band, v, n, weights)
-    edges = list(BANDS) + [-math.inf]
-    return {band_name(hi, lo): (float(m), float(sh)) for hi, lo, m, sh in zip(edges[:-1], edges[1:], mass, share)}
+    band, names = band_labels(log_r)
+    mass = metrics.class_histogram(band, len(names), weights)
+    share = metrics.log_r_share_per_class(band, log_r.double().flatten().cpu(), len(names), weights)
+    return {name: (float(m), float(sh)) for name, m, sh in zip(names, mass, share)}
 
 
 def band_name(hi: float, lo: float) -> str:

@@ -124,12 +124,15 @@ def histogram_tv(p, q) -> float:
 def _mean_pairwise(f: torch.Tensor, w: torch.Tensor | None) -> tuple[float, float]:
     """(D, its standard error): D = Σ_{i≠j} w_i w_j ‖f_i − f_j‖ / Σ_{i≠j} w_i w_j (equal weights: the mean over
     ordered pairs i ≠ j). The error is the U-statistic's first-order one, 2·``mean_se`` of each sample's mean
-    distance to the others h_i = Σ_{j≠i} w_j‖f_i − f_j‖ / Σ_{j≠i} w_j (uniform weights: 2·sd(h)/√n)."""
+    distance to the others h_i = Σ_{j≠i} w_j‖f_i − f_j‖ / Σ_{j≠i} w_j (uniform weights: 2·sd(h)/√n); NaN for fewer
+    than 3 samples, and rough for a few dozen."""
     d = torch.cdist(f.double(), f.double())
     w = torch.ones(f.shape[0], dtype=torch.float64) if w is None else w.double()
     den = float(w.sum() ** 2 - (w**2).sum())
     if not den > 0:
         return float("nan"), float("nan")
+    if f.shape[0] < 3:  # two samples: each one's mean distance is the other's, and the error says nothing
+        return float(w @ d @ w) / den, float("nan")
     h = (d @ w) / (w.sum() - w).clamp_min(torch.finfo(torch.float64).tiny)
     return float(w @ d @ w) / den, 2 * mean_se(h, w)
 

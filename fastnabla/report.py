@@ -162,8 +162,8 @@ def write_report(out_dir: str, history: list, summary: dict, config: Optional[di
     table = "".join(f"<tr><td>{html.escape(a)}</td><td>{b}</td><td>{c}</td><td>{d}</td></tr>" for a, b, c, d in rows)
     ratios = summary.get("diversity_ratio_per_class") or {}
     ratio_se = summary.get("diversity_ratio_se_per_class") or {}
-    ratio_txt = ", ".join(f"{c}: {v:.2f}" + (f" ± {ratio_se[c]:.2f}" if c in ratio_se else "")
-                          for c, v in sorted(ratios.items(), key=lambda kv: int(kv[0])))
+    ratio_txt = ", ".join(f"{c}: {v:.2f}" + (f" ± {ratio_se[c]:.2f}" if math.isfinite(ratio_se.get(c, math.nan))
+                                             else "") for c, v in sorted(ratios.items(), key=lambda kv: int(kv[0])))
     checks = "<p>No importance-sampled target in this run (eval.ground_truth_samples = 0).</p>"
     se = summary.get("mean_log_r_gap_se")
     gap_se = "" if se is None else f" ± {se:.3f} (the two draws' standard error)"

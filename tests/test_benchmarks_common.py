@@ -1,6 +1,7 @@
 """benchmarks/common.py: the shared CSV writer, commit hash and scale parser of the benchmark scripts."""
 import argparse
 import csv
+import math
 import os
 import re
 
@@ -109,3 +110,26 @@ def test_reeval_band_split_by_hand_and_its_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path), "--name", "x"])  # not a run directory
     assert e.value.code == 2 and "no config.yaml" in capsys.readouterr().err
+
+
+def test_class_bands_by_hand_and_its_bad_input(tmp_path, capsys):
+    from benchmarks.digits_class_bands import EDGES, class_band_rows, main
+
+    assert EDGES == (0.0, -3.0, -6.0, -10.0, -15.0)
+    log_r = torch.tensor([-1.0, -2.0, -4.0, -20.0, -30.0, -1.0])
+    pred = torch.tensor([8, 8, 8, 8, 8, 3])  # the last sample is another class: left out
+    feats = torch.tensor([[0.0, 0.0], [3.0, 4.0], [9.0, 9.0], [1.0, 0.0], [1.0, 2.0], [50.0, 50.0]])
+    rows = {r["band"]: r for r in class_band_rows("run", 8, log_r, pred, feats)}
+    assert list(rows) == ["0to3", "3to6", "6to10", "10to15", "le15"]
+    assert [rows[b]["n"] for b in rows] == [2, 1, 0, 0, 2]
+    assert [rows[b]["share"] for b in rows] == [0.4, 0.2, 0.0, 0.0, 0.4]
+    assert rows["0to3"]["diversity"] == 5.0 and rows["le15"]["diversity"] == 2.0
+    assert math.isnan(rows["0to3"]["diversity_se"])  # two samples: no error to give
+    assert math.isnan(rows["3to6"]["diversity"])  # one sample: no pair
+    # weighted: the shares are the weights' (1, 1, 2 | 4 | 2 over class 8's 10)
+    w = torch.tensor([1.0, 1.0, 4.0, 2.0, 2.0, 100.0])
+    rows_w = {r["band"]: r for r in class_band_rows("target", 8, log_r, pred, feats, w)}
+    assert rows_w["0to3"]["share"] == 0.2 and rows_w["3to6"]["share"] == 0.4 and rows_w["le15"]["share"] == 0.4
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path), "--name", "x"])  # not a run directory
+    assert e.value.code == 2 and "no final_samples.npy" in capsys.readouterr().err

@@ -46,6 +46,30 @@ def load_finished_run(run: str, overrides: list[str], output_dir: str, error):
     return tr, cfg, found[-1]
 
 
+def run_target(tr, run: str, error) -> tuple[dict, dict]:
+    """(the digits evaluation state, its importance-sampled target) of a loaded run (``load_finished_run``): the
+    run's own classifier and target, as its evaluation used them. ``error(msg)`` reports a run without a target."""
+    from fastnabla import metrics
+
+    st = metrics._digits_state(tr.eval_ctx)
+    if st["target"] is None:
+        error(f"{run}: the run has no importance-sampled target (eval.ground_truth_samples = 0)")
+    return st, st["target"]
+
+
+def target_draw(tr, cfg, st) -> tuple[dict, "torch.Tensor", "torch.Tensor"]:
+    """(the cached pretrained draw the target is built from (``digits.reference_samples``), its log R, its
+    self-normalised importance weights R^β) for a loaded run and its evaluation state (``run_target``)."""
+    from fastnabla import digits, metrics
+
+    ref = digits.reference_samples(tr.backbone, st["classifier"], cfg.eval.ground_truth_samples,
+                                   batch=max(cfg.sampling.batch_size, 1024), cache_dir=cfg.model.cache_dir,
+                                   progress=False)
+    ref_lr = metrics._scores(tr.eval_ctx, ref["images"], None)
+    w, _ = metrics.importance_weights(ref_lr, cfg.gfn.reward_scale)
+    return ref, ref_lr, w
+
+
 def ratios_text(ratios: dict | None) -> str:
     """Within-class diversity ratios ({class: ratio}) as one CSV cell, "3:0.962 8:0.905" ("" for none)."""
     return " ".join(f"{c}:{v:.3f}" for c, v in sorted((int(c), v) for c, v in ratios.items())) if ratios else ""

@@ -59,8 +59,8 @@ def class_band_rows(source: str, c: int, log_r: torch.Tensor, pred: torch.Tensor
 
 
 def main(argv=None) -> int:
-    from benchmarks.common import git_sha, load_finished_run, write_rows
-    from fastnabla import digits, metrics
+    from benchmarks.common import git_sha, load_finished_run, run_target, target_draw, write_rows
+    from fastnabla import metrics
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="finished digits run directories (config.yaml, checkpoints/, "
@@ -76,19 +76,12 @@ def main(argv=None) -> int:
             ap.error(f"{run}: no final_samples.npy (a finished digits run writes it at the end)")
         with tempfile.TemporaryDirectory() as out:
             tr, cfg, _ = load_finished_run(run, ["logging.progress=false"], out, ap.error)
-            st = metrics._digits_state(tr.eval_ctx)  # the run's own classifier and importance-sampled target
-            tgt = st["target"]
-            if tgt is None:
-                ap.error(f"{run}: the run has no importance-sampled target (eval.ground_truth_samples = 0)")
+            st, tgt = run_target(tr, run, ap.error)
             kept = [c for c, m in enumerate(tgt["class_histogram"]) if m >= 0.02]
             key = (cfg.reward.name, str(cfg.reward.options), cfg.gfn.reward_scale)
             if key not in done_targets:  # the pretrained draw and the target, once per reward and β
                 done_targets.add(key)
-                ref = digits.reference_samples(tr.backbone, st["classifier"], cfg.eval.ground_truth_samples,
-                                               batch=max(cfg.sampling.batch_size, 1024),
-                                               cache_dir=cfg.model.cache_dir, progress=False)
-                ref_lr = metrics._scores(tr.eval_ctx, ref["images"], None)
-                w, _ = metrics.importance_weights(ref_lr, cfg.gfn.reward_scale)
+                ref, ref_lr, w = target_draw(tr, cfg, st)
                 pred = ref["logits"].argmax(1)
                 for c in kept:
                     rows += [dict(r, run=f"reward {key[1]} β {key[2]}") for r in

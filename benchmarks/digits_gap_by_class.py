@@ -27,6 +27,7 @@ def run_split(run: str, error) -> list[dict]:
     """One row per class of the run: both sides' mass, own mean log R and share, and the share's gap."""
     import tempfile
 
+    from benchmarks.common import run_target
     from fastnabla import metrics
     from fastnabla.config import load_config
     from fastnabla.trainer import build_trainer
@@ -36,10 +37,7 @@ def run_split(run: str, error) -> list[dict]:
             error(f"{run}: no {name}; pass a finished digits run directory")
     cfg = load_config(os.path.join(run, "config.yaml"), ["logging.progress=false"], output_dir=tempfile.mkdtemp())
     tr = build_trainer(cfg)
-    st = metrics._digits_state(tr.eval_ctx)
-    tgt = st["target"]
-    if tgt is None:
-        error(f"{run}: the run has no importance-sampled target (eval.ground_truth_samples = 0)")
+    st, tgt = run_target(tr, run, error)
     x = torch.from_numpy(np.load(os.path.join(run, "final_samples.npy"))).float()
     log_r = metrics._scores(tr.eval_ctx, x, None).double().cpu()
     logits, _ = metrics._digits_features(st, tr.backbone, x)

@@ -92,8 +92,8 @@ def _ratios(feats: torch.Tensor, pred: torch.Tensor, tgt: dict) -> tuple[dict, d
 
 
 def main(argv=None) -> int:
-    from benchmarks.common import git_sha, load_finished_run, write_rows
-    from fastnabla import digits, metrics
+    from benchmarks.common import git_sha, load_finished_run, run_target, target_draw, write_rows
+    from fastnabla import metrics
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="finished digits run directories (config.yaml and checkpoints/)")
@@ -113,16 +113,9 @@ def main(argv=None) -> int:
         name = os.path.basename(os.path.normpath(run))
         with tempfile.TemporaryDirectory() as out:
             tr, cfg, path = load_finished_run(run, ["logging.progress=false"], out, ap.error)
-            st = metrics._digits_state(tr.eval_ctx)  # the run's own classifier and importance-sampled target
-            tgt = st["target"]
-            if tgt is None:
-                ap.error(f"{run}: the run has no importance-sampled target (eval.ground_truth_samples = 0)")
+            st, tgt = run_target(tr, run, ap.error)
             if target_row is None:
-                ref = digits.reference_samples(tr.backbone, st["classifier"], cfg.eval.ground_truth_samples,
-                                               batch=max(cfg.sampling.batch_size, 1024),
-                                               cache_dir=cfg.model.cache_dir, progress=False)
-                ref_lr = metrics._scores(tr.eval_ctx, ref["images"], None)
-                w, _ = metrics.importance_weights(ref_lr, cfg.gfn.reward_scale)
+                ref, ref_lr, w = target_draw(tr, cfg, st)
                 target_row = _row("target", "", ref_lr, w, tgt, None)
             pooled, hists, feats_all, preds = [], [], [], []
             for seed in seeds:

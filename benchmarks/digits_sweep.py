@@ -266,6 +266,10 @@ VARIANTS = {
     "value15_vseed1_traj32k_steps6k_lr1e-4": ["gfn.value_guidance=1.5", "gfn.value_seed=1",
                                               "gfn.value_trajectories=32768", "gfn.value_steps=6000",
                                               "train.lr=1e-4"],
+    # trained at s = 1.5, class 3 seed 0 ends at 0.019 / −0.011 / ≥ 0.98 but seed 1 drifts to gap −0.22 … −0.26 from
+    # 75 updates on; the push the network takes back is the untrained one (s = 2: +0.217, diversity ≥ 0.90)
+    "value175_traj32k_steps6k_lr1e-4": ["gfn.value_guidance=1.75", "gfn.value_trajectories=32768",
+                                        "gfn.value_steps=6000", "train.lr=1e-4"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

@@ -270,6 +270,13 @@ VARIANTS = {
     # 75 updates on; the push the network takes back is the untrained one (s = 2: +0.217, diversity ≥ 0.90)
     "value175_traj32k_steps6k_lr1e-4": ["gfn.value_guidance=1.75", "gfn.value_trajectories=32768",
                                         "gfn.value_steps=6000", "train.lr=1e-4"],
+    # class 3 seed 1 drifts the gap down from 75 updates on at lr 1e-4 (−0.22, pooled −0.138 at 300), and {3, 5, 8}'s
+    # class mix swings by 0.04–0.07 between evaluations: the network at half that lr
+    "value15_traj32k_steps6k_lr5e-5": ["gfn.value_guidance=1.5", "gfn.value_trajectories=32768",
+                                       "gfn.value_steps=6000", "train.lr=5e-5"],
+    "value15_vseed1_traj32k_steps6k_lr5e-5": ["gfn.value_guidance=1.5", "gfn.value_seed=1",
+                                              "gfn.value_trajectories=32768", "gfn.value_steps=6000",
+                                              "train.lr=5e-5"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

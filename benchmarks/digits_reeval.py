@@ -91,36 +91,25 @@ def _ratios(feats: torch.Tensor, pred: torch.Tensor, tgt: dict) -> tuple[dict, d
             metrics.diversity_ratio_se_per_class(div["per_group"], div["per_group_se"], tgt))
 
 
-def main(argv=None) -> int:
-    from benchmarks.common import git_sha, load_finished_run, run_target, target_draw, write_rows
+def reevaluate(runs: list[str], seeds: list[int], samples: int, error) -> list[dict]:
+    """The rows of ``runs`` (finished run directories): the target's first, then per run one row per seed and a
+    pooled one (``seed`` = "pooled"). ``error(message)`` reports a directory that is not a finished run."""
+    from benchmarks.common import load_finished_run, run_target, target_draw
     from fastnabla import metrics
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="finished digits run directories (config.yaml and checkpoints/)")
-    ap.add_argument("--seeds", default="7919,7920,101,202", help="comma-separated evaluation noise seeds")
-    ap.add_argument("--samples", type=int, default=2048, help="samples per seed")
-    ap.add_argument("--name", required=True, help="results file suffix")
-    a = ap.parse_args(argv)
-    try:
-        seeds = [int(s) for s in a.seeds.split(",")]
-    except ValueError:
-        ap.error(f"--seeds {a.seeds!r} must be comma-separated integers, e.g. 7919,7920")
-    if a.samples < 2:
-        ap.error(f"--samples {a.samples}: need at least 2")
-    sha, today = git_sha(), datetime.date.today().isoformat()
     rows, target_row = [], None
-    for run in a.runs:
+    for run in runs:
         name = os.path.basename(os.path.normpath(run))
         with tempfile.TemporaryDirectory() as out:
-            tr, cfg, path = load_finished_run(run, ["logging.progress=false"], out, ap.error)
-            st, tgt = run_target(tr, run, ap.error)
+            tr, cfg, path = load_finished_run(run, ["logging.progress=false"], out, error)
+            st, tgt = run_target(tr, run, error)
             if target_row is None:
                 ref, ref_lr, w = target_draw(tr, cfg, st)
                 target_row = _row("target", "", ref_lr, w, tgt, None)
             pooled, hists, feats_all, preds = [], [], [], []
             for seed in seeds:
                 t0 = time.time()
-                x, _ = tr.eval_ctx.sample_final(a.samples, seed)
+                x, _ = tr.eval_ctx.sample_final(samples, seed)
                 log_r = metrics._scores(tr.eval_ctx, x, None)
                 logits, feats = metrics._digits_features(st, tr.backbone, x)
                 pred = logits.argmax(1)
@@ -144,8 +133,43 @@ def main(argv=None) -> int:
             print(f"{name} pooled ({len(seeds)} seeds, checkpoint {os.path.basename(path)}): class TV {r['class_tv']},"
                   f" gap {r['mean_log_r_gap']:+.3f} ± {r['gap_se']:.3f}, within-class diversity ratios "
                   f"{r['diversity_ratios']} (± {r['diversity_ratio_ses']})", flush=True)
-    rows = [dict(r, git_sha=sha, date=today) for r in [target_row] + rows]
-    out_path = write_rows(os.path.join(ROOT, "benchmarks", "results", f"digits_reeval_{a.name}.csv"), rows)
+    return [target_row] + rows
+
+
+def write(rows: list[dict], name: str) -> str:
+    """``benchmarks/results/digits_reeval_<name>.csv`` with the commit and the date on every row."""
+    from benchmarks.common import git_sha, write_rows
+
+    sha, today = git_sha(), datetime.date.today().isoformat()
+    return write_rows(os.path.join(ROOT, "benchmarks", "results", f"digits_reeval_{name}.csv"),
+                      [dict(r, git_sha=sha, date=today) for r in rows])
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Comma-separated evaluation noise seeds; ValueError names the bad input."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise ValueError(f"{text!r} must be comma-separated integers, e.g. 7919,7920,101")
+    return seeds
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="finished digits run directories (config.yaml and checkpoints/)")
+    ap.add_argument("--seeds", default="7919,7920,101,202", help="comma-separated evaluation noise seeds")
+    ap.add_argument("--samples", type=int, default=2048, help="samples per seed")
+    ap.add_argument("--name", required=True, help="results file suffix")
+    a = ap.parse_args(argv)
+    try:
+        seeds = parse_seeds(a.seeds)
+    except ValueError as e:
+        ap.error(f"--seeds {e}")
+    if a.samples < 2:
+        ap.error(f"--samples {a.samples}: need at least 2")
+    out_path = write(reevaluate(a.runs, seeds, a.samples, ap.error), a.name)
     print(f"wrote {out_path}")
     return 0
 

@@ -13,7 +13,7 @@ import torch
 
 from fastnabla.transitions import TransitionCoefficients, schedule_coefficients
 
-__all__ = ["Trajectories", "sample_trajectories", "select_transitions", "step_coefficients"]
+__all__ = ["Trajectories", "sample_trajectories", "select_transitions", "step_coefficients", "terminal_log_reward"]
 
 
 def step_coefficients(backbone) -> TransitionCoefficients:
@@ -112,14 +112,19 @@ def sample_trajectories(backbone, n: int, generator: torch.Generator, coeffs: Tr
         if progress is not None:
             progress.update(1)
     if reward_fn is not None:
-        with torch.enable_grad():  # some rewards checkpoint internally; no graph is kept
-            lr, _ = reward_fn(backbone.decode(x).detach(), prompts, None)
-        log_reward = lr.detach().float()
+        log_reward = terminal_log_reward(backbone, reward_fn, x, prompts)
     else:
         log_reward = torch.full((n,), float("nan"), device=dev)
     if not keep_trajectory:
         return Trajectories(x[:, None], x.new_zeros((n, 0, *x.shape[1:])), log_reward, prompts, cond)
     return Trajectories(torch.stack(xs, 1), torch.stack(outs, 1), log_reward, prompts, cond)
+
+
+def terminal_log_reward(backbone, reward_fn, x: torch.Tensor, prompts: Optional[list] = None) -> torch.Tensor:
+    """log R of the decoded clean states ``x`` (n,), float32 and detached, as ``sample_trajectories`` scores them."""
+    with torch.enable_grad():  # some rewards checkpoint internally; no graph is kept
+        lr, _ = reward_fn(backbone.decode(x).detach(), prompts, None)
+    return lr.detach().float()
 
 
 def select_transitions(n: int, num_steps: int, fraction: float, low_var: bool,

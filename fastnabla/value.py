@@ -26,11 +26,13 @@ import torch
 
 from fastnabla.checkpoint import atomic_json, atomic_write
 
-__all__ = ["value_logit", "guidance_scales", "reference_trajectories", "fit_value", "explained_share", "value_cache_path", "save_value",
+__all__ = ["value_logit", "guidance_scales", "reference_trajectories", "reference_draw_path", "fit_value", "explained_share", "value_cache_path", "save_value",
            "ensure_value"]
 
 #: the reference draw's seed is this plus ``gfn.value_seed``: its own stream, apart from training's and the target's
 VALUE_DRAW_SEED = 10_000
+#: trajectories per sampling call of the reference draw (part of the draw's cache key: it splits the noise stream)
+DRAW_BATCH = 1024
 
 
 def value_logit(net, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -55,29 +57,52 @@ def guidance_scales(timesteps, first: int, stop: int, scale: float, last: Option
     return out.float()
 
 
-def reference_trajectories(backbone, coeffs, reward_fn, n: int, beta: float, seed: int, batch: int = 1024,
-                           progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_trajectories(backbone, coeffs, reward_fn, n: int, beta: float, seed: int, batch: int = DRAW_BATCH,
+                           progress: bool = False, cache: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(xs (n, N+1, *S), y (n,)) of n trajectories of the reference sampler, y = R^β(x_N) (divided by its largest
-    value when that exceeds 1), on the CPU."""
-    from fastnabla.digits import _bar
-    from fastnabla.sampling import sample_trajectories
+    value when that exceeds 1), on the CPU.
 
-    g = torch.Generator().manual_seed(seed)
-    xs, logs = [], []
-    bar = _bar(n, "sampling p_ref for the value", progress)
-    with backbone.reference_sampling():
-        for s in range(0, n, batch):
-            m = min(batch, n - s)
-            tr = sample_trajectories(backbone, m, g, coeffs, None, reward_fn)
-            xs.append(tr.xs.cpu())
-            logs.append(tr.log_reward.cpu().double())
-            bar.update(m)
-    bar.close()
+    With ``cache`` (a directory) the states are read from, or written to, a file there keyed by the reference weights,
+    the sampler, n, ``batch`` and ``seed`` (``reference_draw_path``), so fits with another reward, β or setting reuse
+    one draw; log R is computed from x_N in the same batches either way."""
+    from fastnabla.digits import _bar
+    from fastnabla.sampling import sample_trajectories, terminal_log_reward
+
+    path = reference_draw_path(backbone, n, seed, batch, cache) if cache else None
+    if path and os.path.isfile(path):
+        xs = torch.load(path, map_location="cpu")["xs"]
+    else:
+        g = torch.Generator().manual_seed(seed)
+        parts = []
+        bar = _bar(n, "sampling p_ref for the value", progress)
+        with backbone.reference_sampling():
+            for s in range(0, n, batch):
+                parts.append(sample_trajectories(backbone, min(batch, n - s), g, coeffs).xs.cpu())
+                bar.update(parts[-1].shape[0])
+        bar.close()
+        xs = torch.cat(parts)
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write(path, lambda tmp: torch.save({"xs": xs}, tmp))
+    dev = backbone.device
+    logs = [terminal_log_reward(backbone, reward_fn, xs[s:s + batch, -1].to(dev)).cpu().double()
+            for s in range(0, n, batch)]
     lb = beta * torch.cat(logs)
     if not bool(torch.isfinite(lb).all()):
         raise ValueError("the value's labels need a finite log R on every reference sample; the reward returned "
                          "NaN or ±inf")
-    return torch.cat(xs), (lb - lb.max().clamp(min=0.0)).exp().float()
+    return xs, (lb - lb.max().clamp(min=0.0)).exp().float()
+
+
+def reference_draw_path(backbone, n: int, seed: int, batch: int, directory: str) -> str:
+    """The file of ``reference_trajectories``' states under ``directory``: keyed by the reference weights, the
+    sampler (scheduler, timesteps, η), n, the batch the draw is split into and the seed, not by the reward."""
+    from fastnabla.digits import _reference_digest, spec_hash
+
+    sched = backbone.scheduler
+    spec = dict(kind="valuedraw", ref=_reference_digest(backbone), scheduler=type(sched).__name__,
+                timesteps=[int(t) for t in sched.timesteps], eta=backbone.eta, n=n, batch=batch, seed=seed, version=1)
+    return os.path.join(directory, f"valuedraw-{spec_hash(spec)}.pt")
 
 
 def fit_value(build: Callable[[], torch.nn.Module], xs: torch.Tensor, ys: torch.Tensor, timesteps: torch.Tensor,
@@ -175,8 +200,9 @@ def save_value(path: str, net, meta: dict) -> None:
 def ensure_value(backbone, coeffs, reward_fn, cfg, progress: Optional[bool] = None):
     """(h_φ frozen, meta) for ``cfg``: loaded from the cache (``value_cache_path``), else drawn, fitted and cached.
 
-    meta: the draw's and the fit's seconds, the held-out explained share of Var(R^β) per timestep (a tenth of the
-    trajectories is held out) and the cache key."""
+    meta: the draw's seconds (its read when ``draw_cached``: ``reference_trajectories`` keeps the draw apart), the
+    fit's seconds, the held-out explained share of Var(R^β) per timestep (a tenth of the trajectories is held out)
+    and the cache key."""
     g, progress = cfg.gfn, cfg.logging.progress if progress is None else progress
     if backbone.conditional:
         raise ValueError("gfn.value_guidance fits a value on unconditional reference trajectories, but the backbone "
@@ -188,17 +214,20 @@ def ensure_value(backbone, coeffs, reward_fn, cfg, progress: Optional[bool] = No
         st = torch.load(path, map_location="cpu")
         net.load_state_dict(st["state"])
         return net.to(backbone.device).eval().requires_grad_(False), st["meta"]
-    ts = backbone.scheduler.timesteps.cpu()
+    from fastnabla.digits import cache_root
+
+    ts, root, seed = backbone.scheduler.timesteps.cpu(), cache_root(cfg.model.cache_dir), VALUE_DRAW_SEED + g.value_seed
+    draw_cached = os.path.isfile(reference_draw_path(backbone, g.value_trajectories, seed, DRAW_BATCH, root))
     t0 = time.time()
-    xs, ys = reference_trajectories(backbone, coeffs, reward_fn, g.value_trajectories, g.reward_scale,
-                                    VALUE_DRAW_SEED + g.value_seed, progress=progress)
+    xs, ys = reference_trajectories(backbone, coeffs, reward_fn, g.value_trajectories, g.reward_scale, seed,
+                                    progress=progress, cache=root)
     draw_s, hold = time.time() - t0, max(g.value_trajectories // 10, 1)
     t0 = time.time()
     net = fit_value(lambda: build().cpu(), xs[hold:], ys[hold:], ts, g.value_steps, g.value_batch, g.value_lr,
                     g.value_seed, progress=progress, bootstrap=g.value_bootstrap,
                     relative_floor=g.value_relative_floor)
     share = explained_share(net, xs[:hold], ys[:hold], ts)
-    meta = dict(draw_s=round(draw_s, 1), fit_s=round(time.time() - t0, 1),
+    meta = dict(draw_s=round(draw_s, 1), draw_cached=draw_cached, fit_s=round(time.time() - t0, 1),
                 explained_share={int(t): round(v, 4) for t, v in zip(ts.tolist(), share)}, spec=spec)
     save_value(path, net, meta)
     return net.to(backbone.device), meta

@@ -83,3 +83,22 @@ def test_returns_snr_state_stats_by_hand():
     assert exact["explained_flow_plus_r"] == pytest.approx(1.0) and exact["explained_r_only"] == pytest.approx(1 - 1.25 / 2)
     mean = mod.state_stats(G, zero, torch.tensor([[2.0, 0.0], [2.0, 0.0]]))  # the batch mean: E‖G − m‖² = 1 = ½·Σvar
     assert mean["explained_flow_plus_r"] == pytest.approx(0.5) and mean["cos_mean"] == pytest.approx(1.0)
+
+
+def test_verdict_is_on_the_pooled_evaluation_when_there_is_one(sweep, tmp_path):
+    hist = [{"epoch": 0, "updates_total": 3, "class_tv_batch": 0.5, "reward_mean": -1.0}]
+    _write(tmp_path / "run", hist, {"class_tv": 0.04, "mean_log_r_gap": -0.155,
+                                    "diversity_ratio_per_class": {"3": 0.95}})
+    r = sweep.collect(str(tmp_path / "run"), "x", [], None)
+    assert sweep.verdict(r).startswith("FAIL (the run's own evaluation")  # its own draw's gap misses
+    r.update(pooled=(0.017, -0.085, 0.024, 0.915), pool_seeds=(7919, 7920, 101))
+    assert sweep.verdict(r).startswith("PASS (pooled over 3 draws")
+    r["pooled"] = (0.017, -0.085, 0.024, 0.892)  # the pooled draws' smallest diversity ratio under the bar
+    assert "FAIL" in sweep.verdict(r) and "min diversity ratio 0.892" in sweep.verdict(r)
+
+
+def test_pool_reports_a_directory_that_is_not_a_finished_run(sweep, tmp_path, capsys):
+    out = sweep.pool(str(tmp_path / "nothing"), "x", (7919,))
+    assert set(out) == {"pool_error"} and "config.yaml" in out["pool_error"]
+    assert sweep.main(["c358", "--only", "shipped", "--pool-seeds", "7919,x"]) == 2
+    assert "--pool-seeds" in capsys.readouterr().err

@@ -191,7 +191,7 @@ def test_value_guidance_last_scales_each_steps_push(tmp_path):
     ensure_value(bb, c, reward, _cfg(tmp_path))
     m = NablaGFN(bb, reward, c, _cfg(tmp_path))
     ramp = NablaGFN(bb, reward, c, _cfg(tmp_path, "gfn.value_guidance_last=0.5"))
-    assert len([f for f in os.listdir(tmp_path / "cache") if f.endswith(".pt")]) == 1
+    assert len(_fits(tmp_path)) == 1
     ts = [int(t) for t in bb.scheduler.timesteps]
     x = torch.randn(3, *bb.sample_shape, generator=torch.Generator().manual_seed(1))
     for k in range(4):
@@ -207,7 +207,7 @@ def test_value_is_cached_and_keyed_by_its_settings(tmp_path):
     c = step_coefficients(bb)
     net, meta = ensure_value(bb, c, reward, _cfg(tmp_path))
     files = sorted(os.listdir(tmp_path / "cache"))
-    assert len([f for f in files if f.endswith(".pt")]) == 1
+    assert len(_fits(tmp_path)) == 1
     assert sorted(meta["explained_share"]) == sorted(int(t) for t in bb.scheduler.timesteps)
     again, meta2 = ensure_value(bb, c, reward, _cfg(tmp_path))
     assert sorted(os.listdir(tmp_path / "cache")) == files and meta2 == meta
@@ -219,7 +219,42 @@ def test_value_is_cached_and_keyed_by_its_settings(tmp_path):
     ensure_value(bb, c, reward, _cfg(tmp_path, "gfn.reward_scale=0.3"))  # another β: other labels
     ensure_value(bb, c, reward, _cfg(tmp_path, "gfn.value_bootstrap=0.5"))  # bootstrapped labels: another fit
     ensure_value(bb, c, reward, _cfg(tmp_path, "gfn.value_relative_floor=0.001"))  # relative weighting: another
-    assert len([f for f in os.listdir(tmp_path / "cache") if f.endswith(".pt")]) == 5
+    assert len(_fits(tmp_path)) == 5
+    # the draws: value_seed=1 draws its own trajectories; β, bootstrap and the floor reuse the first draw
+    assert len([f for f in os.listdir(tmp_path / "cache") if f.startswith("valuedraw-")]) == 2
+
+
+def _fits(tmp_path) -> list:
+    return [f for f in os.listdir(tmp_path / "cache") if f.startswith("value-") and f.endswith(".pt")]
+
+
+def test_reference_draw_is_cached_apart_from_the_reward(tmp_path, monkeypatch):
+    """With a cache directory the draw's states are stored once: a second call, with another β, reads them back
+    without sampling and labels them from x_N as a fresh draw does; another seed or n is another file."""
+    import fastnabla.sampling as sampling
+    from fastnabla.sampling import step_coefficients
+    from fastnabla.value import reference_trajectories
+
+    bb, reward = _tiny()
+    c = step_coefficients(bb)
+    cache = str(tmp_path / "draws")
+    xs, ys = reference_trajectories(bb, c, reward, 24, 1.0, seed=5, batch=16)  # uncached: the reference
+    xs1, ys1 = reference_trajectories(bb, c, reward, 24, 1.0, seed=5, batch=16, cache=cache)
+    torch.testing.assert_close(xs1, xs, rtol=0, atol=0)
+    torch.testing.assert_close(ys1, ys, rtol=0, atol=0)
+    assert len(os.listdir(cache)) == 1
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled although the draw is cached")
+
+    monkeypatch.setattr(sampling, "sample_trajectories", no_sampling)
+    xs2, ys2 = reference_trajectories(bb, c, reward, 24, 0.5, seed=5, batch=16, cache=cache)
+    torch.testing.assert_close(xs2, xs, rtol=0, atol=0)
+    log_r, _ = reward(bb.decode(xs[:, -1]), None, None)  # the class reward's log p ≤ 0: no division by the max
+    torch.testing.assert_close(ys2, (0.5 * log_r.double()).exp().float())
+    for other in (dict(seed=6, n=24), dict(seed=5, n=20)):
+        with pytest.raises(AssertionError, match="sampled"):
+            reference_trajectories(bb, c, reward, other["n"], 1.0, seed=other["seed"], batch=16, cache=cache)
 
 
 def test_value_guidance_reaches_training_and_evaluation_samples(tmp_path):

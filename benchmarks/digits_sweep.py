@@ -344,7 +344,8 @@ def pool(out: str, name: str, seeds: tuple, samples: int = 2048) -> dict:
         return {"pool_error": str(e)}
     digits_reeval.write(rows, name)
     p = rows[-1]
-    return {"pooled": (p["class_tv"], p["mean_log_r_gap"], p["gap_se"], p["min_diversity_ratio"]),
+    num = lambda v: float("nan") if v == "" else float(v)  # noqa: E731  (no kept class: no diversity ratio)
+    return {"pooled": tuple(num(p[k]) for k in ("class_tv", "mean_log_r_gap", "gap_se", "min_diversity_ratio")),
             "pool_seeds": tuple(seeds)}
 
 

@@ -64,10 +64,12 @@ def main(argv=None) -> int:
             tr, cfg, ev, _, eval_s = evaluate_untrained(
                 a.task, ["logging.progress=true", f"gfn.value_guidance={s}", *fit, *a.set], out, every_step=True)
             meta = tr.method.value_meta
-            row = dict(task=a.task, scale=s, trajectories=a.trajectories, value_steps=a.steps,
+            row = dict(task=a.task, scale=s, trajectories=a.trajectories, value_steps=a.steps, value_batch=a.batch,
+                       value_lr=a.lr,
                        **digits_eval_figures(ev),
                        explained_share=" ".join(f"{t}:{v:.3f}" for t, v in meta["explained_share"].items()),
-                       samples=cfg.eval.num_samples, draw_s=meta["draw_s"], fit_s=meta["fit_s"],
+                       samples=cfg.eval.num_samples, draw_s=meta["draw_s"], draw_cached=meta.get("draw_cached", False),
+                       fit_s=meta["fit_s"],
                        eval_s=eval_s, overrides=" ".join(a.set), seed=a.seed, git_sha=sha,
                        date=datetime.date.today().isoformat())
         rows.append(row)

@@ -102,3 +102,20 @@ def test_pool_reports_a_directory_that_is_not_a_finished_run(sweep, tmp_path, ca
     assert set(out) == {"pool_error"} and "config.yaml" in out["pool_error"]
     assert sweep.main(["c358", "--only", "shipped", "--pool-seeds", "7919,x"]) == 2
     assert "--pool-seeds" in capsys.readouterr().err
+
+
+def test_write_adds_the_pooled_row_apart_from_the_curve(sweep, tmp_path, monkeypatch):
+    import csv
+
+    monkeypatch.setattr(sweep, "ROOT", str(tmp_path))
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    hist = [{"epoch": 0, "updates_total": 3, "class_tv_batch": 0.5, "reward_mean": -1.0}]
+    _write(tmp_path / "run", hist, {"class_tv": 0.04, "mean_log_r_gap": -0.155,
+                                    "diversity_ratio_per_class": {"3": 0.95}})
+    r = dict(sweep.collect(str(tmp_path / "run"), "x", ["a=1"], 5.0), variant="x", seed=0,
+             pooled=(0.017, -0.085, 0.024, 0.915), pool_seeds=(7919, 7920, 101))
+    r["verdict"] = sweep.verdict(r)
+    stem = sweep.write([r], "c3b05", "_t", [])
+    rows = list(csv.DictReader(open(stem + ".csv")))
+    assert [(w["evaluation"], w["updates"], w["class_tv"], w["mean_log_r_gap"], w["verdict"]) for w in rows] == [
+        ("own", "3", "0.0400", "-0.1550", "PASS"), ("pooled 7919,7920,101", "3", "0.0170", "-0.0850", "PASS")]

@@ -26,8 +26,8 @@ import torch
 
 from fastnabla.checkpoint import atomic_json, atomic_write
 
-__all__ = ["value_logit", "guidance_scales", "reference_trajectories", "reference_draw_path", "fit_value", "explained_share", "value_cache_path", "save_value",
-           "ensure_value"]
+__all__ = ["value_logit", "guidance_scales", "reference_trajectories", "reference_draw_path", "fit_value",
+           "explained_share", "value_cache_path", "save_value", "ensure_value"]
 
 #: the reference draw's seed is this plus ``gfn.value_seed``: its own stream, apart from training's and the target's
 VALUE_DRAW_SEED = 10_000

@@ -332,12 +332,19 @@ def run_one(task: str, name: str, out_root: str, epochs: int, eval_every: int, e
     return r
 
 
+def _reeval():
+    """``benchmarks/digits_reeval.py`` as a module (this script runs from its own folder)."""
+    sys.path.insert(0, ROOT)
+    from benchmarks import digits_reeval
+
+    return digits_reeval
+
+
 def pool(out: str, name: str, seeds: tuple, samples: int = 2048) -> dict:
     """The finished run ``out`` evaluated again at each of ``seeds`` (``digits_reeval``, rows written to
     ``digits_reeval_<name>.csv``): {"pooled": (class TV, gap, its SE, smallest diversity ratio) over all the draws,
     "pool_seeds": seeds}, or {"pool_error": message}."""
-    sys.path.insert(0, ROOT)
-    from benchmarks import digits_reeval
+    digits_reeval = _reeval()
 
     def error(message):
         raise RuntimeError(message)
@@ -490,10 +497,9 @@ def main(argv=None) -> int:
         print(f"digits_sweep: --seeds {a.seeds!r} must be comma-separated integers, e.g. 0,1", file=sys.stderr)
         return 2
     try:
-        pool_seeds = tuple(int(v) for v in a.pool_seeds.split(",") if v.strip())
-    except ValueError:
-        print(f"digits_sweep: --pool-seeds {a.pool_seeds!r} must be comma-separated integers, e.g. 7919,7920,101, "
-              "or '' for none", file=sys.stderr)
+        pool_seeds = tuple(_reeval().parse_seeds(a.pool_seeds)) if a.pool_seeds.strip() else ()
+    except ValueError as e:
+        print(f"digits_sweep: --pool-seeds {e}, or '' for none", file=sys.stderr)
         return 2
     names = [n for n in (a.only.split(",") if a.only else VARIANTS) if n]
     unknown = [n for n in names if n not in VARIANTS]

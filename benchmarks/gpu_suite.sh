@@ -4,13 +4,16 @@
 #   here:   bash benchmarks/gpu_wheels.sh && git rev-parse --short HEAD > .whl/GIT_SHA
 #   device: run(command="bash benchmarks/gpu_suite.sh", carry=[".whl"], timeout_s=420)
 #
-# Installs the carried wheels, then runs a focused bench_loss slice (bf16, B ∈ {8, 512, 4096}, every kernel and
+# Installs the carried wheels, runs the kernel tests on the GPU (compiled kernels against the float64 reference and
+# the closed forms), then a focused bench_loss slice (bf16, B ∈ {8, 512, 4096}, every kernel and
 # mode), bench_step at SD1.5 shapes (random weights, 512×512) and bench_memory at SD1.5 shapes, each under its own
-# time limit, and writes everything (CSV, PNG, device.txt) to one folder: $OUT when the device tool sets it, else
-# benchmarks/results/gpu_<date>. DRY_RUN=1 checks the CPU-side steps without a GPU (no benchmark runs).
+# time limit, and writes everything (CSV, PNG, logs, device.txt) to one folder: benchmarks/results/gpu_<date>, or,
+# when the device tool sets $OUT (which takes back at most 8 files), /tmp/gpu_suite packed into $OUT/gpu_suite.tgz.
+# DRY_RUN=1 checks the CPU-side steps without a GPU (no benchmark runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DEST="${OUT:-benchmarks/results/gpu_$(date +%Y%m%d)}"
+DEST="benchmarks/results/gpu_$(date +%Y%m%d)"
+[ -n "${OUT:-}" ] && DEST=/tmp/gpu_suite
 mkdir -p "$DEST"
 if [ "${DRY_RUN:-0}" != "1" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # cp312 wheels: the GPU image
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -31,10 +34,16 @@ if [ "${DRY_RUN:-0}" = "1" ]; then
   exit $?
 fi
 status=0
+# the kernel tests, compiled (no interpreter), every tensor on the GPU; the CPU-dispatch tests are left out
+FASTNABLA_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider tests/kernels \
+  -k "not dispatch and not without_interpreter and not falls_back and not compile_for_sm90 and not empty_sample" \
+  > "$DEST/kernel_tests.log" 2>&1 || status=1
+tail -15 "$DEST/kernel_tests.log"
 timeout 100 python3 benchmarks/bench_loss.py --device cuda --dtypes bf16 --batch-sizes 8,512,4096 \
-  --modes forward,backward,full --out-dir "$DEST" 2>&1 | tail -40 || status=1
+  --modes forward,backward,full --out-dir "$DEST" 2>&1 | tee "$DEST/bench_loss.log" | tail -40 || status=1
 timeout 210 python3 benchmarks/bench_step.py --sd15 --quick --out "$DEST" --rows reference_structure \
-  fastnabla_paper fastnabla_paper+all fastnabla_returns fastnabla_returns+unet_ckpt 2>&1 | tail -20 || status=1
-timeout 60 python3 benchmarks/bench_memory.py --configs none,all_ckpt --dtype bf16 --out "$DEST" 2>&1 | tail -10 || status=1
+  fastnabla_paper fastnabla_paper+all fastnabla_returns fastnabla_returns+unet_ckpt 2>&1 | tee "$DEST/bench_step.log" | tail -20 || status=1
+timeout 60 python3 benchmarks/bench_memory.py --configs none,all_ckpt --dtype bf16 --out "$DEST" 2>&1 | tee "$DEST/bench_memory.log" | tail -10 || status=1
 ls -la "$DEST"
+[ -n "${OUT:-}" ] && tar czf "$OUT/gpu_suite.tgz" -C "$(dirname "$DEST")" "$(basename "$DEST")" && cp "$DEST/device.txt" "$OUT/"
 exit $status

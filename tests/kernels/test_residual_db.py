@@ -5,8 +5,12 @@ inputs (flash-attention style): with the same low-precision input values, compar
 that precision against the reference upcast to float64 and require err(kernel) ≤ 2·err(reference) + atol.
 Shapes are small and blocks wide so the interpreter runs few programs; ``block``/``num_blocks`` force loops and
 the two-stage reduction where a test is about them.
+
+On a GPU the same tests check the compiled kernels: ``FASTNABLA_TEST_DEVICE=cuda TRITON_INTERPRET=0 pytest
+tests/kernels`` (``benchmarks/gpu_suite.sh`` does this) makes every tensor here, and the float64 data, CUDA tensors.
 """
 import logging
+import os
 
 import pytest
 import torch
@@ -20,6 +24,7 @@ SAMPLE_KEYS = ("out_ref", "reward_grad_next", "flow_next", "x", "x_next", "out_o
                "flow_cur", "reward_grad_cur")
 RETURNS_KEYS = ("return_next",)  # a sample key whose presence switches the loss (§5b): passed only when conf asks
 GRAD_KEYS = ("out", "out_uncond", "out_cond", "flow_next", "flow_cur")
+DEVICE = torch.device(os.environ.get("FASTNABLA_TEST_DEVICE", "cpu"))
 EPS = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2.0 ** -23, torch.float64: 2.0 ** -52}
 
 # Each optional term is on in some configs and off in others; λ = 1 and λ ≠ 1 (incl. λ = 0: no score_rev_ref).
@@ -43,7 +48,7 @@ def make(B=3, S=(4, 9), seed=0, cfg=False):
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
+        return torch.randn(*shape, generator=g, dtype=torch.float64, device="cpu")
 
     t = {k: r(B, *S) for k in SAMPLE_KEYS}
     if cfg:
@@ -57,7 +62,14 @@ def make(B=3, S=(4, 9), seed=0, cfg=False):
     # drawn last so that the data of the paper's configs does not depend on them
     t["return_next"] = r(B, *S)
     t["policy_weight"] = r(B).abs() + 0.2
-    return t
+    return {k: v.to(DEVICE) for k, v in t.items()}
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    """Factory calls in the tests (torch.zeros, torch.tensor, …) make tensors on DEVICE."""
+    with torch.device(DEVICE):
+        yield
 
 
 def terminal_mask(mode, B):
@@ -432,7 +444,7 @@ def test_repeated_backward_with_retained_graph():
 
 def test_under_autocast():
     t = make(B=2, S=(8,), seed=6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         k = evaluate("api", t, CONFIGS["reverse"], torch.float32)
     ref = evaluate("reference", t, CONFIGS["reverse"], torch.float32)
     assert k["loss"].dtype == torch.float32

@@ -11,7 +11,8 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/ex
 rm -rf .whl && mkdir -p .whl
 plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
       --platform manylinux2014_x86_64)
-"$PIP" download -q --no-deps "${plat[@]}" -d .whl "diffusers==0.42.1" hjson py-cpuinfo msgpack
+"$PIP" download -q --no-deps "${plat[@]}" -d .whl "diffusers==0.42.1" hjson py-cpuinfo msgpack \
+  "pydantic==2.14.4" "pydantic-core==2.50.5" annotated-types typing-inspection  # deepspeed's config (and accelerate imports deepspeed when it is there)
 "$PIP" wheel -q --no-deps --no-build-isolation -w .whl "deepspeed==0.19.8"
 du -sh .whl
 ls -1 .whl

@@ -248,9 +248,10 @@ def _residual_db_fwd_kernel(
         if STRENGTH:
             diff = diff + (1.0 - lam) * (cx * _ld(x_ptr + b * s_x, offs, mask, F64)
                                          - _ld(x_next_ptr + b * s_x_next, offs, mask, F64))
-        d = diff * iv
         rg = _ld(reward_grad_next_ptr + b * s_reward_grad_next, offs, mask, F64)
-        r_f = d - rg
+        # one fused multiply-add whether or not the statistics read d = diff·iv too: compiled, a second use of d
+        # stops the compiler's own fusing, and the loss changed in the last bit with return_stats (seen on an H200)
+        r_f = tl.fma(diff, iv, -rg)
         if FLOW_NEXT:
             fn = _ld(flow_next_ptr + b * s_flow_next, offs, mask, F64)
             r_f = r_f - fn * keep
@@ -266,6 +267,7 @@ def _residual_db_fwd_kernel(
                 tl.store(g_flow_next_ptr + g_row + offs, g.to(g_flow_next_ptr.dtype.element_ty), mask=mask)
         acc_f += r_f * r_f
         if STATS:
+            d = diff * iv
             acc_d2 += d * d
             acc_g2 += rg * rg
         g_o = co_iv * r_f

@@ -21,7 +21,6 @@ import datetime
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import git_sha  # noqa: E402
 from fastnabla.loss import residual_db_loss_reference  # noqa: E402
 from fastnabla.loss_contract import ARGS, GRAD_ARGS, LossInputs, validate_loss_inputs  # noqa: E402
 
@@ -212,14 +212,6 @@ def device_tag(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
     return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name(device).lower()).strip("_")
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - a missing git must not stop a benchmark
-        return "unknown"
 
 
 def plot(rows, path: Path, title: str):

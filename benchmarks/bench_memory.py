@@ -259,9 +259,15 @@ def optimizer_rows() -> list[dict]:
     lora = [tuple(p.shape) for p in unet.parameters() if p.requires_grad]
     del unet
     rows = []
+    try:
+        import bitsandbytes  # noqa: F401
+        opts = ("adamw", "adamw8bit")
+    except Exception:  # the 8-bit rows need it (the GPU image has none): AdamW's alone, said so
+        print("bench_memory: bitsandbytes does not import here; the adamw8bit rows are left out", file=sys.stderr)
+        opts = ("adamw",)
     for what, shapes in (("lora_r8", lora), ("full_unet", full)):
         n = sum(torch.Size(s).numel() for s in shapes)
-        for opt in ("adamw", "adamw8bit"):
+        for opt in opts:
             b = optimizer_state_bytes(shapes, opt)
             rows.append({"params": what, "num_params": n, "optimizer": opt, "state_mib": round(b / 2**20, 2),
                          "bytes_per_param": round(b / n, 3)})
@@ -291,7 +297,7 @@ def plot(step_rows, opt_rows, path, title):
     ax[0].tick_params(axis="x", rotation=20)
     labels = [f"{r['params']}\n{r['optimizer']}" for r in opt_rows]
     bars = ax[1].bar(labels, [r["state_mib"] for r in opt_rows],
-                     color=["tab:orange", "tab:green"] * (len(opt_rows) // 2))
+                     color=["tab:green" if r["optimizer"] == "adamw8bit" else "tab:orange" for r in opt_rows])
     ax[1].bar_label(bars, fmt="%.1f")
     ax[1].set_yscale("log")
     ax[1].set_ylabel("optimizer state (MiB, log)")
@@ -351,8 +357,9 @@ def main(argv=None) -> int:
         w.writerow(["kind", "name", "unet_ckpt", "vae_ckpt", "reward_ckpt", "value_mib", "seconds_or_bytes_per_param",
                     "method", "device", "resolution", "batch", "dtype", "torch", "diffusers", "bitsandbytes", "git_sha",
                     "date"])
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True).stdout.strip()
+        from benchmarks.common import git_sha
+
+        sha = git_sha()
         tail = [meta["device"], res, args.batch, dtype, meta["torch"], meta["diffusers"], meta["bitsandbytes"], sha,
                 time.strftime("%Y-%m-%d")]
         for r in step_rows:
@@ -368,8 +375,9 @@ def main(argv=None) -> int:
         summary.append(f"checkpointing cuts the step's peak {none['peak_step_mib'] / allc['peak_step_mib']:.2f}×")
     for what in ("lora_r8", "full_unet"):
         a = next(r for r in opt_rows if r["params"] == what and r["optimizer"] == "adamw")
-        b = next(r for r in opt_rows if r["params"] == what and r["optimizer"] == "adamw8bit")
-        summary.append(f"{what}: 8-bit state = {100 * b['state_mib'] / a['state_mib']:.1f}% of AdamW's")
+        b = next((r for r in opt_rows if r["params"] == what and r["optimizer"] == "adamw8bit"), None)
+        if b is not None:
+            summary.append(f"{what}: 8-bit state = {100 * b['state_mib'] / a['state_mib']:.1f}% of AdamW's")
     plot(step_rows, opt_rows, stem + ".png", f"{dev}, {res}×{res}, batch {args.batch}, {dtype} weights\n"
          + "; ".join(summary))
     print("\n".join(summary))

@@ -290,10 +290,10 @@ def main(argv=None):
             continue
         rows.append(json.loads(line[7:]))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    from benchmarks.common import git_sha
     meta = {"device": torch.cuda.get_device_name() if dev == "cuda" else
             f"cpu ({platform.machine()}, {os.cpu_count()} cores, {env['OMP_NUM_THREADS']} thread)",
-            "torch": torch.__version__, "git_sha": sha.strip(), "date": time.strftime("%Y-%m-%d"), "repeats": repeats,
+            "torch": torch.__version__, "git_sha": git_sha(), "date": time.strftime("%Y-%m-%d"), "repeats": repeats,
             "model": "SD1.5-shaped, random weights, 512×512, 50 steps, CFG 5, bf16" if args.sd15 else
             "tiny SD (tests/helpers/tiny_sd.py), 64×64, 20 steps, CFG 5"}
     ref = next(r for r in rows if r["row"] == "reference_structure")

@@ -21,9 +21,12 @@ if [ "${DRY_RUN:-0}" != "1" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; t
   export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# the sha written here by the preparing step: the device's copy of the tree can carry an older .git (benchmarks'
+# git_sha() reads this)
+[ -f .whl/GIT_SHA ] && export FASTNABLA_GIT_SHA="$(cat .whl/GIT_SHA)"
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
-  echo "git_sha: $(cat .whl/GIT_SHA 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "git_sha: ${FASTNABLA_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "gpu: none"
   python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.version.cuda)"
 } > "$DEST/device.txt" 2>&1

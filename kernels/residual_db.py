@@ -108,6 +108,15 @@ def _arg(v, F64: tl.constexpr):
 
 
 @triton.jit
+def _div(x, y, F64: tl.constexpr):
+    """x / y correctly rounded (fp32 '/' compiles to an approximate division; fp64's is IEEE already)."""
+    if F64:
+        return x / y
+    else:
+        return tl.div_rn(x, y)
+
+
+@triton.jit
 def _ld(row_ptr, offs, mask, F64: tl.constexpr):
     return _up(tl.load(row_ptr + offs, mask=mask, other=0.0), F64)
 
@@ -119,25 +128,28 @@ def _finalize(
     b, mask, B,
     s_f, s_t, s_r, s_reg, s_d2, s_g2, s_a, term, nf, ts, rs, trs,
     FLOW_NEXT: tl.constexpr, REVERSE: tl.constexpr, TRUST: tl.constexpr, RETURNS: tl.constexpr,
-    STATS: tl.constexpr,
+    STATS: tl.constexpr, F64: tl.constexpr,
 ):
     """loss_b and the statistics from the per-transition sums (scalars in stage 1, BLOCK_B vectors in stage 2).
 
-    s_f already carries the policy weight w."""
-    l_f = s_f / nf
+    s_f already carries the policy weight w. The loss is built with correctly rounded divisions and explicit fused
+    multiply-adds, so that it does not depend on STATS: compiled, whether the compiler fuses a product into the
+    next addition depends on how many uses the product has, and storing a term as a statistic adds one."""
+    l_f = _div(s_f, nf, F64)
     loss = l_f
     if RETURNS:  # the flow's only term: L_A, no L_T
-        l_a = (1.0 - term) * (s_a / nf)
-        loss = loss + l_a
+        q_a = _div(s_a, nf, F64)
+        l_a = (1.0 - term) * q_a
+        loss = tl.fma(1.0 - term, q_a, loss)
     elif FLOW_NEXT:
-        l_t = term * (s_t / nf)
-        loss = loss + ts * l_t
+        l_t = term * _div(s_t, nf, F64)
+        loss = tl.fma(ts, l_t, loss)
     if REVERSE:
-        l_r = (1.0 - term) * (s_r / nf)
-        loss = loss + rs * l_r
+        l_r = (1.0 - term) * _div(s_r, nf, F64)
+        loss = tl.fma(rs, l_r, loss)
     if TRUST:
-        l_reg = s_reg / nf
-        loss = loss + trs * l_reg
+        l_reg = _div(s_reg, nf, F64)
+        loss = tl.fma(trs, l_reg, loss)
     tl.store(loss_ptr + b, loss.to(loss_ptr.dtype.element_ty), mask=mask)
     if STATS:
         tl.store(stats_ptr + 0 * B + b, l_f.to(tl.float32), mask=mask)
@@ -249,8 +261,8 @@ def _residual_db_fwd_kernel(
             diff = diff + (1.0 - lam) * (cx * _ld(x_ptr + b * s_x, offs, mask, F64)
                                          - _ld(x_next_ptr + b * s_x_next, offs, mask, F64))
         rg = _ld(reward_grad_next_ptr + b * s_reward_grad_next, offs, mask, F64)
-        # one fused multiply-add whether or not the statistics read d = diff·iv too: compiled, a second use of d
-        # stops the compiler's own fusing, and the loss changed in the last bit with return_stats (seen on an H200)
+        # an explicit fused multiply-add: the statistics' second use of d = diff·iv must not change how the compiler
+        # fuses r_F (as in _finalize)
         r_f = tl.fma(diff, iv, -rg)
         if FLOW_NEXT:
             fn = _ld(flow_next_ptr + b * s_flow_next, offs, mask, F64)
@@ -300,7 +312,7 @@ def _residual_db_fwd_kernel(
         s_f = pw * s_f
     if FINALIZE:
         _finalize(loss_ptr, stats_ptr, b, None, B, s_f, s_t, s_r, s_reg, s_d2, s_g2, s_a, term, nf, ts, rs, trs,
-                  FLOW_NEXT, REVERSE, TRUST, RETURNS, STATS)
+                  FLOW_NEXT, REVERSE, TRUST, RETURNS, STATS, F64)
     else:
         p = part_ptr + (b * n_blocks + blk) * 7
         tl.store(p + 0, s_f)
@@ -353,7 +365,7 @@ def _residual_db_reduce_kernel(
     else:
         term = 0.0
     _finalize(loss_ptr, stats_ptr, b, mask, B, s_f, s_t, s_r, s_reg, s_d2, s_g2, s_a, term, nf, ts, rs, trs,
-              FLOW_NEXT, REVERSE, TRUST, RETURNS, STATS)
+              FLOW_NEXT, REVERSE, TRUST, RETURNS, STATS, F64)
 
 
 @triton.jit

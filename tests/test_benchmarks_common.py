@@ -22,8 +22,14 @@ def test_write_rows_round_trip_in_first_row_order(tmp_path):
         write_rows(str(tmp_path / "e.csv"), [])
 
 
-def test_git_sha_is_a_short_hash_or_empty():
+def test_git_sha_is_a_short_hash_or_empty(monkeypatch):
+    monkeypatch.delenv("FASTNABLA_GIT_SHA", raising=False)
     assert re.fullmatch(r"([0-9a-f]{7,40})?", git_sha())
+
+
+def test_git_sha_takes_the_sha_a_copied_tree_was_prepared_at(monkeypatch):
+    monkeypatch.setenv("FASTNABLA_GIT_SHA", "abc1234")  # gpu_suite.sh sets it from .whl/GIT_SHA
+    assert git_sha() == "abc1234"
 
 
 def test_parse_scales_reads_positive_numbers_and_exits_2_on_anything_else(capsys):

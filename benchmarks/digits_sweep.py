@@ -299,6 +299,12 @@ VARIANTS = {
                                                  "train.lr=2.5e-5"],
     "value175_traj32k_steps6k_lr2.5e-5": ["gfn.value_guidance=1.75", "gfn.value_trajectories=32768",
                                           "gfn.value_steps=6000", "train.lr=2.5e-5"],
+    # {3, 5, 8} at s = 1.75, lr 2.5e-5 holds its class mix but off target on some seeds (the 8s at 0.26 against
+    # 0.32): untrained, the push thins the 8s as s grows (0.308 / 0.281 / 0.255 at s = 1 / 1.5 / 2), and at s = 1.5
+    # it is within all bars before any update (0.044 / −0.048 / 0.939)
+    "value15_vseed1_traj32k_steps6k_lr2.5e-5": ["gfn.value_guidance=1.5", "gfn.value_seed=1",
+                                                "gfn.value_trajectories=32768", "gfn.value_steps=6000",
+                                                "train.lr=2.5e-5"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

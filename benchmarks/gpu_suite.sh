@@ -40,15 +40,25 @@ status=0
 STAGES=",${GPU_SUITE_STAGES:-tests,loss,step,memory},"  # add "digits" for a digits finetune (configs/digits.yaml)
 on() { [[ "$STAGES" == *",$1,"* ]]; }
 # the kernel tests, compiled (no interpreter), every tensor on the GPU; the CPU-dispatch tests are left out
-on tests && FASTNABLA_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider tests/kernels \
-  -k "not dispatch and not without_interpreter and not falls_back and not compile_for_sm90 and not empty_sample" \
-  > "$DEST/kernel_tests.log" 2>&1 || status=1
-on tests && tail -15 "$DEST/kernel_tests.log"
-on loss && timeout 100 python3 benchmarks/bench_loss.py --device cuda --dtypes bf16 --batch-sizes 8,512,4096 \
-  --modes forward,backward,full --out-dir "$DEST" 2>&1 | tee "$DEST/bench_loss.log" | tail -40 || status=1
-on step && timeout 210 python3 benchmarks/bench_step.py --sd15 --quick --out "$DEST" --rows reference_structure \
-  fastnabla_paper fastnabla_paper+all fastnabla_returns fastnabla_returns+unet_ckpt 2>&1 | tee "$DEST/bench_step.log" | tail -20 || status=1
-on memory && timeout 90 python3 benchmarks/bench_memory.py --configs none,all_ckpt --dtype bf16 --out "$DEST" 2>&1 | tee "$DEST/bench_memory.log" | tail -10 || status=1
+if on tests; then
+  FASTNABLA_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider tests/kernels \
+    -k "not dispatch and not without_interpreter and not falls_back and not compile_for_sm90 and not empty_sample" \
+    > "$DEST/kernel_tests.log" 2>&1 || status=1
+  tail -15 "$DEST/kernel_tests.log"
+fi
+if on loss; then
+  timeout 100 python3 benchmarks/bench_loss.py --device cuda --dtypes bf16 --batch-sizes 8,512,4096 \
+    --modes forward,backward,full --out-dir "$DEST" 2>&1 | tee "$DEST/bench_loss.log" | tail -40 || status=1
+fi
+if on step; then
+  timeout 210 python3 benchmarks/bench_step.py --sd15 --quick --out "$DEST" --rows reference_structure \
+    fastnabla_paper fastnabla_paper+all fastnabla_returns fastnabla_returns+unet_ckpt 2>&1 \
+    | tee "$DEST/bench_step.log" | tail -20 || status=1
+fi
+if on memory; then
+  timeout 90 python3 benchmarks/bench_memory.py --configs none,all_ckpt --dtype bf16 --out "$DEST" 2>&1 \
+    | tee "$DEST/bench_memory.log" | tail -10 || status=1
+fi
 # a digits finetune with the shipped config; the UNet and classifier come from $FASTNABLA_CACHE_DIR when carried
 if on digits; then
   start=$(date +%s)

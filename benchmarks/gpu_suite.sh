@@ -37,13 +37,19 @@ if [ "${DRY_RUN:-0}" = "1" ]; then
   exit $?
 fi
 status=0
-STAGES=",${GPU_SUITE_STAGES:-tests,loss,step,memory},"  # add "digits" for a digits finetune (configs/digits.yaml)
+STAGES=",${GPU_SUITE_STAGES:-tests,loss,step,memory},"  # also: "digits" (configs/digits.yaml), "sweep" (below)
 on() { [[ "$STAGES" == *",$1,"* ]]; }
 # the kernel tests, compiled (no interpreter), every tensor on the GPU; the CPU-dispatch tests are left out
-if on tests; then
-  FASTNABLA_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider tests/kernels \
+kernel_tests() {
+  FASTNABLA_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -n "$1" -p no:cacheprovider tests/kernels \
     -k "not dispatch and not without_interpreter and not falls_back and not compile_for_sm90 and not empty_sample" \
-    > "$DEST/kernel_tests.log" 2>&1 || status=1
+    > "$DEST/kernel_tests.log" 2>&1
+}
+if on tests && on sweep; then  # the sweep's processes need a core each: the tests take 6 and run beside them
+  kernel_tests 6 &
+  tests_pid=$!
+elif on tests; then
+  kernel_tests 8 || status=1
   tail -15 "$DEST/kernel_tests.log"
 fi
 if on loss; then
@@ -69,6 +75,31 @@ if on digits; then
   echo "digits: $(( $(date +%s) - start )) s, exit $rc" | tee -a "$DEST/digits.log"
   tail -5 "$DEST/digits.log"
 fi
+# digits_sweep runs side by side, one process each (one thread, the GPU shared): DIGITS_SWEEP is a space-separated
+# list of task:variant:seed (e.g. "c3b05:value15_traj32k_steps6k_lr2.5e-5:0 c358:shipped:1"), each 100 epochs with an
+# evaluation every 25 and the pooled re-evaluation; the UNet, classifier, target draw and values come from
+# $FASTNABLA_CACHE_DIR when carried. Results (CSV, PNG, run directories without checkpoints) go under $DEST.
+if on sweep; then
+  start=$(date +%s)
+  pids=()
+  for run in ${DIGITS_SWEEP:-}; do
+    IFS=: read -r task variant seed <<< "$run"
+    OMP_NUM_THREADS=1 timeout "${DIGITS_TIMEOUT:-360}" python3 benchmarks/digits_sweep.py "$task" --only "$variant" \
+      --seeds "$seed" --epochs "${DIGITS_EPOCHS:-100}" --eval-every "${DIGITS_EVAL_EVERY:-25}" \
+      --tag "_${variant}_seed${seed}_gpu" --out "$DEST/digits_sweep" > "$DEST/sweep_${task}_${variant}_${seed}.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || status=1; done
+  mkdir -p "$DEST/results"
+  find benchmarks/results -maxdepth 1 -name 'digits_*' -newer "$DEST/device.txt" -exec cp {} "$DEST/results/" \;
+  echo "sweep: ${#pids[@]} runs, $(( $(date +%s) - start )) s"
+  grep -h "PASS\|FAIL\|UNFINISHED\|Error" "$DEST"/sweep_*.log | cut -c1-240
+fi
+if [ -n "${tests_pid:-}" ]; then
+  wait "$tests_pid" || status=1
+  tail -15 "$DEST/kernel_tests.log"
+fi
 ls -la "$DEST"
-[ -n "${OUT:-}" ] && tar czf "$OUT/gpu_suite.tgz" --exclude='*.pt' --exclude='*.bin' --exclude='*.safetensors' -C "$(dirname "$DEST")" "$(basename "$DEST")" && cp "$DEST/device.txt" "$OUT/"
+[ -n "${OUT:-}" ] && tar czf "$OUT/gpu_suite.tgz" --exclude='*.pt' --exclude='*.bin' --exclude='*.safetensors' \
+  --exclude='*.npy' -C "$(dirname "$DEST")" "$(basename "$DEST")" && cp "$DEST/device.txt" "$OUT/"
 exit $status

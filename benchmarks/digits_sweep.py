@@ -309,6 +309,14 @@ VARIANTS = {
     # setting on both tasks (at s = 1.5 class 3 drifted its gap down at lr 1e-4 and 5e-5)
     "value15_traj32k_steps6k_lr2.5e-5": ["gfn.value_guidance=1.5", "gfn.value_trajectories=32768",
                                          "gfn.value_steps=6000", "train.lr=2.5e-5"],
+    # at lr 2.5e-5 the class mix the first ~75 updates set stays (the cosine's largest steps, taken while the flow net
+    # is still unfit): the policy's lr ramped from 0 over those 75 updates
+    "value175_vseed1_traj32k_steps6k_lr2.5e-5_warm75": ["gfn.value_guidance=1.75", "gfn.value_seed=1",
+                                                        "gfn.value_trajectories=32768", "gfn.value_steps=6000",
+                                                        "train.lr=2.5e-5", "train.policy_warmup_updates=75"],
+    "value175_traj32k_steps6k_lr2.5e-5_warm75": ["gfn.value_guidance=1.75", "gfn.value_trajectories=32768",
+                                                 "gfn.value_steps=6000", "train.lr=2.5e-5",
+                                                 "train.policy_warmup_updates=75"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

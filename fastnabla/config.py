@@ -183,6 +183,7 @@ class TrainConfig:
     flow_lr: float = 1e-3
     flow_weight_decay: float = 1e-2
     flow_warmup_updates: int = 0  # updates during which the flow net's lr ramps linearly from 0
+    policy_warmup_updates: int = 0  # the same for the policy's lr (the flow net fits before the policy moves far)
     lr_schedule: str = "constant"  # constant | cosine (both groups, over the run's epochs, down to lr_min_ratio)
     lr_min_ratio: float = 0.1
     # EMA of the policy's trainables used for evaluation, the final samples and the exported weights (0 = off;
@@ -570,6 +571,7 @@ def validate(cfg: Config) -> None:
     check(t.lr > 0 and t.flow_lr >= 0, "train.lr", "lr must be > 0 and flow_lr ≥ 0")
     check(t.weight_decay >= 0 and t.flow_weight_decay >= 0, "train.weight_decay", "must be ≥ 0")
     check(t.flow_warmup_updates >= 0, "train.flow_warmup_updates", "must be ≥ 0")
+    check(t.policy_warmup_updates >= 0, "train.policy_warmup_updates", "must be ≥ 0")
     choice("train.lr_schedule", t.lr_schedule, ["constant", "cosine"])
     check(0 <= t.lr_min_ratio <= 1, "train.lr_min_ratio", f"{t.lr_min_ratio} must be in [0, 1]")
     check(0 <= t.ema_decay < 1, "train.ema_decay", f"{t.ema_decay} must be in [0, 1) (0 = no policy EMA), e.g. 0.99")

@@ -43,15 +43,17 @@ def build_optimizer(name: str, groups: list[dict], betas=(0.9, 0.999)):
 
 def set_group_lrs(groups: list[dict], train_cfg, updates: int, progress: float) -> None:
     """Each group's learning rate for the coming update: its base lr (``train.lr`` / ``train.flow_lr``) times the
-    schedule of ``train.lr_schedule`` at ``progress`` (the fraction of the run done), and for the flow a linear
-    warm-up over ``train.flow_warmup_updates``. Cosine decays to ``train.lr_min_ratio``·base at the end."""
+    schedule of ``train.lr_schedule`` at ``progress`` (the fraction of the run done), times a linear warm-up over
+    ``train.flow_warmup_updates`` / ``train.policy_warmup_updates``. Cosine decays to ``train.lr_min_ratio``·base at
+    the end."""
     t = train_cfg
     decay = 1.0
     if t.lr_schedule == "cosine":
         decay = t.lr_min_ratio + (1 - t.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
     for i, g in enumerate(groups):
         flow = g.get("name", "flow" if i == 1 else "policy") == "flow"
-        warm = min(1.0, (updates + 1) / t.flow_warmup_updates) if flow and t.flow_warmup_updates > 0 else 1.0
+        span = t.flow_warmup_updates if flow else t.policy_warmup_updates
+        warm = min(1.0, (updates + 1) / span) if span > 0 else 1.0
         g["lr"] = (t.flow_lr if flow else t.lr) * decay * warm
 
 

@@ -66,6 +66,7 @@ def test_exponent_without_dot_is_a_number():
     ("gfn.recipe=paper gfn.reward_guidance=1.0", "gfn.reward_guidance: 1.0 guides the policy of gfn.recipe=returns"),
     ("gfn.reward_guidance=1.0 gfn.reward_adaptive_mode=off", "gfn.reward_guidance: .* the guidance would vanish"),
     ("gfn.value_guidance=-1", "gfn.value_guidance: -1.0 must be ≥ 0"),
+    ("train.policy_warmup_updates=-5", "train.policy_warmup_updates: must be ≥ 0"),
     ("gfn.recipe=paper gfn.value_guidance=1.0", "gfn.value_guidance: 1.0 guides the policy of gfn.recipe=returns"),
     ("gfn.value_guidance=1.0 gfn.reward_guidance=1.0", "two fixed parts of the policy; keep one"),
     ("gfn.value_guidance_last=1.0", "gfn.value_guidance_last: 1.0: the push's scale at the policy's last step must be"
@@ -135,6 +136,11 @@ def test_lr_schedule_cosine_and_flow_warmup():
         decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
         assert math.isclose(groups[0]["lr"], 1e-3 * decay, rel_tol=1e-12)
         assert math.isclose(groups[1]["lr"], 2e-3 * decay * min(1.0, (updates + 1) / 4), rel_tol=1e-12)
+    # the policy's own warm-up leaves the flow's schedule alone
+    t = load_config(None, ["train.lr=1e-3", "train.flow_lr=2e-3", "train.policy_warmup_updates=10"]).train
+    for updates, policy_lr in ((0, 1e-4), (4, 5e-4), (9, 1e-3), (30, 1e-3)):
+        set_group_lrs(groups, t, updates, 0.3)
+        assert math.isclose(groups[0]["lr"], policy_lr, rel_tol=1e-12) and groups[1]["lr"] == 2e-3
     const = load_config(None, []).train
     set_group_lrs(groups, const, 0, 0.7)
     assert groups[0]["lr"] == const.lr and groups[1]["lr"] == const.flow_lr

@@ -52,7 +52,6 @@ VARIANTS = {
 def worker(name: str, sd_dir: str, repeats: int) -> dict:
     """bench_step's measurement of the library's update for one variant."""
     from benchmarks.bench_step import BASE, measure
-    from benchmarks.common import write_rows
 
     torch.set_num_threads(1)
     family, over = VARIANTS[name]
@@ -112,6 +111,7 @@ def main(argv=None):
     if unknown:
         print(f"bench_recipes: unknown variant {unknown[0]!r}; valid: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
+    from benchmarks.common import git_sha, write_rows
     from tests.helpers.tiny_sd import make_tiny_sd
 
     sd_dir = make_tiny_sd(tempfile.mkdtemp(prefix="tiny_sd_"))
@@ -131,9 +131,8 @@ def main(argv=None):
             print(p.stdout[-2000:], p.stderr[-4000:], file=sys.stderr)
             raise SystemExit(f"bench_recipes: variant {name} failed (exit {p.returncode})")
         rows.append(json.loads(line[7:]))
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     meta = {"device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread)",
-            "torch": torch.__version__, "git_sha": sha.strip(), "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "git_sha": git_sha(), "date": time.strftime("%Y-%m-%d"),
             "repeats": repeats}
     for r in rows:
         r.update(meta)

@@ -31,7 +31,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -39,6 +38,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks.common import git_sha  # noqa: E402  (after the path: the script runs from its own folder)
 
 METHODS = {  # label → (preset suffix or None for ∇-GFlowNet's own preset, extra overrides)
     "nabla_gfn": (None, []),
@@ -52,12 +53,6 @@ METHODS = {  # label → (preset suffix or None for ∇-GFlowNet's own preset, e
 FIELDS = ["backbone", "method", "epoch", "updates", "train_seconds", "reward", "tv", "off_manifold", "coverage",
           "diversity", "energy", "fid", "kid", "class_coverage", "scale", "device", "torch_threads", "git_sha", "date"]
 
-
-def _git_sha() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:  # noqa: BLE001 - a tarball checkout
-        return "unknown"
 
 
 def _energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -133,7 +128,7 @@ def run_method(backbone: str, label: str, args) -> list[dict]:
                                                    cfg.reward.width, cfg.gfn.reward_scale)
     rows, secs = [], 0.0
     base = {"backbone": backbone, "method": label, "scale": args.scale_label, "device": str(tr.device),
-            "torch_threads": torch.get_num_threads(), "git_sha": _git_sha(),
+            "torch_threads": torch.get_num_threads(), "git_sha": git_sha(),
             "date": datetime.date.today().isoformat()}
 
     def evaluate(epoch):
@@ -286,7 +281,7 @@ def main(argv=None) -> None:
     md = tables(rows, refs, args.backbone)
     with open(stem + ".md", "w") as f:
         f.write(f"<!-- {' '.join(sys.argv)} ; {platform.processor() or platform.machine()}, "
-                f"{torch.get_num_threads()} thread(s), git {_git_sha()} -->\n" + md)
+                f"{torch.get_num_threads()} thread(s), git {git_sha()} -->\n" + md)
     print(md)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -113,11 +112,12 @@ def compose(b: dict) -> dict:
 def main() -> int:
     blocks = count_blocks()
     res = compose(blocks)
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    from benchmarks.common import git_sha
+
     doc = {"what": "arithmetic from FLOPs counted by torch FlopCounterMode on meta-device SD1.5 architectures "
                    "(512×512, CFG pairs); not a timing", "N": N, "trained_transitions_per_traj": TRAINED,
            "blocks_tflop": {k: round(v, 3) for k, v in blocks.items()}, "structures": res,
-           "torch": torch.__version__, "git_sha": sha.strip(), "date": time.strftime("%Y-%m-%d")}
+           "torch": torch.__version__, "git_sha": git_sha(), "date": time.strftime("%Y-%m-%d")}
     path = os.path.join(ROOT, "benchmarks", "results", "sd15_arithmetic.json")
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)

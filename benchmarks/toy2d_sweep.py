@@ -156,7 +156,10 @@ def main(argv=None) -> int:
             print(f"{r['name']}: {r['verdict']}")
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     stem = os.path.join(ROOT, "benchmarks", "results", f"toy2d_{a.mode}{a.tag}")
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    sys.path.insert(0, ROOT)
+    from benchmarks.common import git_sha
+
+    sha = git_sha()
     date = datetime.date.today().isoformat()
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.writer(f)

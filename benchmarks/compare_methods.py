@@ -54,7 +54,6 @@ FIELDS = ["backbone", "method", "epoch", "updates", "train_seconds", "reward", "
           "diversity", "energy", "fid", "kid", "class_coverage", "scale", "device", "torch_threads", "git_sha", "date"]
 
 
-
 def _energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float(2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean())

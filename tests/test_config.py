@@ -123,7 +123,7 @@ def test_recipe_fills_its_defaults_and_keeps_explicit_values(tmp_path):
     assert load_config(str(f)).gfn.reward_adaptive_mode == "off"
 
 
-def test_lr_schedule_cosine_and_flow_warmup():
+def test_lr_schedule_cosine_and_warmups():
     import math
 
     from fastnabla.engine import set_group_lrs

@@ -317,6 +317,14 @@ VARIANTS = {
     "value175_traj32k_steps6k_lr2.5e-5_warm75": ["gfn.value_guidance=1.75", "gfn.value_trajectories=32768",
                                                  "gfn.value_steps=6000", "train.lr=2.5e-5",
                                                  "train.policy_warmup_updates=75"],
+    # {3, 5, 8} at s = 1.75, lr 2.5e-5 misses TV by 0.001 on two runs, both with the 8s under-filled by the push
+    # (0.26–0.27 against 0.32) and not refilled by the network in 300 updates: the same runs for 450 (the cosine over
+    # all of them)
+    "value175_vseed1_traj32k_steps6k_lr2.5e-5_450updates": ["gfn.value_guidance=1.75", "gfn.value_seed=1",
+                                                            "gfn.value_trajectories=32768", "gfn.value_steps=6000",
+                                                            "train.lr=2.5e-5", "train.epochs=150"],
+    "value175_traj32k_steps6k_lr2.5e-5_450updates": ["gfn.value_guidance=1.75", "gfn.value_trajectories=32768",
+                                                     "gfn.value_steps=6000", "train.lr=2.5e-5", "train.epochs=150"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

@@ -29,6 +29,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # this script runs from its own folder; its helpers import as benchmarks.*
+    sys.path.insert(0, ROOT)
 
 #: the issue's tasks: the reward and β each variant runs with
 TASKS = {
@@ -372,8 +374,7 @@ def run_one(task: str, name: str, out_root: str, epochs: int, eval_every: int, e
 
 
 def _reeval():
-    """``benchmarks/digits_reeval.py`` as a module (this script runs from its own folder)."""
-    sys.path.insert(0, ROOT)
+    """``benchmarks/digits_reeval.py`` as a module."""
     from benchmarks import digits_reeval
 
     return digits_reeval
@@ -454,7 +455,6 @@ def verdict(r: dict) -> str:
 
 def write(results: list[dict], task: str, tag: str, extra: list[str]) -> str:
     stem = os.path.join(ROOT, "benchmarks", "results", f"digits_sweep_{task}{tag}")
-    sys.path.insert(0, ROOT)
     from benchmarks.common import git_sha
 
     sha = git_sha()  # $FASTNABLA_GIT_SHA on the GPU machine, whose copy of .git can be older than the tree

@@ -69,8 +69,7 @@ def target_draw(tr, cfg, st) -> tuple[dict, "torch.Tensor", "torch.Tensor"]:
     from fastnabla import digits, metrics
 
     ref = digits.reference_samples(tr.backbone, st["classifier"], cfg.eval.ground_truth_samples,
-                                   batch=max(cfg.sampling.batch_size, 1024), cache_dir=cfg.model.cache_dir,
-                                   progress=False)
+                                   batch=digits.target_draw_batch(cfg), cache_dir=cfg.model.cache_dir, progress=False)
     ref_lr = metrics._scores(tr.eval_ctx, ref["images"], None)
     w, _ = metrics.importance_weights(ref_lr, cfg.gfn.reward_scale)
     return ref, ref_lr, w

@@ -32,9 +32,8 @@ def main() -> int:
     bb = PixelBackbone.from_config(cfg)
     clf, meta = digits.ensure_classifier(cfg.model.image_size, cfg.model.cache_dir, False)
     t0 = time.time()
-    ref = digits.reference_samples(bb, clf, cfg.eval.ground_truth_samples,
-                                   batch=max(cfg.sampling.batch_size, 1024), cache_dir=cfg.model.cache_dir,
-                                   progress=True)
+    ref = digits.reference_samples(bb, clf, cfg.eval.ground_truth_samples, batch=digits.target_draw_batch(cfg),
+                                   cache_dir=cfg.model.cache_dir, progress=True)
     sample_s = time.time() - t0
     images01 = bb.decode(ref["images"])
     out = dict(environment=digits.environment(), num_samples=len(images01), sampling_or_cache_load_s=round(sample_s, 1),

@@ -327,6 +327,14 @@ VARIANTS = {
                                                             "train.lr=2.5e-5", "train.epochs=150"],
     "value175_traj32k_steps6k_lr2.5e-5_450updates": ["gfn.value_guidance=1.75", "gfn.value_trajectories=32768",
                                                      "gfn.value_steps=6000", "train.lr=2.5e-5", "train.epochs=150"],
+    # the value's one-time cost (stop 37): an encoder value net (gfn.value_net=encoder, a third of the fit's work per
+    # step) and the value learning from the target's own draw (gfn.value_draw=target, no draw of its own)
+    "value175_enc_vseed1_traj32k_steps6k_lr2.5e-5": ["gfn.value_guidance=1.75", "gfn.value_net=encoder",
+                                                     "gfn.value_seed=1", "gfn.value_trajectories=32768",
+                                                     "gfn.value_steps=6000", "train.lr=2.5e-5"],
+    "value175_enc_target_traj32k_steps6k_lr2.5e-5": ["gfn.value_guidance=1.75", "gfn.value_net=encoder",
+                                                     "gfn.value_draw=target", "gfn.value_trajectories=32768",
+                                                     "gfn.value_steps=6000", "train.lr=2.5e-5"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

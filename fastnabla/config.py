@@ -153,6 +153,13 @@ class GFNConfig:
     value_batch: int = 256
     value_lr: float = 1e-3
     value_channels: list = field(default_factory=lambda: [32, 64])
+    # the value net: "unet" (the flow net's architecture; its output's mean is the logit) or "encoder" (its down
+    # and middle blocks, then a pooled linear head: the same logit for about a third of the work per step)
+    value_net: str = "unet"
+    # the value's reference trajectories: "own" (a draw of its own, seeded by value_seed) or "target" (the first
+    # value_trajectories of the importance-sampled target's draw, eval.ground_truth_samples: one draw serves both,
+    # so a first run samples them once; value_seed then seeds the fit alone)
+    value_draw: str = "own"
     value_seed: int = 0
     # the fit's label of a state x_k (k < N−1): (1 − b)·R^β(x_N) + b·h̄(x_{k+1}), with b = value_bootstrap and h̄ an
     # EMA of the value net (fastnabla.value.fit_value); 0 = the Monte-Carlo label alone
@@ -689,6 +696,10 @@ def _resolve_recipe(g: GFNConfig, check, choice) -> None:
             check(g.value_lr > 0, "gfn.value_lr", f"{g.value_lr} must be > 0, e.g. 1e-3")
             check(bool(g.value_channels) and all(isinstance(c, int) and c > 0 for c in g.value_channels),
                   "gfn.value_channels", f"{g.value_channels} must be a list of positive ints, e.g. [32, 64]")
+            check(g.value_net in ("unet", "encoder"), "gfn.value_net",
+                  f"{g.value_net!r} must be 'unet' or 'encoder'")
+            check(g.value_draw in ("own", "target"), "gfn.value_draw",
+                  f"{g.value_draw!r} must be 'own' (a draw of its own) or 'target' (the target's draw)")
             check(0 <= g.value_bootstrap < 1, "gfn.value_bootstrap",
                   f"{g.value_bootstrap} must lie in [0, 1) (0 = Monte-Carlo labels), e.g. 0.5")
             check(0 <= g.value_relative_floor < 1, "gfn.value_relative_floor",

@@ -33,7 +33,7 @@ log = logging.getLogger("fastnabla")
 
 __all__ = ["cache_root", "load_digit_data", "split_indices", "train_classifier", "ensure_classifier",
            "load_classifier", "unet_spec", "pretrain_unet", "ensure_pretrained", "reference_samples",
-           "ground_truth", "classifier_outputs"]
+           "target_draw_batch", "ground_truth", "classifier_outputs"]
 
 SKLEARN_ERROR = "the digits benchmark needs scikit-learn: pip install 'fastnabla[digits]'"
 
@@ -290,14 +290,25 @@ def _reference_digest(backbone) -> str:
 GROUND_TRUTH_SEED = 104729
 
 
+def target_draw_batch(cfg) -> int:
+    """The batch the target's p_ref draw is split into (it orders the noise stream, so a draw that shares the
+    stream, ``gfn.value_draw: target``, uses the same)."""
+    return max(cfg.sampling.batch_size, 1024)
+
+
 @torch.no_grad()
 def reference_samples(backbone, classifier, n: int, seed: int = GROUND_TRUTH_SEED, batch: int = 1024,
-                      cache_dir: Optional[str] = None, progress: bool = True) -> dict:
+                      cache_dir: Optional[str] = None, progress: bool = True,
+                      trajectories: Optional[str] = None) -> dict:
     """n samples of the pretrained model drawn with the backbone's own sampler (the one training uses), cached.
 
     Returns {"images": (n, 1, S, S) float32 in the state space, "logits": (n, 10), "features": (n, F)}; the cache key
     is the reference weights, the sampler (scheduler class, timesteps, η, guidance), n, the seed and the
     classifier's weights.
+
+    ``trajectories``: the file of a cached draw of this same stream (seed and batch) with its states and generator
+    state (``value.reference_trajectories``, ``gfn.value_draw: target``). When it exists, its final states are this
+    draw's first ones and the draw continues from its generator, so the samples are the same as a fresh draw's.
     """
     from fastnabla.sampling import sample_trajectories, step_coefficients
 
@@ -314,10 +325,22 @@ def reference_samples(backbone, classifier, n: int, seed: int = GROUND_TRUTH_SEE
         return {k: torch.from_numpy(z[k].astype(np.float32)) for k in ("images", "logits", "features")}
     coeffs = step_coefficients(backbone)
     g = torch.Generator().manual_seed(seed)
+    imgs, start = [], 0
+    if trajectories and os.path.isfile(trajectories):
+        shared = torch.load(trajectories, map_location="cpu")
+        kept = shared["xs"].shape[0]
+        # the noise stream is ordered batch by batch: whole batches of the shared draw are this draw's, and the
+        # rest continues from the generator's state after them
+        if (kept >= n and n % batch == 0) or (kept < n and kept % batch == 0 and "generator" in shared):
+            imgs.append(shared["xs"][:n, -1].float())
+            start = imgs[0].shape[0]
+            if start < n:
+                g.set_state(shared["generator"])
+        del shared
     bar = _bar(n, "sampling p_ref for the ground truth", progress)
-    imgs = []
+    bar.update(start)
     with backbone.reference_sampling():
-        for s in range(0, n, batch):
+        for s in range(start, n, batch):
             m = min(batch, n - s)
             tr = sample_trajectories(backbone, m, g, coeffs, None, None, keep_trajectory=False)
             imgs.append(tr.xs[:, -1].cpu())

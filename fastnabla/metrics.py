@@ -486,9 +486,15 @@ def _digits_state(ctx: EvalContext) -> dict:
     st = {"classifier": clf, "classifier_test_accuracy": meta.get("test_accuracy"), "target": None}
     n_gt = cfg.eval.ground_truth_samples
     if n_gt and not ctx.backbone.conditional:
-        ref = digits.reference_samples(ctx.backbone, clf, n_gt,
-                                       batch=max(cfg.sampling.batch_size, 1024), cache_dir=cfg.model.cache_dir,
-                                       progress=cfg.logging.progress and ctx.is_main)
+        shared = None  # the value's trajectories, when they are this draw's first ones (gfn.value_draw: target)
+        if cfg.gfn.value_guidance > 0 and cfg.gfn.value_draw == "target":
+            from fastnabla.value import reference_draw_path, value_draw_stream
+
+            shared = reference_draw_path(ctx.backbone, cfg.gfn.value_trajectories, *value_draw_stream(cfg),
+                                         digits.cache_root(cfg.model.cache_dir))
+        ref = digits.reference_samples(ctx.backbone, clf, n_gt, batch=digits.target_draw_batch(cfg),
+                                       cache_dir=cfg.model.cache_dir, progress=cfg.logging.progress and ctx.is_main,
+                                       trajectories=shared)
         log_r = _scores(ctx, ref["images"], None)
         C = clf.head.out_features
         st["target"] = digits.ground_truth(ref, log_r, cfg.gfn.reward_scale, C,

@@ -26,8 +26,8 @@ import torch
 
 from fastnabla.checkpoint import atomic_json, atomic_write
 
-__all__ = ["value_logit", "guidance_scales", "reference_trajectories", "reference_draw_path", "fit_value",
-           "explained_share", "value_cache_path", "save_value", "ensure_value"]
+__all__ = ["value_logit", "guidance_scales", "reference_trajectories", "value_draw_stream", "reference_draw_path",
+           "fit_value", "explained_share", "value_cache_path", "save_value", "ensure_value"]
 
 #: the reference draw's seed is this plus ``gfn.value_seed``: its own stream, apart from training's and the target's
 VALUE_DRAW_SEED = 10_000
@@ -81,9 +81,9 @@ def reference_trajectories(backbone, coeffs, reward_fn, n: int, beta: float, see
                 bar.update(parts[-1].shape[0])
         bar.close()
         xs = torch.cat(parts)
-        if path:
+        if path:  # with the generator's state after the draw: the target's draw continues it (``value_draw``)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            atomic_write(path, lambda tmp: torch.save({"xs": xs}, tmp))
+            atomic_write(path, lambda tmp: torch.save({"xs": xs, "generator": g.get_state()}, tmp))
     dev = backbone.device
     logs = [terminal_log_reward(backbone, reward_fn, xs[s:s + batch, -1].to(dev)).cpu().double()
             for s in range(0, n, batch)]
@@ -92,6 +92,18 @@ def reference_trajectories(backbone, coeffs, reward_fn, n: int, beta: float, see
         raise ValueError("the value's labels need a finite log R on every reference sample; the reward returned "
                          "NaN or ±inf")
     return xs, (lb - lb.max().clamp(min=0.0)).exp().float()
+
+
+def value_draw_stream(cfg) -> tuple[int, int]:
+    """(seed, batch) of the value's reference draw: its own stream (``VALUE_DRAW_SEED`` + ``gfn.value_seed``, in
+    ``DRAW_BATCH``es), or with ``gfn.value_draw: target`` the importance-sampled target's (``digits.GROUND_TRUTH_SEED``
+    in ``digits.target_draw_batch``es), whose first trajectories it then is: the target's draw reads them back
+    instead of sampling them again (``digits.reference_samples``)."""
+    from fastnabla.digits import GROUND_TRUTH_SEED, target_draw_batch
+
+    if cfg.gfn.value_draw == "target":
+        return GROUND_TRUTH_SEED, target_draw_batch(cfg)
+    return VALUE_DRAW_SEED + cfg.gfn.value_seed, DRAW_BATCH
 
 
 def reference_draw_path(backbone, n: int, seed: int, batch: int, directory: str) -> str:
@@ -186,7 +198,9 @@ def value_cache_path(backbone, cfg) -> tuple[str, dict]:
                 reward_options=cfg.reward.options, beta=g.reward_scale, channels=list(g.value_channels),
                 trajectories=g.value_trajectories, steps=g.value_steps, batch=g.value_batch, lr=g.value_lr,
                 seed=g.value_seed, version=1, **({"bootstrap": g.value_bootstrap} if g.value_bootstrap else {}),
-                **({"relative_floor": g.value_relative_floor} if g.value_relative_floor else {}))
+                **({"relative_floor": g.value_relative_floor} if g.value_relative_floor else {}),
+                **({"net": g.value_net} if g.value_net != "unet" else {}),
+                **({"draw": g.value_draw, "draw_batch": value_draw_stream(cfg)[1]} if g.value_draw != "own" else {}))
     return os.path.join(cache_root(cfg.model.cache_dir), f"value-{spec_hash(spec)}.pt"), spec
 
 
@@ -207,7 +221,7 @@ def ensure_value(backbone, coeffs, reward_fn, cfg, progress: Optional[bool] = No
     if backbone.conditional:
         raise ValueError("gfn.value_guidance fits a value on unconditional reference trajectories, but the backbone "
                          "is conditional; set gfn.value_guidance=0")
-    build = lambda: backbone.build_value_net(g.value_channels)  # noqa: E731
+    build = lambda: backbone.build_value_net(g.value_channels, g.value_net)  # noqa: E731
     net = build()  # first: a backbone without a value net says so before any work
     path, spec = value_cache_path(backbone, cfg)
     if os.path.isfile(path):
@@ -216,10 +230,11 @@ def ensure_value(backbone, coeffs, reward_fn, cfg, progress: Optional[bool] = No
         return net.to(backbone.device).eval().requires_grad_(False), st["meta"]
     from fastnabla.digits import cache_root
 
-    ts, root, seed = backbone.scheduler.timesteps.cpu(), cache_root(cfg.model.cache_dir), VALUE_DRAW_SEED + g.value_seed
-    draw_cached = os.path.isfile(reference_draw_path(backbone, g.value_trajectories, seed, DRAW_BATCH, root))
+    ts, root = backbone.scheduler.timesteps.cpu(), cache_root(cfg.model.cache_dir)
+    seed, batch = value_draw_stream(cfg)
+    draw_cached = os.path.isfile(reference_draw_path(backbone, g.value_trajectories, seed, batch, root))
     t0 = time.time()
-    xs, ys = reference_trajectories(backbone, coeffs, reward_fn, g.value_trajectories, g.reward_scale, seed,
+    xs, ys = reference_trajectories(backbone, coeffs, reward_fn, g.value_trajectories, g.reward_scale, seed, batch,
                                     progress=progress, cache=root)
     draw_s, hold = time.time() - t0, max(g.value_trajectories // 10, 1)
     t0 = time.time()

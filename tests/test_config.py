@@ -74,6 +74,8 @@ def test_exponent_without_dot_is_a_number():
     ("gfn.value_guidance=2.0 gfn.value_guidance_last=-1", "gfn.value_guidance_last: -1.0: .* must be ≥ 0"),
     ("gfn.value_guidance=1.0 gfn.value_trajectories=8", "gfn.value_trajectories: 8: the value needs at least 16"),
     ("gfn.value_guidance=1.0 gfn.value_bootstrap=1", "gfn.value_bootstrap: 1.0 must lie in \\[0, 1\\)"),
+    ("gfn.value_guidance=1.0 gfn.value_net=mlp", "gfn.value_net: 'mlp' must be 'unet' or 'encoder'"),
+    ("gfn.value_guidance=1.0 gfn.value_draw=new", "gfn.value_draw: 'new' must be 'own' .* or 'target'"),
     ("gfn.value_guidance=1.0 gfn.value_relative_floor=-0.1",
      "gfn.value_relative_floor: -0.1 must lie in \\[0, 1\\)"),
     ("gfn.value_guidance=1.0 gfn.value_channels=[]", "gfn.value_channels: \\[\\] must be a list of positive ints"),

@@ -200,6 +200,34 @@ def test_value_guidance_last_scales_each_steps_push(tmp_path):
                                    rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("kind", ["unet", "encoder"])
+def test_value_nets_start_at_one_half_and_fit_a_state_and_time_dependent_mean(kind):
+    """Both ``gfn.value_net`` choices: logit 0 (h = 1/2) at init, and a fit that recovers a conditional mean which
+    depends on the state and the timestep: soft labels sigmoid(3·mean(x)) at t = 50, while the states at t = 900
+    carry no information (their best prediction is the labels' mean). A net that ignored x or t would be about
+    0.1–0.25 off; the fit is within 0.05."""
+    from fastnabla.backbones.pixel import build_pixel_value_net
+
+    torch.manual_seed(0)
+    probe = torch.randn(5, 1, 8, 8)
+    assert torch.equal(value_logit(build_pixel_value_net(8, [8, 16], 1, kind), probe, torch.arange(5)), torch.zeros(5))
+    g = torch.Generator().manual_seed(0)
+
+    def states(n):  # images with a random offset ("ink") c ∈ [−1, 1] and pixel noise
+        return torch.rand(n, 1, 1, 1, generator=g) * 2 - 1 + 0.3 * torch.randn(n, 1, 8, 8, generator=g)
+
+    n = 8192
+    x1 = states(n)
+    y = torch.sigmoid(3 * x1.mean((1, 2, 3)))  # soft labels: the conditional mean itself at t = 50
+    xs = torch.stack([states(n), x1, x1], 1)  # x_0 at t = 900 is independent of y; x_1 at t = 50 decides it
+    net = fit_value(lambda: build_pixel_value_net(8, [8, 16], 1, kind), xs, y, torch.tensor([900, 50, 0]), steps=400,
+                    batch=256, lr=3e-3, seed=0)
+    test = states(512)
+    h50, h900 = (torch.sigmoid(value_logit(net, test, torch.full((512,), t))) for t in (50, 900))
+    assert float((h50 - torch.sigmoid(3 * test.mean((1, 2, 3)))).abs().mean()) < 0.05
+    assert float((h900 - y.mean()).abs().mean()) < 0.05
+
+
 def test_value_is_cached_and_keyed_by_its_settings(tmp_path):
     from fastnabla.sampling import step_coefficients
 
@@ -219,9 +247,13 @@ def test_value_is_cached_and_keyed_by_its_settings(tmp_path):
     ensure_value(bb, c, reward, _cfg(tmp_path, "gfn.reward_scale=0.3"))  # another β: other labels
     ensure_value(bb, c, reward, _cfg(tmp_path, "gfn.value_bootstrap=0.5"))  # bootstrapped labels: another fit
     ensure_value(bb, c, reward, _cfg(tmp_path, "gfn.value_relative_floor=0.001"))  # relative weighting: another
-    assert len(_fits(tmp_path)) == 5
-    # the draws: value_seed=1 draws its own trajectories; β, bootstrap and the floor reuse the first draw
-    assert len([f for f in os.listdir(tmp_path / "cache") if f.startswith("valuedraw-")]) == 2
+    enc, _ = ensure_value(bb, c, reward, _cfg(tmp_path, "gfn.value_net=encoder"))  # another net: another entry
+    assert len(_fits(tmp_path)) == 6 and not any(k.startswith("up_blocks") for k in enc.state_dict())
+    ensure_value(bb, c, reward, _cfg(tmp_path, "gfn.value_draw=target"))  # the target's trajectories: another
+    assert len(_fits(tmp_path)) == 7
+    # the draws: value_seed=1 and the target's stream are draws of their own; β, bootstrap, the floor and the net
+    # reuse the first draw
+    assert len([f for f in os.listdir(tmp_path / "cache") if f.startswith("valuedraw-")]) == 3
 
 
 def _fits(tmp_path) -> list:
@@ -280,3 +312,34 @@ def test_value_guidance_refused_by_a_backbone_without_a_value_net(tmp_path):
         build_trainer(load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "toy2d.yaml"),
                                   ["gfn.value_guidance=1.0", "logging.progress=false"],
                                   output_dir=str(tmp_path / "toy")))
+
+
+def test_target_draw_continues_the_value_draw_of_its_stream(tmp_path, monkeypatch):
+    """``gfn.value_draw: target``: the value's trajectories are the first ones of the target's draw. Given the value's
+    cached file (states and generator state), ``digits.reference_samples`` takes its final states and samples only
+    the rest, and its samples equal a fresh draw's exactly; a file whose last batch is partial cannot be continued,
+    so the draw starts afresh (and still equals it)."""
+    import fastnabla.sampling as sampling
+    from fastnabla import digits
+    from fastnabla.sampling import step_coefficients
+    from fastnabla.value import reference_draw_path, reference_trajectories, value_draw_stream
+
+    bb, reward = _tiny()
+    c, clf = step_coefficients(bb), reward.classifier
+    fresh = digits.reference_samples(bb, clf, 40, seed=7, batch=16, cache_dir=str(tmp_path / "fresh"), progress=False)
+    calls = []
+    real = sampling.sample_trajectories
+    monkeypatch.setattr(sampling, "sample_trajectories",
+                        lambda bb_, m, *a, **k: calls.append(m) or real(bb_, m, *a, **k))
+    for kept, sampled in ((32, [8]), (24, [16, 16, 8])):
+        draws = str(tmp_path / f"draws{kept}")
+        reference_trajectories(bb, c, reward, kept, 1.0, seed=7, batch=16, cache=draws)
+        calls.clear()
+        got = digits.reference_samples(bb, clf, 40, seed=7, batch=16, cache_dir=str(tmp_path / f"gt{kept}"),
+                                       progress=False, trajectories=reference_draw_path(bb, kept, 7, 16, draws))
+        assert calls == sampled
+        for key in ("images", "logits", "features"):
+            torch.testing.assert_close(got[key], fresh[key], rtol=0, atol=0)
+    cfg = _cfg(tmp_path, "gfn.value_draw=target")
+    assert value_draw_stream(cfg) == (digits.GROUND_TRUTH_SEED, digits.target_draw_batch(cfg))
+    assert value_draw_stream(_cfg(tmp_path))[0] != digits.GROUND_TRUTH_SEED

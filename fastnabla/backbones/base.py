@@ -143,8 +143,9 @@ class Backbone(nn.Module):
     def policy_parameters(self) -> Iterable[nn.Parameter]:
         raise NotImplementedError
 
-    def build_value_net(self, channels: Sequence[int]) -> nn.Module:
-        """A fresh network whose output's mean is the logit of a value h_φ(x, t) (``fastnabla.value``)."""
+    def build_value_net(self, channels: Sequence[int], kind: str = "unet") -> nn.Module:
+        """A fresh network of ``kind`` (``gfn.value_net``) whose output's mean is the logit of a value h_φ(x, t)
+        (``fastnabla.value``)."""
         raise ValueError(f"gfn.value_guidance needs a value network, which the {type(self).__name__} backbone does not "
                          "build (the pixel backbone does); set gfn.value_guidance=0")
 

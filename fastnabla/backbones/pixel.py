@@ -29,7 +29,8 @@ from torch import nn
 
 from fastnabla.backbones.base import Backbone
 
-__all__ = ["PixelBackbone", "SCHEDULER_CONFIG", "build_unet", "build_pixel_flow_net", "parse_class_prompt"]
+__all__ = ["PixelBackbone", "PixelValueEncoder", "SCHEDULER_CONFIG", "build_unet", "build_pixel_flow_net",
+           "build_pixel_value_net", "parse_class_prompt"]
 
 #: the DDPM noise schedule the digits UNet is pretrained with (DDPM's linear schedule, T = 1000), and the
 #: settings fastnabla's sampler needs (σ > 0 on the last step).
@@ -86,6 +87,49 @@ def build_pixel_flow_net(image_size: int, channels: Sequence[int], in_channels: 
     nn.init.zeros_(net.conv_out.weight)
     nn.init.zeros_(net.conv_out.bias)
     return net
+
+
+class PixelValueEncoder(nn.Module):
+    """A scalar net of (x, t): the flow net's time embedding, input conv, down blocks and middle block, then
+    GroupNorm, SiLU, a spatial mean and a zeroed linear head, output (B, 1) (0 at init, so h = 1/2).
+
+    A value's logit is one number per state, so a UNet's up path (more than half its work at 8×8) is spent on an
+    output that is averaged away (``gfn.value_net: encoder``)."""
+
+    def __init__(self, image_size: int, channels: Sequence[int], in_channels: int = 1,
+                 key: str = "gfn.value_channels"):
+        super().__init__()
+        unet = build_pixel_flow_net(image_size, channels, in_channels, key=key)
+        self.time_proj, self.time_embedding, self.conv_in = unet.time_proj, unet.time_embedding, unet.conv_in
+        self.down_blocks, self.mid_block = unet.down_blocks, unet.mid_block
+        width = int(channels[-1])
+        self.norm = nn.GroupNorm(_groups(channels), width)
+        self.head = nn.Linear(width, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        emb = self.time_embedding(self.time_proj(t).to(x.dtype))
+        h = self.conv_in(x)
+        for block in self.down_blocks:
+            h, _ = block(hidden_states=h, temb=emb)
+        h = self.mid_block(h, emb)
+        return self.head(torch.nn.functional.silu(self.norm(h)).mean((2, 3)))
+
+
+#: ``gfn.value_net``'s choices: the flow net's UNet (its output's mean is the logit) or ``PixelValueEncoder``
+VALUE_NETS = ("unet", "encoder")
+
+
+def build_pixel_value_net(image_size: int, channels: Sequence[int], in_channels: int = 1,
+                          kind: str = "unet") -> nn.Module:
+    """A fresh value net (``fastnabla.value``) of ``kind`` in ``VALUE_NETS``, its logit 0 at init."""
+    if kind == "unet":
+        return build_pixel_flow_net(image_size, channels, in_channels, key="gfn.value_channels")
+    if kind == "encoder":
+        return PixelValueEncoder(image_size, channels, in_channels)
+    raise ValueError(f"gfn.value_net={kind!r}: use one of {', '.join(VALUE_NETS)}")
 
 
 _PROMPT = re.compile(r"^\s*(?:digit\s+)?(\d+)\s*$", re.IGNORECASE)
@@ -234,10 +278,9 @@ class PixelBackbone(Backbone):
     def flow_parameters(self):
         return list(self.flow_net.parameters())
 
-    def build_value_net(self, channels: Sequence[int]) -> nn.Module:
-        """A fresh value net h_φ(x, t) (``fastnabla.value``): the flow net's architecture at ``channels``."""
-        return build_pixel_flow_net(self.sample_shape[-1], channels, self.sample_shape[0],
-                                    key="gfn.value_channels").to(self.device)
+    def build_value_net(self, channels: Sequence[int], kind: str = "unet") -> nn.Module:
+        """A fresh value net h_φ(x, t) (``fastnabla.value``) at ``channels``: ``build_pixel_value_net``."""
+        return build_pixel_value_net(self.sample_shape[-1], channels, self.sample_shape[0], kind).to(self.device)
 
     def save_pretrained(self, directory: str) -> None:
         """LoRA mode: the adapter weights in peft's key format (``adapter_model.safetensors``) and its config

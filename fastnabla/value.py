@@ -12,8 +12,10 @@ per state than a gradient return (on digits 20–800× the returns' learnable sh
 ``benchmarks/digits_returns_branch.py``). The network is the backbone's (``Backbone.build_value_net``), its logit
 the mean of its output. With ``gfn.value_bootstrap`` = b the labels of the states before the last mix in the
 value's own (EMA) estimate at the next state, (1 − b)·y + b·h̄(x_{k+1}): the same conditional mean, with one step's
-spread in the label instead of the whole remaining chain's. The fit is cached under the cache directory, keyed by
-the reference weights, the sampler, the reward, β and the fit's settings.
+spread in the label instead of the whole remaining chain's. The trajectories are a draw of their own, or with
+``gfn.value_draw: target`` the first ones of the importance-sampled target's draw, which then continues from them
+(``digits.reference_samples``), so a first run samples them once. The fit is cached under the cache directory, keyed
+by the reference weights, the sampler, the reward, β and the fit's settings.
 """
 from __future__ import annotations
 

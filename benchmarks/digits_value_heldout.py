@@ -39,17 +39,17 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="")
     a = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    values = {}
+    values = {}  # name: its overrides on top of --base
     for spec in a.value:
         name, sep, over = spec.partition("=")
         if not sep or not name:
             ap.error(f"--value {spec!r}: write NAME=OVERRIDES, e.g. encoder=gfn.value_net=encoder")
-        values[name] = ["gfn.value_guidance=1.5", "logging.progress=false", "eval.every=0", *a.base.split(),
-                        *over.split()]
+        values[name] = [*a.base.split(), *over.split()]
 
     nets, draws = {}, {}
     for name, over in values.items():
-        tr, cfg = build_digits_task(a.task, over, tempfile.mkdtemp())
+        tr, cfg = build_digits_task(a.task, ["gfn.value_guidance=1.5", "logging.progress=false", "eval.every=0", *over],
+                                    tempfile.mkdtemp())
         nets[name] = tr.method.value_net.cpu()
         stream = value_draw_stream(cfg)
         if stream not in draws:
@@ -58,13 +58,13 @@ def main(argv=None) -> int:
             hold = max(cfg.gfn.value_trajectories // 10, 1)
             draws[stream] = (name, xs[:hold], ys[:hold])
             del xs, ys
-        ts = tr.backbone.scheduler.timesteps.cpu()
+    ts = tr.backbone.scheduler.timesteps.cpu()  # one sampler for all: only gfn.value_* keys differ
     cols = [i for i, t in enumerate(ts.tolist()) if int(t) in TIMESTEPS]
     rows, sha, stamp = [], git_sha(), datetime.date.today().isoformat()
     for (seed, batch), (owner, xs, ys) in draws.items():
         for name, net in nets.items():
             share = explained_share(net, xs, ys, ts)
-            rows.append(dict(task=a.task, value=name, overrides=" ".join(values[name][3:]), heldout_of=owner,
+            rows.append(dict(task=a.task, value=name, overrides=" ".join(values[name]), heldout_of=owner,
                              draw_seed=seed, heldout=len(xs),
                              **{f"share_t{int(ts[i])}": round(share[i], 4) for i in cols}, git_sha=sha, date=stamp))
             print(f"held out of {owner}'s draw: {name}: "

@@ -321,6 +321,10 @@ class Config:
     output_dir: str = "runs/default"
 
 
+#: ``gfn.value_net``'s choices: the flow net's UNet (its output's mean is the value's logit) or an encoder (its down
+#: and middle blocks and a pooled head; ``backbones.pixel.build_pixel_value_net``)
+VALUE_NETS = ("unet", "encoder")
+
 SECTIONS = ("method", "model", "reward", "prompts", "sampling", "gfn", "train", "eval", "logging", "checkpoint",
             "refl", "draft", "alignprop", "ddpo")
 
@@ -697,10 +701,8 @@ def _resolve_recipe(g: GFNConfig, check, choice) -> None:
             check(g.value_lr > 0, "gfn.value_lr", f"{g.value_lr} must be > 0, e.g. 1e-3")
             check(bool(g.value_channels) and all(isinstance(c, int) and c > 0 for c in g.value_channels),
                   "gfn.value_channels", f"{g.value_channels} must be a list of positive ints, e.g. [32, 64]")
-            check(g.value_net in ("unet", "encoder"), "gfn.value_net",
-                  f"{g.value_net!r} must be 'unet' or 'encoder'")
-            check(g.value_draw in ("own", "target"), "gfn.value_draw",
-                  f"{g.value_draw!r} must be 'own' (a draw of its own) or 'target' (the target's draw)")
+            choice("gfn.value_net", g.value_net, list(VALUE_NETS))
+            choice("gfn.value_draw", g.value_draw, ["own", "target"])
             check(0 <= g.value_bootstrap < 1, "gfn.value_bootstrap",
                   f"{g.value_bootstrap} must lie in [0, 1) (0 = Monte-Carlo labels), e.g. 0.5")
             check(0 <= g.value_relative_floor < 1, "gfn.value_relative_floor",

@@ -24,8 +24,7 @@ def main(argv=None) -> int:
     import torch
 
     from benchmarks.common import git_sha
-    from fastnabla.backbones.pixel import build_pixel_value_net
-    from fastnabla.config import VALUE_NETS
+    from fastnabla.backbones.pixel import VALUE_NETS, build_pixel_value_net
     from fastnabla.value import value_logit
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

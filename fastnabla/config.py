@@ -321,10 +321,6 @@ class Config:
     output_dir: str = "runs/default"
 
 
-#: ``gfn.value_net``'s choices: the flow net's UNet (its output's mean is the value's logit) or an encoder (its down
-#: and middle blocks and a pooled head; ``backbones.pixel.build_pixel_value_net``)
-VALUE_NETS = ("unet", "encoder")
-
 SECTIONS = ("method", "model", "reward", "prompts", "sampling", "gfn", "train", "eval", "logging", "checkpoint",
             "refl", "draft", "alignprop", "ddpo")
 
@@ -701,6 +697,8 @@ def _resolve_recipe(g: GFNConfig, check, choice) -> None:
             check(g.value_lr > 0, "gfn.value_lr", f"{g.value_lr} must be > 0, e.g. 1e-3")
             check(bool(g.value_channels) and all(isinstance(c, int) and c > 0 for c in g.value_channels),
                   "gfn.value_channels", f"{g.value_channels} must be a list of positive ints, e.g. [32, 64]")
+            from fastnabla.backbones.pixel import VALUE_NETS
+
             choice("gfn.value_net", g.value_net, list(VALUE_NETS))
             choice("gfn.value_draw", g.value_draw, ["own", "target"])
             check(0 <= g.value_bootstrap < 1, "gfn.value_bootstrap",

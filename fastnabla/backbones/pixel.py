@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from fastnabla.backbones.base import Backbone
-from fastnabla.config import VALUE_NETS
 
 __all__ = ["PixelBackbone", "PixelValueEncoder", "SCHEDULER_CONFIG", "build_unet", "build_pixel_flow_net",
            "build_pixel_value_net", "parse_class_prompt"]
@@ -119,9 +118,13 @@ class PixelValueEncoder(nn.Module):
         return self.head(torch.nn.functional.silu(self.norm(h)).mean((2, 3)))
 
 
+#: ``gfn.value_net``'s choices: the flow net's UNet (its output's mean is the logit) or ``PixelValueEncoder``
+VALUE_NETS = ("unet", "encoder")
+
+
 def build_pixel_value_net(image_size: int, channels: Sequence[int], in_channels: int = 1,
                           kind: str = "unet") -> nn.Module:
-    """A fresh value net (``fastnabla.value``) of ``kind`` in ``config.VALUE_NETS``, its logit 0 at init."""
+    """A fresh value net (``fastnabla.value``) of ``kind`` in ``VALUE_NETS``, its logit 0 at init."""
     if kind == "unet":
         return build_pixel_flow_net(image_size, channels, in_channels, key="gfn.value_channels")
     if kind == "encoder":

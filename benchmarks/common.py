@@ -3,21 +3,10 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
+
+from fastnabla.digits import git_sha  # noqa: F401  (the benchmarks' one reading of the commit)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def git_sha() -> str:
-    """The short hash of the checkout's HEAD ('' outside a git checkout), or $FASTNABLA_GIT_SHA when set: a copy of
-    the working tree on another machine (benchmarks/gpu_suite.sh) can carry a .git older than the code it runs."""
-    if os.environ.get("FASTNABLA_GIT_SHA"):
-        return os.environ["FASTNABLA_GIT_SHA"]
-    try:
-        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    except OSError:  # no git: the row still gets written
-        return ""
-    return r.stdout.strip()
 
 
 def write_rows(path: str, rows: list[dict]) -> str:

@@ -341,6 +341,12 @@ VARIANTS = {
     "value175_enc_target_traj32k_steps6k_lr2.5e-5": ["gfn.value_guidance=1.75", "gfn.value_net=encoder",
                                                      "gfn.value_draw=target", "gfn.value_trajectories=32768",
                                                      "gfn.value_steps=6000", "train.lr=2.5e-5"],
+    # class 3 keeps its mix and gap with every value fit but its kept 8s' diversity with one fit of four (0.84–0.89
+    # with the others): the UNet fit on the target's draw (8s at 0.857 after 300 updates) given 450, as refilled
+    # {3, 5, 8}'s 8s in stop 36
+    "value175_target_traj32k_steps6k_lr2.5e-5_450updates": ["gfn.value_guidance=1.75", "gfn.value_draw=target",
+                                                            "gfn.value_trajectories=32768", "gfn.value_steps=6000",
+                                                            "train.lr=2.5e-5", "train.epochs=150"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

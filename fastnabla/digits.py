@@ -429,11 +429,25 @@ def pretrained_quality(backbone, classifier, n: int = 2000, seed: int = 0, batch
                 diversity_real_heldout=metrics.diversity(real_te)["overall"])
 
 
+def git_sha(short: bool = True) -> str:
+    """The checkout's HEAD commit ('' outside a git checkout), or $FASTNABLA_GIT_SHA when set: a copy of the working
+    tree on another machine (benchmarks/gpu_suite.sh) can carry a .git older than the code it runs."""
+    import subprocess
+
+    if os.environ.get("FASTNABLA_GIT_SHA"):
+        return os.environ["FASTNABLA_GIT_SHA"]
+    try:
+        r = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], capture_output=True,
+                           text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):  # no git: the measurement is still written
+        return ""
+    return r.stdout.strip() if r.returncode == 0 else ""
+
+
 def environment() -> dict:
     """Where a measurement was taken: machine, library versions, git commit, UTC date."""
     import datetime
     import platform
-    import subprocess
 
     vers = {}
     for mod in ("torch", "diffusers", "peft", "sklearn", "torchmetrics", "numpy"):
@@ -441,14 +455,10 @@ def environment() -> dict:
             vers[mod] = __import__(mod).__version__
         except ImportError:
             vers[mod] = None
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        sha = None
     return dict(machine=f"{platform.machine()} {platform.processor() or ''}".strip(), cpus=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), python=platform.python_version(), versions=vers,
-                git_sha=sha, date_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"))
+                git_sha=git_sha(short=False) or None,
+                date_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"))
 
 
 def main(argv=None) -> int:

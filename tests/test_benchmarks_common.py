@@ -32,6 +32,16 @@ def test_git_sha_takes_the_sha_a_copied_tree_was_prepared_at(monkeypatch):
     assert git_sha() == "abc1234"
 
 
+def test_the_digits_reports_record_the_same_commit(monkeypatch):
+    from fastnabla.digits import environment
+
+    monkeypatch.setenv("FASTNABLA_GIT_SHA", "abc1234")
+    assert environment()["git_sha"] == "abc1234"
+    monkeypatch.delenv("FASTNABLA_GIT_SHA")
+    sha = environment()["git_sha"]
+    assert sha is None or (re.fullmatch(r"[0-9a-f]{40}", sha) and sha.startswith(git_sha()))
+
+
 def test_parse_scales_reads_positive_numbers_and_exits_2_on_anything_else(capsys):
     ap = argparse.ArgumentParser(prog="bench")
     assert parse_scales(ap, "1,1.5,2") == [1.0, 1.5, 2.0]

@@ -38,10 +38,11 @@ DRAW_BATCH = 1024
 
 
 def value_logit(net, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """logit h_φ(x, t), shape (B,): the mean of the value net's output."""
+    """logit h_φ(x, t), shape (B,): the mean of the value net's output over all but its first dimension (an output
+    of shape (B,) is the logits themselves)."""
     out = net(x, t)
-    out = getattr(out, "sample", out)
-    return out.float().mean(tuple(range(1, out.dim())))
+    out = getattr(out, "sample", out).float()
+    return out if out.dim() == 1 else out.mean(tuple(range(1, out.dim())))
 
 
 @torch.no_grad()

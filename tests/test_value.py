@@ -343,3 +343,12 @@ def test_target_draw_continues_the_value_draw_of_its_stream(tmp_path, monkeypatc
     cfg = _cfg(tmp_path, "gfn.value_draw=target")
     assert value_draw_stream(cfg) == (digits.GROUND_TRUTH_SEED, digits.target_draw_batch(cfg))
     assert value_draw_stream(_cfg(tmp_path))[0] != digits.GROUND_TRUTH_SEED
+
+
+def test_value_logit_is_one_number_per_state_whatever_the_net_returns():
+    """A net's logit is the mean of its output over all but the batch dimension: a (B, C, H, W) map, a (B, 1) column
+    or (B,) logits give each state its own logit (a mean over no dimensions would average the whole batch)."""
+    x, t = torch.randn(3, 1, 4, 4), torch.arange(3)
+    want = x.mean((1, 2, 3))
+    for net in (lambda x, t: x, lambda x, t: x.flatten(1).mean(1, keepdim=True), lambda x, t: x.flatten(1).mean(1)):
+        torch.testing.assert_close(value_logit(net, x, t), want)

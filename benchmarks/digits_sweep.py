@@ -347,6 +347,11 @@ VARIANTS = {
     "value175_target_traj32k_steps6k_lr2.5e-5_450updates": ["gfn.value_guidance=1.75", "gfn.value_draw=target",
                                                             "gfn.value_trajectories=32768", "gfn.value_steps=6000",
                                                             "train.lr=2.5e-5", "train.epochs=150"],
+    # class 3 passes with the UNet fits on the value's own draws (value seeds 0 and 1) and misses the 8s with the one
+    # on the target's draw (stop 38): another fit on the target's draw (value seed 1 seeds the fit alone there)
+    "value175_target_vseed1_traj32k_steps6k_lr2.5e-5": ["gfn.value_guidance=1.75", "gfn.value_draw=target",
+                                                        "gfn.value_seed=1", "gfn.value_trajectories=32768",
+                                                        "gfn.value_steps=6000", "train.lr=2.5e-5"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

@@ -343,7 +343,7 @@ VARIANTS = {
                                                      "gfn.value_steps=6000", "train.lr=2.5e-5"],
     # class 3 keeps its mix and gap with every value fit but its kept 8s' diversity with one fit of four (0.84–0.89
     # with the others): the UNet fit on the target's draw (8s at 0.857 after 300 updates) given 450, as refilled
-    # {3, 5, 8}'s 8s in stop 36
+    # {3, 5, 8}'s 8s in stop 36. Stop 38: 8s at 0.866 pooled, a miss still (the network does not widen them)
     "value175_target_traj32k_steps6k_lr2.5e-5_450updates": ["gfn.value_guidance=1.75", "gfn.value_draw=target",
                                                             "gfn.value_trajectories=32768", "gfn.value_steps=6000",
                                                             "train.lr=2.5e-5", "train.epochs=150"],

@@ -352,3 +352,18 @@ def test_value_logit_is_one_number_per_state_whatever_the_net_returns():
     want = x.mean((1, 2, 3))
     for net in (lambda x, t: x, lambda x, t: x.flatten(1).mean(1, keepdim=True), lambda x, t: x.flatten(1).mean(1)):
         torch.testing.assert_close(value_logit(net, x, t), want)
+
+
+def test_the_ensemble_probe_pushes_with_the_mean_of_its_members_logits():
+    """``benchmarks/digits_value_ensemble.py``'s MeanLogit: its logit, and so log h's gradient in the push, is the
+    mean of the members' (a (B,) mean that ``value_logit`` keeps per state)."""
+    from benchmarks.digits_value_ensemble import MeanLogit
+
+    a, b = (lambda x, t: 2 * x), (lambda x, t: x.flatten(1).sum(1, keepdim=True) - t[:, None])
+    x, t = torch.randn(4, 1, 3, 3, requires_grad=True), torch.arange(4.0)
+    want = (value_logit(a, x, t) + value_logit(b, x, t)) / 2
+    got = value_logit(MeanLogit([a, b]), x, t)
+    torch.testing.assert_close(got, want)
+    (g,) = torch.autograd.grad(torch.nn.functional.logsigmoid(got).sum(), x)
+    (g_want,) = torch.autograd.grad(torch.nn.functional.logsigmoid(want).sum(), x)
+    torch.testing.assert_close(g, g_want)

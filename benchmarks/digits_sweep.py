@@ -352,6 +352,11 @@ VARIANTS = {
     "value175_target_vseed1_traj32k_steps6k_lr2.5e-5": ["gfn.value_guidance=1.75", "gfn.value_draw=target",
                                                         "gfn.value_seed=1", "gfn.value_trajectories=32768",
                                                         "gfn.value_steps=6000", "train.lr=2.5e-5"],
+    # class 3 passes with both UNet fits on own draws (value seeds 0, 1) and misses with both on the target's draw
+    # (stop 38): a third own draw, to tell a draw's luck from the way the draw is taken
+    "value175_vseed2_traj32k_steps6k_lr2.5e-5": ["gfn.value_guidance=1.75", "gfn.value_seed=2",
+                                                 "gfn.value_trajectories=32768", "gfn.value_steps=6000",
+                                                 "train.lr=2.5e-5"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }

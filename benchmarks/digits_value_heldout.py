@@ -45,7 +45,9 @@ def main(argv=None) -> int:
     try:
         classes = [int(c) for c in a.classes.split(",") if c.strip()]
     except ValueError:
-        ap.error(f"--classes {a.classes!r} must be comma-separated digits, e.g. 8,9")
+        classes = [-1]
+    if any(not 0 <= c <= 9 for c in classes):
+        ap.error(f"--classes {a.classes!r} must be comma-separated digits 0…9, e.g. 8,9")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     values = {}  # name: its overrides on top of --base
     for spec in a.value:

@@ -98,14 +98,20 @@ def parse_scales(ap, text: str, option: str = "--scales") -> list[float]:
     return scales
 
 
-def build_digits_task(task: str, overrides: list[str], output_dir: str):
-    """(trainer, config) of ``configs/digits.yaml`` with the task's overrides (``digits_sweep.TASKS``) and
-    ``overrides``, writing to ``output_dir``; the build fits or draws what is not cached (e.g. a value)."""
+def digits_task_config(task: str, overrides: list[str], output_dir: str):
+    """The config of ``configs/digits.yaml`` with the task's overrides (``digits_sweep.TASKS``) and ``overrides``,
+    writing to ``output_dir``."""
     from benchmarks.digits_sweep import TASKS
     from fastnabla.config import load_config
+
+    return load_config(os.path.join(ROOT, "configs", "digits.yaml"), [*TASKS[task], *overrides], output_dir=output_dir)
+
+
+def build_digits_task(task: str, overrides: list[str], output_dir: str):
+    """(trainer, config) of ``digits_task_config``; the build fits or draws what is not cached (e.g. a value)."""
     from fastnabla.trainer import build_trainer
 
-    cfg = load_config(os.path.join(ROOT, "configs", "digits.yaml"), [*TASKS[task], *overrides], output_dir=output_dir)
+    cfg = digits_task_config(task, overrides, output_dir)
     return build_trainer(cfg), cfg
 
 

@@ -41,7 +41,8 @@ class MeanLogit:
 
 
 def main(argv=None) -> int:
-    from benchmarks.common import build_digits_task, digits_eval_figures, digits_figures_line, git_sha, write_rows
+    from benchmarks.common import (build_digits_task, digits_eval_figures, digits_figures_line, digits_task_config,
+                                   git_sha, write_rows)
     from benchmarks.digits_sweep import TASKS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -60,7 +61,6 @@ def main(argv=None) -> int:
     import torch
 
     from fastnabla import metrics
-    from fastnabla.config import load_config
     from fastnabla.value import ensure_value, value_cache_path
 
     sha, rows = git_sha(), []
@@ -71,8 +71,7 @@ def main(argv=None) -> int:
         method.policy_from, method.policy_to = 0, tr.backbone.scheduler.timesteps.numel()  # the push at every step
         nets, files = [], []
         for m in members:  # the first member is the trainer's own value: loaded again from the cache
-            cfg_m = load_config(os.path.join(ROOT, "configs", "digits.yaml"), [*TASKS[a.task], *every, *m],
-                                output_dir=out)
+            cfg_m = digits_task_config(a.task, [*every, *m], out)
             nets.append(ensure_value(tr.backbone, method.c, method.reward_fn, cfg_m)[0])
             files.append(os.path.basename(value_cache_path(tr.backbone, cfg_m)[0]))
         cases = [([i], " ".join(m) or "defaults") for i, m in enumerate(members)] if a.alone else []

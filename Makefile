@@ -31,7 +31,7 @@ demo: venv
 
 # pretrains the digits classifier and UNet when not cached (~/.cache/fastnabla/digits), reports their quality, then
 # finetunes; the first run also draws the 50,000-sample importance-sampling target (cached). torch's own thread count
-# (every core): on this 2-core machine two threads pretrain 1.4× faster than one (README, "digits", timing).
+# (every core): on this 2-core machine two threads pretrain 1.4× faster than one (docs/digits.md, timing).
 digits: venv
 	$(PY) -m fastnabla.cli pretrain-digits --config configs/digits.yaml \
 		--report runs/digits/pretrained.json $(ARGS)

@@ -7,7 +7,7 @@ n trajectories of p_ref (the reference, the file's sampler); from the state x_k 
 run to the end with fresh noise. The classifier's argmax of each branch's sample against the trajectory's own gives
 the chance that the class is already fixed at step k, and the branches' class entropy (nats, mean over
 trajectories) how open it still is. The steps where that chance climbs are where a tilt must move mass between
-classes, and where a mean-shifted Gaussian step leaks most (README, "digits": why the leak and the swings): the
+classes, and where a mean-shifted Gaussian step leaks most (docs/digits.md: why the leak and the swings): the
 sampling schedule can put its steps there (``sampling.timesteps``).
 
 Writes ``benchmarks/results/digits_decision<tag>.csv`` (one row per step) and a ``.png`` of both against t.

@@ -115,7 +115,7 @@ VARIANTS = {
     "shipped_lag0": ["gfn.sample_lag=0"],
     "shipped_const": ["train.lr_schedule=constant"],
     "shipped_floor001": ["train.lr_min_ratio=0.01"],  # cosine down to 1e-5 instead of 1e-4
-    # the same transitions in twice the updates: the policy's push is the same for every state (README, "digits":
+    # the same transitions in twice the updates: the policy's push is the same for every state (docs/digits.md:
     # the class-to-class table), and more optimizer steps might make it state-specific
     "shipped_batch64": ["train.batch_size=64"],
     # gradient clipping at 1 (the default) was active on most updates of the file (policy gradient norm 1–4.7): it
@@ -357,6 +357,15 @@ VARIANTS = {
     "value175_vseed2_traj32k_steps6k_lr2.5e-5": ["gfn.value_guidance=1.75", "gfn.value_seed=2",
                                                  "gfn.value_trajectories=32768", "gfn.value_steps=6000",
                                                  "train.lr=2.5e-5"],
+    # own draws pass with all three fits (10 of 10 runs), the target's draw misses with both of its fits (stop 38):
+    # two more own draws (stop 39), for how often a draw of 32k reference trajectories gives a value that keeps
+    # class 3's 8s
+    "value175_vseed3_traj32k_steps6k_lr2.5e-5": ["gfn.value_guidance=1.75", "gfn.value_seed=3",
+                                                 "gfn.value_trajectories=32768", "gfn.value_steps=6000",
+                                                 "train.lr=2.5e-5"],
+    "value175_vseed4_traj32k_steps6k_lr2.5e-5": ["gfn.value_guidance=1.75", "gfn.value_seed=4",
+                                                 "gfn.value_trajectories=32768", "gfn.value_steps=6000",
+                                                 "train.lr=2.5e-5"],
     "window30_beta1_0": ["sampling.num_steps=30", "sampling.timesteps=" + str(WINDOW30), "gfn.timestep_fraction=0.1667",
                          "train.betas=[0.0,0.999]"],
 }
@@ -366,7 +375,7 @@ WINDOW = 30
 
 #: the issue's bars
 TV_BAR, GAP_BAR, DIV_BAR = 0.05, 0.1, 0.9
-#: evaluation noise seeds of a finished run's pooled evaluation (6,144 samples; the README's pooled figures)
+#: evaluation noise seeds of a finished run's pooled evaluation (6,144 samples; the pooled figures of docs/digits.md)
 POOL_SEEDS = (7919, 7920, 101)
 
 

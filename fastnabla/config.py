@@ -155,7 +155,7 @@ class GFNConfig:
     value_channels: list = field(default_factory=lambda: [32, 64])
     # the value net: "unet" (the flow net's architecture; its output's mean is the logit) or "encoder" (its down
     # and middle blocks, then a pooled linear head: a third of the work per fit step, the same held-out fit to
-    # within 0.005 on digits; README "digits", stop 37)
+    # within 0.005 on digits; docs/digits.md, stop 37)
     value_net: str = "unet"
     # the value's reference trajectories: "own" (a draw of its own, seeded by value_seed) or "target" (the first
     # value_trajectories of the importance-sampled target's draw, eval.ground_truth_samples: one draw serves both,

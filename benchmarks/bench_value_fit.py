@@ -9,10 +9,8 @@ Random states and timesteps: the cost of a step does not depend on the data. Wri
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -23,8 +21,8 @@ sys.path.insert(0, ROOT)
 def main(argv=None) -> int:
     import torch
 
-    from benchmarks.common import git_sha
     from fastnabla.backbones.pixel import VALUE_NETS, build_pixel_value_net
+    from fastnabla.digits import environment
     from fastnabla.value import value_logit
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -58,9 +56,8 @@ def main(argv=None) -> int:
             out["results"].append(dict(threads=threads, value_net=kind, seconds_per_step=round(sec, 4),
                                        parameters=sum(p.numel() for p in net.parameters())))
             print(f"{threads} thread(s), {kind}: {sec:.3f} s per step", flush=True)
-    out.update(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), torch=torch.__version__,
-               python=platform.python_version(), git_sha=git_sha(),
-               date_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"))
+    # where it ran (``digits.environment``), less its torch_threads: each result above carries its own
+    out.update({k: v for k, v in environment().items() if k != "torch_threads"})
     path = os.path.join(ROOT, "benchmarks", "results", f"bench_value_fit{a.tag}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)

@@ -42,12 +42,13 @@ def main(argv=None) -> int:
                     "trajectories whose clean sample the classifier reads as that digit (its share of their Var(R^β))")
     ap.add_argument("--tag", default="")
     a = ap.parse_args(argv)
+    bad_classes = f"--classes {a.classes!r} must be comma-separated digits 0…9, e.g. 8,9"
     try:
         classes = [int(c) for c in a.classes.split(",") if c.strip()]
     except ValueError:
-        classes = [-1]
+        ap.error(bad_classes)
     if any(not 0 <= c <= 9 for c in classes):
-        ap.error(f"--classes {a.classes!r} must be comma-separated digits 0…9, e.g. 8,9")
+        ap.error(bad_classes)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     values = {}  # name: its overrides on top of --base
     for spec in a.value:
